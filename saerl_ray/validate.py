@@ -108,7 +108,7 @@ def validate(cfg: RunConfig) -> dict:
 
     neg_texts, neg_types = make_negatives(texts, math["answer"].tolist(), seed=cfg.seed)
     neg_types = np.asarray(neg_types)
-    X_neg_sae = featurize_texts(neg_texts, cfg)
+    X_neg_sae = featurize_texts(neg_texts, cfg.run_dir, cfg)
 
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts + neg_texts)
     svd = TruncatedSVD(128, random_state=cfg.seed).fit(tfidf.transform(texts + neg_texts))

@@ -1,0 +1,10 @@
+# Sourced by the submit_*.sh scripts: where to submit, and token auth when the cluster uses it.
+# RAY_ADDRESS: the dashboard's Job API; keep it on loopback and port-forward
+# (`ray dashboard cluster_configs/aws.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265`).
+export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
+# Token auth (RAY_AUTH_MODE=token on the cluster): the CLI sends RAY_AUTH_TOKEN, or the token in
+# RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token. Print the cluster's with `ray get-auth-token` on the head.
+if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+  export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+fi
+cd "$(dirname "${BASH_SOURCE[0]}")/.."

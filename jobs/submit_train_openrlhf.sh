@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Submit GRPO/DAPO training with OpenRLHF, fed by the curriculum (needs a finished `plan` stage).
+#   jobs/submit_train_openrlhf.sh configs/gsm8k_math500.yaml --train.algo dapo --train.num_workers 8 \
+#     --train.extra_args '["--vllm.gpu_memory_utilization", "0.6"]'
+# The driver needs no GPU; OpenRLHF's actors and vLLM engines request theirs from the autoscaler.
+set -euo pipefail
+source "$(dirname "$0")/_submit_common.sh"
+CONFIG="${1:?usage: $0 CONFIG.yaml [dotted flags...]}"; shift
+ray job submit --no-wait --submission-id "saerl-openrlhf-$(date +%Y%m%d-%H%M%S)" \
+  --runtime-env jobs/runtime_env_gpu.yaml --entrypoint-num-cpus 1 \
+  -- python jobs/stage.py train --config "$CONFIG" --train.backend openrlhf "$@"

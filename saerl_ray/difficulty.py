@@ -1,0 +1,229 @@
+"""Difficulty: an ElasticNet on SAE codes, fit on a small labelled subset, predicts every prompt's difficulty.
+
+    from saerl_ray.difficulty import fit_difficulty, predict_from_json
+    model, metrics = fit_difficulty(X_labelled, y, alphas=[1e-2], l1_ratios=[0.5], folds=5, use_ray=True)
+    pred = predict_from_json("runs/x/signals/difficulty.json", X_all)     # X: CSR (n, d_sae)
+
+Design matrix (shared with the quality probe): the latents active in >= `min_support` of the labelled
+rows (at most `max_features`, most frequent first), log1p (pooled activations are heavy-tailed), then
+standardised on the training rows. Hyperparameters: every (fold, alpha, l1_ratio) is one Ray task on
+the design put in the object store once; the grid point with the lowest out-of-fold MSE wins. Metrics
+are reported on a holdout split never used for selection (plus the optimistic CV figure), and
+out-of-distribution when a source is held out. Labels: a `prompts` column (MATH level, DeepMath
+difficulty) or a pass-rate file (difficulty = 1 - pass_rate). No labels at all: the token-count rank
+stands in, flagged as a fallback everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.stats import pearsonr, spearmanr
+from sklearn.linear_model import ElasticNet
+from sklearn.model_selection import KFold, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
+
+from saerl_ray.config import DifficultyConfig
+
+# Below this many labelled rows a 5-fold CV plus holdout is noise: fall back and say so.
+MIN_LABELLED = 20
+
+
+# ---------------------------------------------------------------- design matrix + linear model as JSON
+def select_columns(X: sp.csr_matrix, min_support: float, max_features: int) -> np.ndarray:
+    """Latents active in enough rows to estimate a weight; rarer ones only add variance."""
+    support = np.diff(X.tocsc().indptr)
+    cols = np.flatnonzero(support >= max(2, int(np.ceil(min_support * X.shape[0]))))
+    if len(cols) > max_features:
+        cols = np.sort(cols[np.argsort(-support[cols], kind="stable")[:max_features]])
+    if len(cols) == 0:
+        raise ValueError(
+            f"no SAE latent is active in >= {min_support:.1%} of the {X.shape[0]} labelled rows; "
+            "lower signals.*.min_support"
+        )
+    return cols.astype(np.int64)
+
+
+def design(X: sp.csr_matrix, cols: np.ndarray) -> sp.csr_matrix:
+    """log1p of the kept latents; log1p(0) = 0 keeps it sparse."""
+    D = X[:, cols].astype(np.float64).tocsr()
+    D.data = np.log1p(np.maximum(D.data, 0.0))
+    return D
+
+
+def linear_json(cols: np.ndarray, scaler: StandardScaler, coef: np.ndarray, intercept: float) -> dict:
+    return {
+        "columns": cols.tolist(),
+        "transform": "log1p",
+        "scaler_mean": scaler.mean_.tolist(),
+        "scaler_scale": scaler.scale_.tolist(),
+        "coef": np.asarray(coef, dtype=np.float64).ravel().tolist(),
+        "intercept": float(np.ravel(intercept)[0]),
+    }
+
+
+def linear_score(model: dict, X: sp.csr_matrix) -> np.ndarray:
+    """w . ((log1p(x) - mean) / scale) + b, computed on the sparse codes without densifying."""
+    cols = np.asarray(model["columns"], dtype=np.int64)
+    if cols.size and cols.max() >= X.shape[1]:
+        raise ValueError(f"model uses latent {cols.max()} but the features have d_sae={X.shape[1]}")
+    w = np.asarray(model["coef"]) / np.asarray(model["scaler_scale"])
+    b = model["intercept"] - float(np.dot(np.asarray(model["scaler_mean"]), w))
+    return np.asarray(design(sp.csr_matrix(X), cols) @ w).ravel() + b
+
+
+def predict_from_json(path: str | Path, X: sp.csr_matrix) -> np.ndarray:
+    """Reload `signals/difficulty.json` and predict difficulty for CSR codes X."""
+    model = json.loads(Path(path).read_text())
+    if model.get("fallback"):
+        raise ValueError(f"{path} is the no-label fallback (token-count rank); it has no linear model")
+    return linear_score(model, X).astype(np.float32)
+
+
+# ---------------------------------------------------------------- labels
+def read_pass_rates(path: str | Path) -> pd.DataFrame:
+    """A file of measured pass rates: columns id, pass_rate in [0, 1]."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"signals.difficulty.label_file {p} does not exist")
+    df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_json(p, lines=True, dtype={"id": str})
+    for col in ("id", "pass_rate"):
+        if col not in df.columns:
+            raise ValueError(f"{p}: missing column {col!r} (need id, pass_rate)")
+    rate = pd.to_numeric(df["pass_rate"], errors="coerce")
+    bad = np.flatnonzero(~rate.between(0.0, 1.0).to_numpy())
+    if len(bad):
+        raise ValueError(f"{p} row {bad[0]}: pass_rate {df['pass_rate'].iloc[bad[0]]!r} is not a number in [0, 1]")
+    return pd.DataFrame({"id": df["id"].astype(str), "pass_rate": rate.astype(float)})
+
+
+def difficulty_labels(prompts: pd.DataFrame, cfg: DifficultyConfig) -> tuple[np.ndarray, str]:
+    """Per prompt: a label or NaN, and where the labels came from."""
+    if cfg.label_file:
+        rates = read_pass_rates(cfg.label_file)
+        unknown = ~rates["id"].isin(prompts["id"])
+        if unknown.any():
+            row = int(np.flatnonzero(unknown)[0])
+            raise ValueError(f"{cfg.label_file} row {row}: id {rates['id'].iloc[row]!r} is not in ingest/prompts")
+        y = prompts["id"].map(rates.groupby("id")["pass_rate"].mean()).to_numpy(float)
+        return 1.0 - y, f"1 - pass_rate from {cfg.label_file}"
+    col = cfg.label_column
+    if col and col in prompts.columns:
+        return pd.to_numeric(prompts[col], errors="coerce").to_numpy(float), f"prompts.{col}"
+    return np.full(len(prompts), np.nan), "none"
+
+
+# ---------------------------------------------------------------- CV as Ray tasks
+def fit_one(D: np.ndarray, y: np.ndarray, tr: np.ndarray, alpha: float, l1_ratio: float, seed: int):
+    model = make_pipeline(
+        StandardScaler(), ElasticNet(alpha=alpha, l1_ratio=l1_ratio, max_iter=5000, random_state=seed)
+    )
+    return model.fit(D[tr], y[tr])
+
+
+def cv_task(D: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, alpha: float, l1: float, seed: int):
+    """One (fold, grid point): out-of-fold predictions."""
+    return fit_one(D, y, tr, alpha, l1, seed).predict(D[va])
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return {"spearman": None, "pearson": None}  # constant predictions: correlation undefined
+    return {"spearman": float(spearmanr(a, b).statistic), "pearson": float(pearsonr(a, b).statistic)}
+
+
+def cross_validate(
+    D: np.ndarray, y: np.ndarray, alphas: list[float], l1_ratios: list[float], folds: int, seed: int,
+    use_ray: bool = True,
+) -> dict[str, Any]:
+    """Grid x folds; returns the best (alpha, l1_ratio) by out-of-fold MSE and its CV correlations."""
+    grid = [(a, l) for a in alphas for l in l1_ratios]
+    splits = list(KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(D))
+    jobs = [(g, f) for g in range(len(grid)) for f in range(len(splits))]
+    if use_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1)(cv_task)
+        D_ref, y_ref = ray.put(D), ray.put(y)  # once; every task reads the same objects
+        refs = [task.remote(D_ref, y_ref, splits[f][0], splits[f][1], *grid[g], seed) for g, f in jobs]
+        results = [ray.get(r) for r in tqdm(refs, desc="difficulty CV", leave=False)]
+    else:
+        results = [cv_task(D, y, splits[f][0], splits[f][1], *grid[g], seed) for g, f in jobs]
+    oof = np.zeros((len(grid), len(y)))
+    for (g, f), pred in zip(jobs, results):
+        oof[g, splits[f][1]] = pred
+    mse = ((oof - y) ** 2).mean(axis=1)
+    best = int(np.argmin(mse))
+    return {
+        "alpha": grid[best][0], "l1_ratio": grid[best][1], "cv_mse": float(mse[best]),
+        "cv": _corr(oof[best], y), "grid_mse": {f"{a}/{l}": float(m) for (a, l), m in zip(grid, mse)},
+        "tasks": len(jobs),
+    }
+
+
+def fit_difficulty(
+    X: sp.csr_matrix, y: np.ndarray, *, alphas: list[float], l1_ratios: list[float], folds: int = 5,
+    seed: int = 0, min_support: float = 0.01, max_features: int = 4096, holdout: float = 0.2,
+    use_ray: bool = True,
+) -> tuple[dict, dict]:
+    """Select hyperparameters by CV on the non-holdout rows, score the holdout, refit on all rows.
+
+    Returns (model JSON dict, metrics)."""
+    cols = select_columns(X, min_support, max_features)
+    D = design(X, cols).toarray()
+    idx = np.arange(len(y))
+    fit_idx, test_idx = train_test_split(idx, test_size=holdout, random_state=seed) if holdout > 0 else (idx, idx[:0])
+    cv = cross_validate(D[fit_idx], y[fit_idx], alphas, l1_ratios, folds, seed, use_ray)
+    metrics: dict[str, Any] = {**cv, "n_labelled": len(y), "n_features": len(cols)}
+    if len(test_idx):
+        m = fit_one(D, y, fit_idx, cv["alpha"], cv["l1_ratio"], seed)
+        metrics["holdout"] = {**_corr(m.predict(D[test_idx]), y[test_idx]), "n": len(test_idx)}
+    final = fit_one(D, y, idx, cv["alpha"], cv["l1_ratio"], seed)
+    scaler, enet = final.named_steps["standardscaler"], final.named_steps["elasticnet"]
+    model = {**linear_json(cols, scaler, enet.coef_, enet.intercept_), "alpha": cv["alpha"], "l1_ratio": cv["l1_ratio"]}
+    metrics["nonzero_coef"] = int(np.count_nonzero(enet.coef_))
+    return model, metrics
+
+
+def length_fallback(n_tokens: np.ndarray) -> np.ndarray:
+    """Token-count rank in [0, 1]: the 'traditional' length cue, used only when no label exists."""
+    n = len(n_tokens)
+    return (pd.Series(n_tokens).rank(method="average").to_numpy() - 1) / max(n - 1, 1)
+
+
+def run_difficulty(
+    prompts: pd.DataFrame, X: sp.csr_matrix, n_tokens: np.ndarray, cfg: DifficultyConfig, seed: int,
+    out_path: Path, use_ray: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """Stage body: labels -> subset -> fit -> predict every prompt; writes difficulty.json."""
+    y_all, label_source = difficulty_labels(prompts, cfg)
+    labelled = np.isfinite(y_all)
+    ood = (prompts["source"] == cfg.ood_source).to_numpy() if cfg.ood_source else np.zeros(len(prompts), bool)
+    pool = np.flatnonzero(labelled & ~ood)
+    if len(pool) < MIN_LABELLED or np.ptp(y_all[pool]) == 0:
+        pred = length_fallback(n_tokens).astype(np.float32)
+        why = f"{len(pool)} usable labelled prompts from {label_source} (need >= {MIN_LABELLED}, not constant)"
+        summary = {"fallback": True, "method": "n_tokens rank", "reason": why, "label_source": label_source}
+        out_path.write_text(json.dumps(summary, indent=2))
+        print(f"[signals] WARNING difficulty: NO LABELS ({why}); using the token-count rank as difficulty")
+        return pred, summary
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.choice(pool, size=min(cfg.n_labelled or len(pool), len(pool)), replace=False))
+    model, metrics = fit_difficulty(
+        X[train], y_all[train], alphas=cfg.alphas, l1_ratios=cfg.l1_ratios, folds=cfg.folds, seed=seed,
+        min_support=cfg.min_support, max_features=cfg.max_features, holdout=cfg.holdout, use_ray=use_ray,
+    )
+    pred = linear_score(model, X).astype(np.float32)
+    if ood.any() and labelled[ood].sum() >= 3:
+        sel = ood & labelled
+        metrics["ood"] = {**_corr(pred[sel], y_all[sel]), "source": cfg.ood_source, "n": int(sel.sum())}
+    metrics.update(fallback=False, label_source=label_source)
+    out_path.write_text(json.dumps({**model, "metrics": metrics}, indent=2))
+    return pred, metrics

@@ -1,0 +1,157 @@
+"""label stage: pass rates of the policy on a small labelled subset -> the difficulty proxy's labels.
+
+    saerl-ray label --run-dir runs/m --label.n_prompts 256 --label.k 8
+    # then: --signals.difficulty.label_file runs/m/label/pass_rates.parquet
+
+Samples k completions per prompt for a seeded random subset of `ingest/prompts.parquet` (rows of
+`label.split` with a gold answer), grades each with `math_reward`, and writes
+`<run_dir>/label/pass_rates.parquet` (id, pass_rate, k, correct). This is the expensive labelling the
+paper avoids doing for the whole set: only this subset is rolled out; the ElasticNet proxy predicts
+the rest.
+
+Generation: vLLM when a GPU and vllm are present (one `LLM.generate` with `n=k`), else batched HF
+`generate` with `num_return_sequences=k` on CPU. Work is committed per chunk of `label.batch_size`
+prompts into `label.tmp/chunks/`, so a killed run resumes where it stopped; each chunk has its own
+seed, so a resumed run produces the same labels as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from saerl_ray.config import RunConfig, fingerprint
+from saerl_ray.reward import math_reward
+from saerl_ray.stage import Stage, marker_of
+
+SCHEMA = pa.schema([("id", pa.string()), ("pass_rate", pa.float64()), ("k", pa.int32()), ("correct", pa.int32())])
+
+
+def choose_subset(prompts: pa.Table, split: str, n: int, seed: int) -> list[dict]:
+    """A seeded random subset of `n` rows of `split` that have a gold answer, in file order."""
+    rows = [r for r in prompts.select(["id", "prompt", "answer", "split"]).to_pylist() if r["split"] == split]
+    gradable = [r for r in rows if (r["answer"] or "").strip()]
+    if not gradable:
+        raise ValueError(
+            f"label: no prompts of split {split!r} with a gold answer in ingest/prompts.parquet "
+            f"({len(rows)} rows of that split; check --label.split)"
+        )
+    n = min(n, len(gradable))
+    picked = np.sort(np.random.default_rng(seed).choice(len(gradable), size=n, replace=False))
+    return [gradable[i] for i in picked]
+
+
+def use_vllm() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
+class HFSampler:
+    """k sampled completions per prompt with HF `generate` (CPU or a single GPU)."""
+
+    def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
+        from saerl_ray.models import load_model, load_tokenizer
+
+        self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+        self.model = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+
+    def __call__(self, problems: list[str], k: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[str]]:
+        from saerl_ray.evaluate import generate, render_prompts
+
+        torch.manual_seed(seed)
+        prompts = render_prompts(self.tok, problems)
+        return generate(
+            self.model, self.tok, prompts, max_new_tokens, batch_size=len(prompts),
+            num_return_sequences=k, temperature=temperature, desc="label chunk",
+        )
+
+
+class VLLMSampler:
+    """k sampled completions per prompt with vLLM (GPU nodes; `n=k` shares the prompt's KV cache)."""
+
+    def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
+        from vllm import LLM
+
+        from saerl_ray.models import load_tokenizer, resolve
+
+        self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+        self.llm = LLM(model=resolve(model_name), dtype=dtype, trust_remote_code=trust_remote_code)
+
+    def __call__(self, problems: list[str], k: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        from saerl_ray.evaluate import render_prompts
+
+        params = SamplingParams(n=k, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+        outputs = self.llm.generate(render_prompts(self.tok, problems), params, use_tqdm=False)
+        return [[o.text for o in out.outputs] for out in outputs]
+
+
+def label_chunk(sampler, rows: list[dict], k: int, temperature: float, max_new_tokens: int, seed: int) -> pa.Table:
+    completions = sampler([r["prompt"] for r in rows], k, temperature, max_new_tokens, seed)
+    correct = [int(sum(math_reward(c, r["answer"]) for c in comps)) for r, comps in zip(rows, completions)]
+    return pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "pass_rate": [c / k for c in correct],
+            "k": [k] * len(rows),
+            "correct": correct,
+        },
+        schema=SCHEMA,
+    )
+
+
+def run(cfg: RunConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    lc = cfg.label
+    model_name = lc.model or cfg.train.policy or cfg.model.name
+    fp = fingerprint(lc, cfg.model, model_name, cfg.seed, marker_of(cfg.run_dir, "ingest"))
+    st = Stage(cfg.run_dir, "label", fp)
+    if st.done():
+        return st.summary()
+    if lc.k < 1 or lc.n_prompts < 1 or lc.batch_size < 1:
+        raise ValueError(f"label: k, n_prompts and batch_size must be >= 1 (got {lc.k}, {lc.n_prompts}, {lc.batch_size})")
+    rows = choose_subset(pq.read_table(Path(cfg.run_dir) / "ingest/prompts.parquet"), lc.split, lc.n_prompts, cfg.seed)
+    chunks_dir = st.begin() / "chunks"
+    chunks_dir.mkdir(exist_ok=True)
+    t0 = time.time()
+    starts = list(range(0, len(rows), lc.batch_size))
+    todo = [s for s in starts if not (chunks_dir / f"chunk-{s // lc.batch_size:05d}.parquet").exists()]
+    backend = "vllm" if use_vllm() else "hf"
+    if todo:
+        sampler = (VLLMSampler if backend == "vllm" else HFSampler)(model_name, cfg.model.dtype, cfg.model.trust_remote_code)
+        bar = tqdm(total=len(rows), initial=len(rows) - sum(min(lc.batch_size, len(rows) - s) for s in todo),
+                   desc=f"label k={lc.k}", unit="prompt")
+        for s in todo:
+            i = s // lc.batch_size
+            table = label_chunk(sampler, rows[s : s + lc.batch_size], lc.k, lc.temperature, lc.max_new_tokens, cfg.seed * 100_003 + i)
+            # Write-then-rename: a chunk file exists only when complete.
+            part = chunks_dir / f"chunk-{i:05d}.parquet.partial"
+            pq.write_table(table, part)
+            part.rename(chunks_dir / f"chunk-{i:05d}.parquet")
+            bar.update(table.num_rows)
+        bar.close()
+    table = pa.concat_tables([pq.read_table(chunks_dir / f"chunk-{s // lc.batch_size:05d}.parquet") for s in starts])
+    pq.write_table(table, st.tmp / "pass_rates.parquet")
+    shutil.rmtree(chunks_dir)
+    rates = np.asarray(table.column("pass_rate").to_numpy(), dtype=float)
+    summary = {
+        "rows": table.num_rows, "k": lc.k, "model": model_name, "backend": backend,
+        "mean_pass_rate": float(rates.mean()), "all_correct": int((rates == 1).sum()),
+        "all_wrong": int((rates == 0).sum()), "seconds": time.time() - t0,
+    }
+    st.commit(summary)
+    print(
+        f"[label] {summary['rows']} prompts x k={lc.k}: mean pass rate {summary['mean_pass_rate']:.3f} "
+        f"({summary['all_wrong']} all-wrong, {summary['all_correct']} all-correct) with {backend} in {summary['seconds']:.0f}s"
+    )
+    return summary

@@ -1,0 +1,153 @@
+"""The lens: (model, hook layer, prompt template) -> residual-stream activations of prompt tokens.
+
+Shared by the `sae` stage (training activations) and the `features` stage (pooled SAE codes), so
+both see exactly the same tokens through exactly the same truncated model.
+
+    from saerl_ray.lens import Lens, load_lens_model, encode_prompts, iter_residuals
+    lens = Lens(model="smollm2", layer=12)
+    tok, model = load_tokenizer(lens.model), load_lens_model(lens)
+    batch = encode_prompts(tok, ["What is 2+3?"], chat_template=False, max_tokens=512)
+    for rows, acts, mask in iter_residuals(model, lens.layer, batch, batch_size=32):
+        ...  # acts: (b, T, d_model) at the output of decoder block `layer`; mask: pooled tokens
+
+The hook is the output of HF module `model.layers.{layer}` (residual stream after that block,
+before the final norm). The model is built with only `layer + 1` blocks and run through its base
+model (no LM head), so nothing above the hook is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from saerl_ray.models import DTYPES, decoder_layers, hook_name, load_model
+
+
+@dataclass(frozen=True)
+class Lens:
+    model: str
+    layer: int
+    chat_template: bool = False
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    @property
+    def hook_name(self) -> str:
+        return hook_name(self.layer)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "hook_name": self.hook_name}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Lens:
+        return cls(**{k: d[k] for k in ("model", "layer", "chat_template", "dtype", "trust_remote_code") if k in d})
+
+
+@dataclass
+class EncodedPrompts:
+    """Token ids per prompt (unpadded) and which of them are pooled (the prompt's own text)."""
+
+    ids: list[np.ndarray]
+    keep: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+def load_lens_model(lens: Lens):
+    """The model truncated to `layer + 1` decoder blocks (blocks above the hook are never built)."""
+    if lens.dtype not in DTYPES:
+        raise ValueError(f"lens dtype {lens.dtype!r} not in {sorted(DTYPES)}")
+    return load_model(lens.model, dtype=lens.dtype, trust_remote_code=lens.trust_remote_code,
+                      num_layers=lens.layer + 1)
+
+
+def _template_span(tok, text: str) -> tuple[str, int]:
+    """Render `text` as a user turn; return the rendered string and where `text` starts in it."""
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    start = rendered.rfind(text)
+    if start < 0:
+        raise ValueError(f"chat template of {tok.name_or_path!r} does not contain the prompt verbatim")
+    return rendered, start
+
+
+def encode_prompts(tok, texts: list[str], chat_template: bool, max_tokens: int) -> EncodedPrompts:
+    """Tokenize prompts. Pooled tokens = the prompt's own characters: template scaffolding
+    (system prompt, role markers) and special tokens are context for the model, not content."""
+    if chat_template:
+        spans = [_template_span(tok, t) for t in texts]
+        rendered = [r for r, _ in spans]
+        bounds = [(s, s + len(t)) for (_, s), t in zip(spans, texts)]
+        enc = tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    else:
+        bounds = [(0, len(t)) for t in texts]
+        enc = tok(list(texts), add_special_tokens=True, return_offsets_mapping=True)
+    special = np.asarray(sorted(set(tok.all_special_ids)), dtype=np.int64)
+    ids_out, keep_out = [], []
+    for ids, offs, (lo, hi) in zip(enc["input_ids"], enc["offset_mapping"], bounds):
+        ids = np.asarray(ids[:max_tokens], dtype=np.int64)
+        offs = np.asarray(offs[:max_tokens], dtype=np.int64).reshape(-1, 2)
+        inside = (offs[:, 1] > lo) & (offs[:, 0] < hi) & (offs[:, 1] > offs[:, 0])
+        ids_out.append(ids)
+        keep_out.append(inside & ~np.isin(ids, special))
+    return EncodedPrompts(ids_out, keep_out)
+
+
+def length_buckets(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Row indices grouped into sub-batches of similar length (sorted), so padding stays small.
+    Callers scatter results back by these indices, which restores the input order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: with causal attention the real tokens never see the pads and keep their
+    positions 0..n-1 (left padding would shift RoPE positions in HF Llama without position_ids)."""
+    T = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.from_numpy(s)
+        att[i, : len(s)] = 1
+    return ids, att
+
+
+@torch.inference_mode()
+def residuals(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d_model) output of decoder block `layer` (pre final-norm), via a forward hook."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_layers(model)[layer].register_forward_hook(grab)
+    try:
+        # The base model skips the LM head, which on SmolLM2 costs as much as ~8 decoder blocks.
+        base = getattr(model, "model", model)
+        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def iter_residuals(
+    model, layer: int, prompts: EncodedPrompts, batch_size: int, pad_id: int = 0
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Yield (row indices, activations (b, T, d), pooled-token mask (b, T)) per length bucket."""
+    lengths = prompts.lengths()
+    for rows in length_buckets(lengths, batch_size):
+        ids, att = pad_right([prompts.ids[i] for i in rows], pad_id)
+        mask = torch.zeros_like(att, dtype=torch.bool)
+        for j, i in enumerate(rows):
+            mask[j, : len(prompts.keep[i])] = torch.from_numpy(prompts.keep[i])
+        yield rows, residuals(model, layer, ids, att), mask

@@ -1,0 +1,394 @@
+"""TRL GRPO / DAPO under Ray Train, fed batch by batch by the curriculum sampler actor.
+
+    saerl-ray train --run-dir runs/m --train.backend trl --train.steps 20 --train.num_workers 2
+    saerl-ray train --run-dir runs/m --train.algo dapo --train.policy runs/m/label_model
+
+How the curriculum reaches TRL (1.16) without being reshuffled:
+- `SamplerStream` replaces TRL's RepeatSampler: on every optimisation step rank 0 takes the next plan
+  batch from the sampler (`next_batch`), broadcasts it to the other Ray Train workers, and each rank
+  keeps its contiguous slice of the prompts-repeated-`num_generations`-times list, which is exactly
+  the layout TRL's advantage computation expects (gathered in rank order, grouped by `num_generations`).
+  Nothing is shuffled and no worker sees another's prompts; the sampler is asked once per step.
+- `CurriculumReward` grades every completion with `math_reward`, gathers (id, reward) from all ranks,
+  and rank 0 reports whole groups back (`sampler.report(ids, rewards)`): that is the online loop.
+- Checkpoints: HF `Trainer` saves every `train.save_every` steps; the sampler's state is written into
+  the same checkpoint folder, and Ray's `RayTrainReportCallback` reports it to Ray Train. A rerun of
+  an interrupted run resumes model, optimizer and sampler from the latest one.
+- Per-step metrics (TRL's loss / reward / KL / lengths + the clusters and predicted difficulties that
+  were served) go to `<run_dir>/train/metrics.jsonl`; the final policy to `<run_dir>/train/model/`.
+
+GRPO = TRL `loss_type="grpo"`, symmetric clip 0.2. DAPO = `loss_type="dapo"` (token-level loss over
+the global batch), clip-higher `epsilon_high=0.28`, truncated completions masked, no KL. DAPO's
+dynamic sampling (refilling all-correct / all-wrong groups) is not available inside TRL's loop; the
+online sampler postpones / retires such prompts instead.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from saerl_ray.config import RunConfig, fingerprint
+from saerl_ray.reward import format_messages, math_reward
+from saerl_ray.stage import Stage, marker_of
+
+SAMPLER_STATE = "sampler_state.json"
+
+
+# ---------------------------------------------------------------- pure helpers (unit-tested)
+
+
+def algo_settings(algo: str, kl_coef: float) -> dict[str, Any]:
+    """GRPOConfig fields that make TRL's trainer GRPO or DAPO."""
+    if algo == "grpo":
+        return dict(loss_type="grpo", epsilon=0.2, beta=kl_coef, scale_rewards="group")
+    if algo == "dapo":
+        return dict(
+            loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group",
+            mask_truncated_completions=True,
+        )
+    raise ValueError(f"train.algo {algo!r} is not supported by the TRL backend (grpo | dapo)")
+
+
+def step_layout(prompts_per_step: int, num_generations: int, num_workers: int) -> int:
+    """Completions per worker per step; the global batch must split evenly over the workers."""
+    total = prompts_per_step * num_generations
+    if prompts_per_step < 1 or total % num_workers:
+        raise ValueError(
+            f"train: prompts_per_step ({prompts_per_step}) x num_generations ({num_generations}) = {total} "
+            f"completions must split evenly over num_workers ({num_workers})"
+        )
+    return total // num_workers
+
+
+def local_slice(batch: list[dict], num_generations: int, rank: int, world: int) -> list[dict]:
+    """This rank's part of a step: prompts repeated `num_generations` times, cut in `world` contiguous slices."""
+    repeated = [row for row in batch for _ in range(num_generations)]
+    per_rank = len(repeated) // world
+    return repeated[rank * per_rank : (rank + 1) * per_rank]
+
+
+def to_example(row: dict) -> dict:
+    """A sampler row as a TRL conversational example; extra columns reach the reward function."""
+    missing = [k for k in ("id", "prompt", "answer") if not row.get(k)]
+    if missing:
+        raise ValueError(f"sampler served a row without {missing} (id={row.get('id')!r}); plan rows need a gold answer")
+    return {
+        "prompt": format_messages(row["prompt"]),
+        "id": row["id"],
+        "answer": row["answer"],
+        "cluster": int(row.get("cluster", -1)),
+        "difficulty_pred": float(row.get("difficulty_pred", float("nan"))),
+        "position": int(row.get("position", -1)),
+    }
+
+
+def group_rewards(ids: list[str], rewards: list[float]) -> tuple[list[str], list[list[float]]]:
+    """Per-completion rewards -> one group per prompt, in first-seen order (the sampler's report shape)."""
+    groups: dict[str, list[float]] = {}
+    for i, r in zip(ids, rewards):
+        groups.setdefault(i, []).append(float(r))
+    return list(groups), list(groups.values())
+
+
+def served_summary(records: list[tuple[str, int, float, float]]) -> dict[str, Any]:
+    """What one step trained on: clusters, predicted difficulty, pass rate (records: id, cluster, diff, reward)."""
+    ids, rewards = group_rewards([r[0] for r in records], [r[3] for r in records])
+    first = {}
+    for r in records:
+        first.setdefault(r[0], r)
+    diffs = [first[i][2] for i in ids]
+    return {
+        "served_ids": ids,
+        "served_clusters": dict(sorted(Counter(str(first[i][1]) for i in ids).items())),
+        "served_difficulty_mean": sum(diffs) / len(diffs) if diffs else None,
+        "served_difficulty_max": max(diffs) if diffs else None,
+        "pass_rate": sum(sum(g) for g in rewards) / max(1, sum(len(g) for g in rewards)),
+        "solved_groups": sum(1 for g in rewards if max(g) > 0),
+    }
+
+
+# ---------------------------------------------------------------- the pieces TRL calls
+
+
+def _completion_text(completion: Any) -> str:
+    if isinstance(completion, list):  # conversational: [{"role": "assistant", "content": ...}]
+        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank (a no-op without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class SamplerStream(torch.utils.data.IterableDataset):
+    """One item per optimisation step: this rank's list of examples, taken in plan order from the sampler."""
+
+    def __init__(self, sampler, prompts_per_step: int, num_generations: int, rank: int, world: int):
+        self.sampler = sampler  # an actor handle on rank 0, None elsewhere
+        self.prompts_per_step = prompts_per_step
+        self.num_generations = num_generations
+        self.rank, self.world = rank, world
+
+    def _next_batch(self) -> list[dict]:
+        import ray
+
+        batch = ray.get(self.sampler.next_batch.remote(self.prompts_per_step)) if self.rank == 0 else None
+        batch = _broadcast(batch)
+        if not batch:
+            raise RuntimeError("the curriculum sampler returned an empty batch (plan exhausted?)")
+        if len(batch) != self.prompts_per_step:
+            raise RuntimeError(f"sampler served {len(batch)} prompts, expected {self.prompts_per_step}")
+        return [to_example(r) for r in batch]
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        while True:
+            yield local_slice(self._next_batch(), self.num_generations, self.rank, self.world)
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+class CurriculumReward:
+    """TRL reward function: math_reward per completion; rank 0 reports whole groups to the sampler."""
+
+    def __init__(self, sampler, rank: int):
+        self.__name__ = "math_reward"  # TRL names the logged reward column after this
+        self.sampler = sampler
+        self.rank = rank
+        self.last_served: dict[str, Any] = {}
+
+    def __call__(self, prompts, completions, id, answer, cluster, difficulty_pred, **_: Any) -> list[float]:
+        from accelerate.utils import gather_object
+
+        rewards = [math_reward(_completion_text(c), a) for c, a in zip(completions, answer)]
+        records = gather_object(list(zip(id, cluster, difficulty_pred, rewards)))
+        if self.rank == 0:
+            import ray
+
+            ids, groups = group_rewards([r[0] for r in records], [r[3] for r in records])
+            ray.get(self.sampler.report.remote(ids, groups))
+            self.last_served = served_summary(records)
+        return rewards
+
+
+def _trainer_classes():
+    """Built lazily: importing trl / transformers.Trainer costs seconds the CLI should not pay upfront."""
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    class CurriculumGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer whose training batches come from the sampler stream, never from a shuffled sampler."""
+
+        def __init__(self, *args, stream: SamplerStream, **kwargs):
+            self.stream = stream
+            super().__init__(*args, **kwargs)
+
+        def get_train_dataloader(self):
+            # batch_size=None: each stream item already is this rank's generation batch.
+            return torch.utils.data.DataLoader(self.stream, batch_size=None, collate_fn=_as_list, num_workers=0)
+
+    class CurriculumCallback(TrainerCallback):
+        """Rank 0: per-step metrics line; sampler state saved into every checkpoint folder."""
+
+        def __init__(self, reward: CurriculumReward, metrics_path: Path, rank: int):
+            self.reward, self.metrics_path, self.rank = reward, metrics_path, rank
+            self.t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.rank != 0 or not logs or "loss" not in logs:
+                return
+            line = {"step": state.global_step, "time": time.time() - self.t0, **logs, **self.reward.last_served}
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(line, default=float) + "\n")
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.rank != 0:
+                return
+            import ray
+
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            sampler = self.reward.sampler
+            st = ray.get(sampler.state_dict.remote())
+            (ckpt / SAMPLER_STATE).write_text(json.dumps(st))
+            ray.get(sampler.checkpoint.remote())
+
+    return CurriculumGRPOTrainer, CurriculumCallback
+
+
+# ---------------------------------------------------------------- Ray Train worker
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker (torch.distributed is already set up by TorchTrainer)."""
+    import ray
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from trl import GRPOConfig
+
+    from saerl_ray.models import load_model, load_tokenizer
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Only rank 0 talks to the sampler: one next_batch and one report per step, whatever the world size.
+    sampler = config["sampler"] if rank == 0 else None
+
+    policy = config["policy"]
+    tok = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
+    tok.padding_side = "left"
+    model = load_model(policy, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+    prompts_per_step = config["prompts_per_step"]
+    per_device = step_layout(prompts_per_step, tc.num_generations, world)
+    args = GRPOConfig(
+        output_dir=config["scratch_dir"],
+        max_steps=tc.steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=tc.num_generations,
+        max_completion_length=tc.max_new_tokens,
+        temperature=tc.temperature,
+        learning_rate=tc.learning_rate,
+        shuffle_dataset=False,
+        ignore_data_skip=True,  # on resume the sampler restores its own position; never replay the stream
+        use_cpu=not tc.use_gpu,
+        bf16=False,
+        save_strategy="steps",
+        save_steps=tc.save_every,
+        logging_steps=1,
+        report_to=[],
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=rank != 0,
+        **algo_settings(tc.algo, tc.kl_coef),
+    )
+    reward = CurriculumReward(sampler, rank)
+    trainer_cls, callback_cls = _trainer_classes()
+    stream = SamplerStream(sampler, prompts_per_step, tc.num_generations, rank, world)
+    placeholder = _placeholder_dataset()
+    trainer = trainer_cls(
+        model=model,
+        processing_class=tok,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=placeholder,
+        stream=stream,
+        callbacks=[callback_cls(reward, Path(config["metrics_path"]), rank), RayTrainReportCallback()],
+    )
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        local = Path(checkpoint.to_directory()) / RayTrainReportCallback.CHECKPOINT_NAME
+        resume = str(local)
+        if rank == 0 and (local / SAMPLER_STATE).exists():
+            ray.get(sampler.load_state_dict.remote(json.loads((local / SAMPLER_STATE).read_text())))
+    trainer.train(resume_from_checkpoint=resume)
+    if rank == 0:
+        trainer.save_model(config["model_dir"])
+        tok.save_pretrained(config["model_dir"])
+        ray.get(sampler.checkpoint.remote())
+
+
+def _placeholder_dataset():
+    # GRPOTrainer's constructor insists on a datasets object; batches come from SamplerStream instead
+    # (see CurriculumGRPOTrainer.get_train_dataloader). An empty iterable one never gets read.
+    from datasets import IterableDataset
+
+    return IterableDataset.from_generator(_no_rows)
+
+
+def _no_rows() -> Iterator[dict]:
+    yield from ()
+
+
+# ---------------------------------------------------------------- driver
+
+
+def fit(cfg: RunConfig, sampler, out_dir: Path, policy: str, prompts_per_step: int, scratch: Path) -> None:
+    """Run `train_loop_per_worker` on `train.num_workers` Ray Train workers; outputs land in `out_dir`.
+
+    Ray Train keeps its checkpoints under `out_dir/ray`: a rerun with the same `out_dir` resumes."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tc = cfg.train
+    config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "sampler": sampler,
+        "policy": policy,
+        "prompts_per_step": prompts_per_step,
+        "scratch_dir": str(scratch),
+        "metrics_path": str((out_dir / "metrics.jsonl").resolve()),
+        "model_dir": str((out_dir / "model").resolve()),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="grpo", storage_path=str((out_dir / "ray").resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"TRL training failed: {result.error}") from result.error
+
+
+def run(cfg: RunConfig) -> dict:
+    """`saerl-ray train` with the TRL backend: a Ray Train TorchTrainer of `train.num_workers` workers."""
+    import ray
+
+    from saerl_ray.models import resolve
+    from saerl_ray.raycluster import init_ray
+    from saerl_ray.sampler import get_or_create_sampler
+
+    tc = cfg.train
+    policy = resolve(tc.policy or cfg.model.name)
+    fp = fingerprint(tc, cfg.sampler, cfg.model, cfg.seed, policy, marker_of(cfg.run_dir, "plan"))
+    st = Stage(cfg.run_dir, "train", fp)
+    if st.done():
+        return st.summary()
+    prompts_per_step = tc.prompts_per_step or cfg.plan.batch_size
+    step_layout(prompts_per_step, tc.num_generations, tc.num_workers)  # fail before starting anything
+    algo_settings(tc.algo, tc.kl_coef)
+    tmp = st.begin(keep_partial=tc.resume)
+    init_ray(cfg.ray)
+    sampler = get_or_create_sampler(cfg)
+    t0 = time.time()
+    fit(cfg, sampler, tmp, policy, prompts_per_step, scratch=Path(tempfile.gettempdir()) / f"saerl-trl-{fp}")
+    lines = [json.loads(x) for x in (tmp / "metrics.jsonl").read_text().splitlines()] if (tmp / "metrics.jsonl").exists() else []
+    stats = ray.get(sampler.stats.remote())
+    summary = {
+        "backend": "trl", "algo": tc.algo, "steps": tc.steps, "policy": policy,
+        "num_workers": tc.num_workers, "prompts_per_step": prompts_per_step,
+        "final_reward": lines[-1].get("reward") if lines else None,
+        "mean_pass_rate": sum(x.get("pass_rate", 0) for x in lines) / len(lines) if lines else None,
+        "sampler": stats, "seconds": time.time() - t0,
+    }
+    st.commit(summary)
+    print(
+        f"[train] trl/{tc.algo}: {tc.steps} steps x {prompts_per_step} prompts x {tc.num_generations} generations "
+        f"on {tc.num_workers} worker(s), mean pass rate {summary['mean_pass_rate']} in {summary['seconds']:.0f}s"
+    )
+    return summary

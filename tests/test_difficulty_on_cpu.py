@@ -1,0 +1,100 @@
+"""Difficulty proxy (saerl_ray.difficulty): CV as Ray tasks, signal vs a shuffled-label control, JSON
+round trip, label sources, the no-label fallback."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from saerl_ray.config import DifficultyConfig
+from saerl_ray.difficulty import (
+    cross_validate, design, fit_difficulty, fit_one, predict_from_json, run_difficulty, select_columns,
+)
+
+GRID = dict(alphas=[1e-3, 1e-2, 1e-1], l1_ratios=[0.2, 0.8])
+
+
+def synthetic_codes(n=400, d=120, k=12, seed=0):
+    """Sparse non-negative top-k-like codes; difficulty is linear in (log1p of) latents 0, 1, 2, which
+    are active in every row (common latents), the other k-3 are random."""
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(np.arange(n), k)
+    cols = np.concatenate([np.r_[0, 1, 2, 3 + rng.choice(d - 3, k - 3, replace=False)] for _ in range(n)])
+    vals = rng.exponential(1.0, n * k).astype(np.float32)
+    X = sp.csr_matrix((vals, (rows, cols)), shape=(n, d))
+    L = np.log1p(X[:, :3].toarray())
+    y = 2.0 * L[:, 0] - 1.5 * L[:, 1] + 1.0 * L[:, 2] + rng.normal(0, 0.2, n)
+    return X, y
+
+
+def test_cv_on_ray_beats_shuffled_label_control(ray_cluster):
+    X, y = synthetic_codes()
+    _, real = fit_difficulty(X, y, folds=4, seed=0, use_ray=True, **GRID)
+    shuffled = np.random.default_rng(1).permutation(y)
+    _, control = fit_difficulty(X, shuffled, folds=4, seed=0, use_ray=True, **GRID)
+    assert real["tasks"] == 4 * 6  # one Ray task per (fold, alpha, l1_ratio)
+    assert real["holdout"]["spearman"] > 0.7 and real["cv"]["spearman"] > 0.7
+    assert (control["holdout"]["spearman"] or 0.0) < 0.3
+    assert real["holdout"]["spearman"] - (control["holdout"]["spearman"] or 0.0) > 0.5
+
+
+def test_ray_and_in_process_cv_agree(ray_cluster):
+    X, y = synthetic_codes(n=150)
+    D = design(X, select_columns(X, 0.01, 4096)).toarray()
+    a = cross_validate(D, y, folds=3, seed=0, use_ray=True, **GRID)
+    b = cross_validate(D, y, folds=3, seed=0, use_ray=False, **GRID)
+    assert (a["alpha"], a["l1_ratio"]) == (b["alpha"], b["l1_ratio"])
+    assert a["cv_mse"] == pytest.approx(b["cv_mse"])
+
+
+def test_json_round_trip_gives_sklearns_predictions(tmp_path):
+    X, y = synthetic_codes(n=200)
+    prompts = pd.DataFrame({"id": [f"p{i}" for i in range(200)], "source": "s", "difficulty": y})
+    cfg = DifficultyConfig(n_labelled=150, folds=3, **GRID)
+    pred, metrics = run_difficulty(prompts, X, np.ones(200), cfg, seed=0, out_path=tmp_path / "d.json", use_ray=False)
+    model = json.loads((tmp_path / "d.json").read_text())  # plain JSON, no pickle
+    np.testing.assert_allclose(predict_from_json(tmp_path / "d.json", X), pred, rtol=1e-5, atol=1e-5)
+    # The folded sparse prediction equals sklearn's own pipeline refit on the same labelled rows.
+    train = np.sort(np.random.default_rng(0).choice(200, 150, replace=False))
+    cols = np.asarray(model["columns"])
+    pipe = fit_one(design(X[train], cols).toarray(), y[train], np.arange(150), model["alpha"], model["l1_ratio"], 0)
+    np.testing.assert_allclose(pipe.predict(design(X, cols).toarray()), pred, rtol=1e-4, atol=1e-4)
+    assert metrics["n_labelled"] == 150 and not metrics["fallback"]
+
+
+def test_pass_rate_file_labels_and_ood(tmp_path):
+    X, y = synthetic_codes(n=240)
+    ids = [f"p{i}" for i in range(240)]
+    rates = pd.DataFrame({"id": ids[:200], "pass_rate": 1 / (1 + np.exp(y[:200]))})  # hard = low pass rate
+    rates.to_json(tmp_path / "rates.jsonl", orient="records", lines=True)
+    src = np.where(np.arange(240) < 160, "a", "b")
+    prompts = pd.DataFrame({"id": ids, "source": src, "difficulty": np.nan})
+    cfg = DifficultyConfig(label_file=str(tmp_path / "rates.jsonl"), n_labelled=None, folds=3, ood_source="b", **GRID)
+    pred, m = run_difficulty(prompts, X, np.ones(240), cfg, seed=0, out_path=tmp_path / "d.json", use_ray=False)
+    assert m["n_labelled"] == 160  # source b held out of training
+    assert m["ood"]["n"] == 40 and m["ood"]["spearman"] > 0.6  # labelled b rows: 160..199
+    assert np.corrcoef(pred, y)[0, 1] > 0.7  # difficulty = 1 - pass rate, so it tracks y
+
+
+def test_bad_pass_rate_file_names_the_row(tmp_path):
+    prompts = pd.DataFrame({"id": ["a", "b"], "source": "s", "difficulty": np.nan})
+    (tmp_path / "r.jsonl").write_text('{"id": "a", "pass_rate": 0.5}\n{"id": "b", "pass_rate": 1.7}\n')
+    cfg = DifficultyConfig(label_file=str(tmp_path / "r.jsonl"))
+    with pytest.raises(ValueError, match=r"r.jsonl row 1: pass_rate"):
+        run_difficulty(prompts, sp.csr_matrix((2, 4)), np.ones(2), cfg, 0, tmp_path / "d.json", use_ray=False)
+    (tmp_path / "r.jsonl").write_text('{"id": "zzz", "pass_rate": 0.5}\n')
+    with pytest.raises(ValueError, match="'zzz' is not in ingest/prompts"):
+        run_difficulty(prompts, sp.csr_matrix((2, 4)), np.ones(2), cfg, 0, tmp_path / "d.json", use_ray=False)
+
+
+def test_no_labels_falls_back_to_length_rank_loudly(tmp_path, capsys):
+    n_tokens = np.array([30, 10, 20, 40])
+    prompts = pd.DataFrame({"id": list("abcd"), "source": "s", "difficulty": np.nan})
+    pred, m = run_difficulty(prompts, sp.csr_matrix((4, 8)), n_tokens, DifficultyConfig(), 0, tmp_path / "d.json",
+                             use_ray=False)
+    np.testing.assert_allclose(pred, [2 / 3, 0, 1 / 3, 1])
+    assert m["fallback"] and "WARNING" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="fallback"):
+        predict_from_json(tmp_path / "d.json", sp.csr_matrix((4, 8)))

@@ -1,0 +1,147 @@
+"""Ray Job submission end to end: a real head node (own process group, own --temp-dir, dashboard on
+loopback), `jobs/pipeline.py` submitted through the Job API on real MATH-500 rows + a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from saerl_ray.cli import PIPELINE, STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).with_name("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available_stages() -> list[str]:
+    """Longest prefix of the pipeline whose stage modules exist (stages are written in parallel)."""
+    out = []
+    for name in PIPELINE:
+        if importlib.util.find_spec(STAGES[name].split(":")[0]) is None:
+            break
+        out.append(name)
+    return out
+
+
+def kill_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stop only what we started: our `ray start` process group, then any process under our temp dir."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    # Short path: Ray's unix sockets live under the temp dir and have a ~100-char limit.
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/rjob")
+    dash, gcs = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--temp-dir", temp_dir, "--disable-usage-stats"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    from ray.job_submission import JobSubmissionClient
+
+    address = f"http://127.0.0.1:{dash}"
+    client = None
+    deadline = time.time() + 90
+    while client is None:
+        try:
+            client = JobSubmissionClient(address)
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                kill_cluster(proc, temp_dir)
+                pytest.fail(f"ray head did not come up (rc={proc.poll()}, logs in {temp_dir})")
+            time.sleep(1)
+    yield client, dash
+    kill_cluster(proc, temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for(client, job_id: str, timeout: float = 240):
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(1)
+    client.stop_job(job_id)
+    return client.get_job_status(job_id)
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, shared_data: Path) -> Path:
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"name": str(model_dir)},
+        "ingest": {"inputs": [{"path": str(shared_data / "math500.jsonl"), "preset": "math", "limit": 60}]},
+        "sae": {"layer": 1, "expansion": 4, "k": 8, "training_tokens": 20_000},
+        "features": {"block_rows": 32, "top_k": 32},
+        "signals": {"cluster": {"k": 3}, "difficulty": {"n_labelled": None}, "quality": {"n_train": 40}},
+        "plan": {"batch_size": 8},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_pipeline_job_succeeds_and_writes_stage_outputs(ray_head, tmp_path, tiny_model_dir, shared_data):
+    client, _ = ray_head
+    stages = available_stages()
+    assert stages and stages[0] == "ingest"
+    config = tiny_config(tmp_path, tiny_model_dir, shared_data)
+    entry = f"{sys.executable} {REPO / 'jobs/pipeline.py'} --config {config} --stages {','.join(stages)}"
+    job_id = client.submit_job(
+        entrypoint=entry,
+        runtime_env={"env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "HF_HUB_OFFLINE": "1", "CI": "1"}},
+    )
+    status = wait_for(client, job_id)
+    logs = client.get_job_logs(job_id)
+    assert str(status) == "SUCCEEDED", logs[-3000:]
+    result = json.loads(logs.strip().splitlines()[-1])
+    assert list(result["stages"]) == stages
+    run = tmp_path / "run"
+    for name in stages:
+        assert (run / name / "_DONE.json").exists(), name
+    ingest = json.loads((run / "ingest/summary.json").read_text())
+    assert ingest["accepted"] + ingest["rejected"] == ingest["rows"] == 60
+    if "report" in stages:
+        assert (run / "report/report.html").stat().st_size > 0
+
+
+def test_pipeline_job_rejects_unknown_stage_with_clear_error(ray_head, tmp_path):
+    client, _ = ray_head
+    job_id = client.submit_job(entrypoint=f"{sys.executable} {REPO / 'jobs/pipeline.py'} --stages ingest,bogus")
+    status = wait_for(client, job_id, timeout=60)
+    assert str(status) == "FAILED"
+    assert "unknown stage(s) ['bogus']" in client.get_job_logs(job_id)

@@ -1,0 +1,140 @@
+"""signals stage on a real local Ray cluster: the output contract of docs/run_dir.md, model files that
+reproduce the stored columns, idempotent reruns. Prompts are real (MATH-500 + GSM8K); codes come from a
+cheap deterministic stand-in for the SAE (hashed character trigrams, top-k, mean-pooled), written in
+the features stage's file format."""
+
+import json
+import math
+import zlib
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+from safetensors.numpy import load_file
+
+from saerl_ray import signals
+from saerl_ray.cluster import clustering_space
+from saerl_ray.config import load_config
+from saerl_ray.difficulty import predict_from_json
+from saerl_ray.featureio import load_features
+from saerl_ray.ingest import prompt_id
+from saerl_ray.quality import CORRUPTIONS, score_from_json
+from saerl_ray.stage import Stage
+
+D_SAE, TOP_K = 256, 24
+
+
+def hashed_trigrams(texts: list[str]) -> sp.csr_matrix:
+    """Bag of hashed character trigrams per text, mean-pooled, top-k kept: deterministic and cheap."""
+    rows, cols, vals = [], [], []
+    for r, t in enumerate(texts):
+        grams = [t[i : i + 3] for i in range(max(1, len(t) - 2))]
+        counts = np.bincount([zlib.crc32(g.encode()) % D_SAE for g in grams], minlength=D_SAE) / len(grams)
+        top = np.argsort(-counts, kind="stable")[:TOP_K]
+        top = top[counts[top] > 0]
+        rows += [r] * len(top)
+        cols += top.tolist()
+        vals += counts[top].tolist()
+    return sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(len(texts), D_SAE))
+
+
+def read_jsonl(path, n):
+    return pd.read_json(path, lines=True).head(n)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, shared_data):
+    run = tmp_path_factory.mktemp("signals_run")
+    math500 = read_jsonl(shared_data / "math500.jsonl", 100)
+    gsm = read_jsonl(shared_data / "gsm8k_train.jsonl", 40)
+    prompts = pd.DataFrame({
+        "prompt": math500["problem"].tolist() + gsm["question"].tolist(),
+        "answer": math500["answer"].astype(str).tolist() + gsm["answer"].str.split("####").str[-1].str.strip().tolist(),
+        "source": ["math500"] * 100 + ["gsm8k_train"] * 40,
+        "split": "train",
+        "row": list(range(100)) + list(range(40)),
+        "difficulty": math500["level"].astype(float).tolist() + [None] * 40,
+        "topic": math500["subject"].tolist() + [None] * 40,
+        "quality": None,
+    })
+    prompts.insert(0, "id", [prompt_id(p) for p in prompts["prompt"]])
+    prompts["n_chars"] = prompts["prompt"].str.len().astype("int32")
+    st = Stage(run, "ingest", "ingest-fp")
+    pq.write_table(pa.Table.from_pandas(prompts, preserve_index=False), st.begin() / "prompts.parquet")
+    st.commit({"rows": len(prompts)})
+
+    X = hashed_trigrams(prompts["prompt"].tolist())
+    st = Stage(run, "features", "features-fp")
+    tmp = st.begin()
+    for part, (a, b) in enumerate([(0, 70), (70, 140)]):  # two blocks, written in reverse order
+        block = X[a:b]
+        idx = [block.indices[block.indptr[i] : block.indptr[i + 1]].astype(np.int32) for i in range(b - a)]
+        val = [block.data[block.indptr[i] : block.indptr[i + 1]] for i in range(b - a)]
+        pq.write_table(pa.table({
+            "id": prompts["id"][a:b].tolist(), "n_tokens": pa.array(prompts["n_chars"][a:b] // 4, pa.int32()),
+            "l0": pa.array([len(i) for i in idx], pa.int32()),
+            "idx": pa.array(idx, pa.list_(pa.int32())), "val": pa.array(val, pa.list_(pa.float32())),
+        }), tmp / f"part-{1 - part:05d}.parquet")
+    (tmp / "summary.json").write_text(json.dumps({"rows": 140, "d_sae": D_SAE}))
+    st.commit()
+    return run
+
+
+def config(run_dir, **extra):
+    return load_config(None, {
+        "run_dir": str(run_dir),
+        "signals.cluster.k": 5,
+        "signals.difficulty.n_labelled": None,
+        "signals.difficulty.alphas": [1e-2, 1e-1],
+        "signals.difficulty.l1_ratios": [0.5],
+        "signals.difficulty.folds": 3,
+        "signals.quality.n_train": 60,
+        "signals.quality.keep_fraction": 0.9,
+        **extra,
+    })
+
+
+def test_signals_stage_contract(run_dir, ray_cluster, capsys):
+    summary = signals.run(config(run_dir), featurize=hashed_trigrams)
+    out = run_dir / "signals"
+    prompts = pq.read_table(run_dir / "ingest/prompts.parquet").to_pandas()
+    table = pq.read_table(out / "assignments.parquet")
+    assert table.schema.equals(signals.ASSIGNMENTS_SCHEMA)
+    sig = table.to_pandas()
+    assert sig["id"].tolist() == prompts["id"].tolist()  # prompts order, every prompt once
+
+    # Clusters: every label used, distances are the distances to the stored centroids.
+    C = load_file(str(out / "centroids.safetensors"))["centroids"]
+    assert C.shape == (5, D_SAE) and C.dtype == np.float32
+    _, X, _ = load_features(run_dir, order=prompts["id"].tolist())
+    Z = clustering_space(X, "cosine").toarray()
+    assert sorted(sig["cluster"].unique()) == list(range(5))
+    d = np.linalg.norm(Z - C[sig["cluster"]], axis=1)
+    np.testing.assert_allclose(sig["cluster_dist"], d, atol=1e-4)
+    assert (d[:, None] <= np.linalg.norm(Z[:, None] - C[None], axis=2) + 1e-5).all()  # nearest centroid
+    assert summary["cluster"]["sizes"] == np.bincount(sig["cluster"], minlength=5).tolist()
+
+    # The JSON models reproduce the stored columns; difficulty was fit on the MATH levels.
+    np.testing.assert_allclose(predict_from_json(out / "difficulty.json", X), sig["difficulty_pred"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score_from_json(out / "quality.json", X), sig["quality_score"], rtol=1e-5, atol=1e-6)
+    assert summary["difficulty"]["n_labelled"] == 100 and not summary["difficulty"]["fallback"]
+    assert summary["difficulty"]["label_source"] == "prompts.difficulty"
+    q = summary["quality"]
+    assert set(q["auroc_leave_one_type_out"]) == set(CORRUPTIONS) and q["n_pos"] == 60
+    assert sig["keep"].sum() == summary["kept"] == math.ceil(0.9 * 140)
+    assert sig.loc[sig["keep"], "quality_score"].min() >= sig.loc[~sig["keep"], "quality_score"].max()
+    assert "[signals] 140 prompts" in capsys.readouterr().out
+
+
+def test_signals_rerun_is_a_noop_and_config_change_recomputes(run_dir, ray_cluster):
+    cfg = config(run_dir)
+    signals.run(cfg, featurize=hashed_trigrams)
+    marker = (run_dir / "signals/_DONE.json").read_text()
+    signals.run(cfg, featurize=lambda texts: pytest.fail("a finished stage must not featurize again"))
+    assert (run_dir / "signals/_DONE.json").read_text() == marker
+    summary = signals.run(config(run_dir, **{"signals.quality.keep_fraction": 0.5}), featurize=hashed_trigrams)
+    assert (run_dir / "signals/_DONE.json").read_text() != marker
+    assert summary["kept"] == 70
