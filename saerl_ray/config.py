@@ -79,7 +79,8 @@ class SAEConfig(Section):
     expansion: int = 8
     # TopK sparsity per token.
     k: int = 32
-    training_tokens: int = 2_000_000
+    # SAE training samples (token activations seen by the optimiser, repeats included).
+    training_tokens: int = 400_000
     batch_size_tokens: int = 4096
     lr: float = 4e-4
     # Prompts per forward pass while streaming activations.
@@ -87,6 +88,14 @@ class SAEConfig(Section):
     # Token activations kept in the shuffle buffer (memory = buffer * d_model * 4 bytes).
     buffer_tokens: int = 65536
     max_tokens_per_prompt: int = 256
+    # Each streamed activation is served this many times: a lens forward costs ~3x an SAE step per token.
+    reuse: int = 2
+    # Prompts of this split train the SAE (eval sets must not shape the features).
+    split: str = "train"
+    # Train-split prompts held out for the reported metrics (never trained on).
+    holdout_prompts: int = 200
+    # Lens compute dtype (SAE activations and features); bf16 ran ~2-4x faster here, pooled codes cos>0.99.
+    lens_dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
     @model_validator(mode="after")
     def _source_fields(self) -> SAEConfig:
@@ -208,7 +217,23 @@ class SamplerConfig(Section):
     fast_pass_rate: float = 0.8
     # Cluster pass rate drop (vs its best) that triggers a revisit.
     revisit_drop: float = 0.2
+    # Write <run_dir>/sampler/state.json every this many batches (0 = only on demand).
     checkpoint_every: int = 10
+    # Weight of the newest group in a cluster's pass-rate EMA (0.2 ~ the last five groups matter).
+    ema_alpha: float = 0.2
+    # Groups a cluster must have reported before pacing reads its EMA (one lucky group is not a trend).
+    pace_min_groups: int = 4
+    # While a cluster is fast, this many of its easiest waiting prompts are deferred per prompt served.
+    pace_skip: int = 1
+    # Detached actors outlive the driver (long runs resumed by another driver); default dies with it.
+    detached: bool = False
+
+    @field_validator("ema_alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("ema_alpha must be in (0, 1]")
+        return v
 
 
 class TrainConfig(Section):
@@ -236,6 +261,11 @@ class TrainConfig(Section):
     cpus_per_worker: float = 1.0
     # Continue from the latest Ray Train checkpoint of an interrupted run with the same config.
     resume: bool = True
+    # RL recipes keep the learning rate flat; "linear" decays it to 0 at `steps`.
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    # Held-out accuracy curve: a jsonl of {"prompt", "answer"} rows graded greedily every N steps (0 = off).
+    heldout_file: str | None = None
+    heldout_every: int = 0
 
     @field_validator("num_generations")
     @classmethod

@@ -80,8 +80,8 @@ def _template_span(tok, text: str) -> tuple[str, int]:
 
 
 def encode_prompts(tok, texts: list[str], chat_template: bool, max_tokens: int) -> EncodedPrompts:
-    """Tokenize prompts. Pooled tokens = the prompt's own characters: template scaffolding
-    (system prompt, role markers) and special tokens are context for the model, not content."""
+    """Tokenize prompts (truncated to `max_tokens`). Pooled tokens = the prompt's own characters:
+    template scaffolding (system prompt, role markers) and special tokens are context, not content."""
     if chat_template:
         spans = [_template_span(tok, t) for t in texts]
         rendered = [r for r, _ in spans]
@@ -96,8 +96,12 @@ def encode_prompts(tok, texts: list[str], chat_template: bool, max_tokens: int) 
         ids = np.asarray(ids[:max_tokens], dtype=np.int64)
         offs = np.asarray(offs[:max_tokens], dtype=np.int64).reshape(-1, 2)
         inside = (offs[:, 1] > lo) & (offs[:, 0] < hi) & (offs[:, 1] > offs[:, 0])
+        keep = inside & ~np.isin(ids, special)
+        # Position 0 is the attention sink: its residual norm is ~100x the others in SmolLM2 and
+        # would dominate both SAE training and any pooled code.
+        keep[:1] = False
         ids_out.append(ids)
-        keep_out.append(inside & ~np.isin(ids, special))
+        keep_out.append(keep)
     return EncodedPrompts(ids_out, keep_out)
 
 

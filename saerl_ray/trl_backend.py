@@ -114,6 +114,38 @@ def served_summary(records: list[tuple[str, int, float, float]]) -> dict[str, An
     }
 
 
+def read_heldout(path: str | None) -> list[dict]:
+    """Held-out rows {prompt, answer} from a jsonl file; errors name the file and line."""
+    if not path:
+        return []
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not row.get("prompt") or not str(row.get("answer", "")).strip():
+            raise ValueError(f"{path} line {i}: need non-empty 'prompt' and 'answer'")
+        rows.append({"prompt": row["prompt"], "answer": str(row["answer"])})
+    return rows
+
+
+def heldout_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 16) -> float:
+    """Greedy accuracy of the current policy on held-out rows (the accuracy curve of a run)."""
+    from saerl_ray.evaluate import generate, render_prompts
+
+    was_training = model.training
+    model.eval()
+    try:
+        prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
+        completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="held-out")
+    finally:
+        model.train(was_training)
+    return sum(math_reward(c[0], r["answer"]) for c, r in zip(completions, rows)) / max(1, len(rows))
+
+
 # ---------------------------------------------------------------- the pieces TRL calls
 
 
@@ -205,8 +237,9 @@ def _trainer_classes():
     class CurriculumCallback(TrainerCallback):
         """Rank 0: per-step metrics line; sampler state saved into every checkpoint folder."""
 
-        def __init__(self, reward: CurriculumReward, metrics_path: Path, rank: int):
+        def __init__(self, reward: CurriculumReward, metrics_path: Path, rank: int, heldout: list[dict], heldout_every: int):
             self.reward, self.metrics_path, self.rank = reward, metrics_path, rank
+            self.heldout, self.heldout_every = heldout, heldout_every
             self.t0 = time.time()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -215,6 +248,21 @@ def _trainer_classes():
             line = {"step": state.global_step, "time": time.time() - self.t0, **logs, **self.reward.last_served}
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(line, default=float) + "\n")
+
+        def _heldout(self, args, state, model, processing_class) -> None:
+            every = self.heldout_every
+            if self.rank != 0 or not self.heldout or not every or state.global_step % every:
+                return
+            acc = heldout_accuracy(model, processing_class, self.heldout, args.max_completion_length)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "heldout_accuracy": acc, "heldout_n": len(self.heldout)}) + "\n")
+
+        def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+            if state.global_step == 0:  # the curve starts at the untrained policy
+                self._heldout(args, state, model, processing_class)
+
+        def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+            self._heldout(args, state, model, processing_class)
 
         def on_save(self, args, state, control, **kwargs):
             if self.rank != 0:
@@ -277,6 +325,7 @@ def train_loop_per_worker(config: dict) -> None:
         seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=rank != 0,
+        lr_scheduler_type=tc.lr_scheduler,
         **algo_settings(tc.algo, tc.kl_coef),
     )
     reward = CurriculumReward(sampler, rank)
@@ -290,7 +339,10 @@ def train_loop_per_worker(config: dict) -> None:
         args=args,
         train_dataset=placeholder,
         stream=stream,
-        callbacks=[callback_cls(reward, Path(config["metrics_path"]), rank), RayTrainReportCallback()],
+        callbacks=[
+            callback_cls(reward, Path(config["metrics_path"]), rank, read_heldout(tc.heldout_file), tc.heldout_every),
+            RayTrainReportCallback(),
+        ],
     )
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -319,6 +371,17 @@ def _no_rows() -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------- driver
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl lines; after a resume, a step logged twice keeps its last line."""
+    if not path.exists():
+        return []
+    latest: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        x = json.loads(line)
+        latest[(x["step"], "heldout_accuracy" in x)] = x
+    return sorted(latest.values(), key=lambda x: (x["step"], "loss" in x))
 
 
 def fit(cfg: RunConfig, sampler, out_dir: Path, policy: str, prompts_per_step: int, scratch: Path) -> None:
@@ -377,13 +440,16 @@ def run(cfg: RunConfig) -> dict:
     sampler = get_or_create_sampler(cfg)
     t0 = time.time()
     fit(cfg, sampler, tmp, policy, prompts_per_step, scratch=Path(tempfile.gettempdir()) / f"saerl-trl-{fp}")
-    lines = [json.loads(x) for x in (tmp / "metrics.jsonl").read_text().splitlines()] if (tmp / "metrics.jsonl").exists() else []
+    lines = read_metrics(tmp / "metrics.jsonl")
+    steps = [x for x in lines if "loss" in x]
+    curve = [(x["step"], x["heldout_accuracy"]) for x in lines if "heldout_accuracy" in x]
     stats = ray.get(sampler.stats.remote())
     summary = {
         "backend": "trl", "algo": tc.algo, "steps": tc.steps, "policy": policy,
         "num_workers": tc.num_workers, "prompts_per_step": prompts_per_step,
-        "final_reward": lines[-1].get("reward") if lines else None,
-        "mean_pass_rate": sum(x.get("pass_rate", 0) for x in lines) / len(lines) if lines else None,
+        "final_reward": steps[-1].get("reward") if steps else None,
+        "mean_pass_rate": sum(x.get("pass_rate", 0) for x in steps) / len(steps) if steps else None,
+        "heldout_curve": curve,
         "sampler": stats, "seconds": time.time() - t0,
     }
     st.commit(summary)

@@ -102,3 +102,52 @@ def test_grpo_two_steps_on_two_ray_train_workers_reports_to_the_sampler(
     assert summary["sampler"]["reported"] == 4
     assert (run_dir / "train/model/config.json").exists()
     assert (run_dir / "train/_DONE.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_model_and_sampler_from_the_last_checkpoint(tmp_path, tiny_model_dir, shared_data, ray_cluster):
+    pytest.importorskip("saerl_ray.sampler", reason="saerl_ray.sampler (another helper's module) not landed yet")
+    import ray
+
+    from saerl_ray.sampler import get_or_create_sampler
+
+    run_dir = tmp_path / "run"
+    plan = write_plan(run_dir, shared_data)
+    over = {
+        "run_dir": str(run_dir), "model.name": str(tiny_model_dir), "plan.batch_size": 2, "sampler.mode": "static",
+        "train.num_workers": 2, "train.cpus_per_worker": 0.5, "train.max_new_tokens": 8, "train.save_every": 1,
+    }
+    out = tmp_path / "train_out"
+    out.mkdir()
+    sampler = get_or_create_sampler(load_config(None, over))
+    tb.fit(load_config(None, {**over, "train.steps": 2}), sampler, out, str(tiny_model_dir), 2, tmp_path / "scratch")
+    # The sampler runs ahead of the last checkpoint; resuming must rewind it to the checkpoint's state.
+    ray.get(sampler.next_batch.remote(2))
+    tb.fit(load_config(None, {**over, "train.steps": 3}), sampler, out, str(tiny_model_dir), 2, tmp_path / "scratch")
+    lines = [x for x in tb.read_metrics(out / "metrics.jsonl") if "loss" in x]
+    ids = plan.column("id").to_pylist()
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert lines[2]["served_ids"] == ids[4:6]
+
+
+@pytest.mark.slow
+def test_grpo_on_smollm2_from_a_real_plan(tmp_path, smollm2_dir, shared_data, ray_cluster):
+    pytest.importorskip("saerl_ray.sampler", reason="saerl_ray.sampler (another helper's module) not landed yet")
+    run_dir = tmp_path / "run"
+    write_plan(run_dir, shared_data, n=16, batch_size=2)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
+                               for a, b in [(2, 3), (4, 1), (6, 2), (5, 4)]))
+    cfg = load_config(None, {
+        "run_dir": str(run_dir), "model.name": str(smollm2_dir), "plan.batch_size": 2,
+        "train.steps": 3, "train.num_workers": 1, "train.cpus_per_worker": 1, "train.num_generations": 4,
+        "train.max_new_tokens": 24, "train.learning_rate": 1e-5, "train.heldout_file": str(heldout),
+        "train.heldout_every": 3,
+    })
+    summary = tb.run(cfg)
+    lines = [x for x in tb.read_metrics(run_dir / "train/metrics.jsonl") if "loss" in x]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(len(x["served_ids"]) == 2 for x in lines)
+    assert summary["sampler"]["reported"] == 6
+    assert [s for s, _ in summary["heldout_curve"]] == [0, 3]
+    assert (run_dir / "train/model/model.safetensors").exists()

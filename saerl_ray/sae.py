@@ -1,0 +1,223 @@
+"""sae stage: a sparse autoencoder on the lens's residual stream (train with sae-lens, or load one).
+
+    saerl-ray sae -c configs/gsm8k_math500.yaml                  # source=train (default)
+    saerl-ray sae -c cfg.yaml --sae.source disk --sae.path /some/saved_sae
+    saerl-ray sae -c cfg.yaml --sae.source pretrained --sae.release R --sae.sae_id ID   # warm hub cache only
+
+Writes `<run_dir>/sae/`: the sae-lens inference folder (`SAE.load_from_disk` reads it), `lens.json`
+(model, layer, hook_name, d_in, d_sae, k, chat_template, dtype) and `summary.json` (held-out
+explained variance, MSE, L0, dead-latent fraction).
+
+Training runs in the driver process: it is one sequential optimiser loop fed by a generator of
+lens activations, and on CPU one process using every core is the fastest layout (the features
+stage is where Ray's parallelism pays). Token activations are never materialised: prompt batches
+stream through the truncated model into sae-lens's shuffle buffer (`mixing_buffer`) and on into
+`SAETrainer`. Activation scale is normalised by sae-lens (`expected_average_only_in`) and folded
+into the saved weights, so the saved SAE takes raw activations.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from saerl_ray.config import RunConfig, fingerprint
+from saerl_ray.lens import Lens, encode_prompts, iter_residuals, load_lens_model
+from saerl_ray.models import load_tokenizer
+from saerl_ray.stage import Stage, marker_of
+
+LENS_FILE = "lens.json"
+
+
+def lens_of(cfg: RunConfig) -> Lens:
+    return Lens(model=cfg.model.name, layer=cfg.sae.layer, chat_template=cfg.model.chat_template,
+                dtype=cfg.sae.lens_dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def read_lens(sae_dir: str | Path) -> tuple[Lens, dict]:
+    """The lens a committed SAE was built for, plus the whole lens.json record."""
+    path = Path(sae_dir) / LENS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run `saerl-ray sae` first")
+    record = json.loads(path.read_text())
+    return Lens.from_json(record), record
+
+
+def load_sae(sae_dir: str | Path):
+    from sae_lens import SAE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return SAE.load_from_disk(str(sae_dir), device="cpu").eval()
+
+
+def train_prompts(prompts_path: Path, split: str, holdout: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) from the ingested prompts of `split`, shuffled by `seed`."""
+    table = pq.read_table(prompts_path, columns=["prompt", "split"])
+    texts = [t for t, s in zip(table.column("prompt").to_pylist(), table.column("split").to_pylist()) if s == split]
+    if len(texts) < 2:
+        raise ValueError(
+            f"{prompts_path}: {len(texts)} prompts with split={split!r}; the SAE needs training prompts "
+            f"(set sae.split, or sae.source=disk/pretrained)"
+        )
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_hold = min(holdout, len(texts) // 5)
+    return [texts[i] for i in order[n_hold:]], [texts[i] for i in order[:n_hold]]
+
+
+def token_activations(model, tok, lens: Lens, texts: list[str], prompt_batch: int, max_tokens: int,
+                      seed: int, epochs: bool = True) -> Iterator[torch.Tensor]:
+    """Float32 (n, d_model) activations of pooled tokens, one tensor per prompt batch; with
+    `epochs`, cycles over the prompts in a fresh order each pass (the trainer decides when to stop)."""
+    rng = np.random.default_rng(seed)
+    # Chunks of several forward batches give the length bucketing something to sort.
+    chunk = prompt_batch * 8
+    while True:
+        order = rng.permutation(len(texts)) if epochs else np.arange(len(texts))
+        for start in range(0, len(order), chunk):
+            enc = encode_prompts(tok, [texts[i] for i in order[start : start + chunk]],
+                                 lens.chat_template, max_tokens)
+            for _, acts, mask in iter_residuals(model, lens.layer, enc, prompt_batch, tok.pad_token_id):
+                if mask.any():
+                    yield acts[mask].float()
+        if not epochs:
+            return
+
+
+def repeat_each(stream: Iterator[torch.Tensor], times: int) -> Iterator[torch.Tensor]:
+    """Serve every activation chunk `times` times; the shuffle buffer scatters the copies."""
+    for x in stream:
+        for _ in range(times):
+            yield x
+
+
+def batches(stream: Iterator[torch.Tensor], buffer_tokens: int, batch_size: int) -> Iterator[torch.Tensor]:
+    from sae_lens.training.mixing_buffer import mixing_buffer
+
+    return mixing_buffer(max(buffer_tokens, batch_size), batch_size, stream)
+
+
+@torch.inference_mode()
+def evaluate(sae, acts: Iterator[torch.Tensor]) -> dict:
+    """Held-out reconstruction metrics of an inference SAE on raw activations."""
+    d_sae = sae.cfg.d_sae
+    fired = torch.zeros(d_sae, dtype=torch.bool)
+    n = 0
+    sq_err = sum_x = sum_x2 = l0 = 0.0
+    for x in acts:
+        codes = sae.encode(x)
+        err = (sae.decode(codes) - x).double()
+        sq_err += float((err**2).sum())
+        sum_x = sum_x + x.double().sum(0)
+        sum_x2 += float((x.double() ** 2).sum())
+        l0 += float((codes > 0).sum())
+        fired |= (codes > 0).any(0)
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("no held-out tokens to evaluate the SAE on")
+    total_var = sum_x2 - float((sum_x**2).sum()) / n
+    return {
+        "explained_variance": 1.0 - sq_err / total_var,
+        "mse": sq_err / (n * sae.cfg.d_in),
+        "l0": l0 / n,
+        "dead_fraction": 1.0 - float(fired.float().mean()),
+        "holdout_tokens": n,
+    }
+
+
+def train_sae(cfg: RunConfig, out: Path) -> dict:
+    """Stream activations through sae-lens's SAETrainer; save the inference SAE into `out`."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    s = cfg.sae
+    lens = lens_of(cfg)
+    train_texts, held_texts = train_prompts(Path(cfg.run_dir) / "ingest" / "prompts.parquet", s.split,
+                                            s.holdout_prompts, cfg.seed)
+    tok, model = load_tokenizer(lens.model, lens.trust_remote_code), load_lens_model(lens)
+    d_in = int(model.config.hidden_size)
+    torch.manual_seed(cfg.seed)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
+        d_in=d_in, d_sae=s.expansion * d_in, k=s.k, normalize_activations="expected_average_only_in",
+    ))
+    steps = max(1, s.training_tokens // s.batch_size_tokens)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * s.batch_size_tokens, train_batch_size_samples=s.batch_size_tokens,
+        lr=s.lr, lr_end=s.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(50, steps // 10),
+        device="cpu", logger=LoggingConfig(log_to_wandb=False),
+        # Scale estimate: a few batches suffice for one scalar (sae-lens default is 1000 batches).
+        n_batches_for_norm_estimate=max(1, min(10, steps // 10)),
+        dead_feature_window=max(10, steps // 4), feature_sampling_window=max(10, steps // 4),
+    )
+    stream = token_activations(model, tok, lens, train_texts, s.prompt_batch_size, s.max_tokens_per_prompt, cfg.seed)
+    provider = batches(repeat_each(stream, s.reuse), s.buffer_tokens, s.batch_size_tokens)
+    trained = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider).fit()
+    trained.save_inference_model(out)
+    inference_sae = load_sae(out)
+    held = token_activations(model, tok, lens, held_texts, s.prompt_batch_size, s.max_tokens_per_prompt,
+                             cfg.seed, epochs=False)
+    metrics = evaluate(inference_sae, tqdm(held, desc="sae held-out", leave=False))
+    metrics.update(tokens=trainer_cfg.total_training_samples, train_prompts=len(train_texts),
+                   holdout_prompts=len(held_texts))
+    return metrics
+
+
+def fetch_sae(cfg: RunConfig, out: Path) -> dict:
+    """source=pretrained / disk: copy an existing SAE into the stage folder."""
+    from sae_lens import SAE
+
+    s = cfg.sae
+    if s.source == "disk":
+        src = Path(s.path)
+        if not (src / "cfg.json").exists():
+            raise FileNotFoundError(f"sae.path={src}: no cfg.json (expected a `save_inference_model` folder)")
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        return {"source": "disk", "path": str(src)}
+    try:
+        sae = SAE.from_pretrained(s.release, s.sae_id, device="cpu")
+    except Exception as e:  # the hub client raises many types; all mean "not available offline"
+        raise RuntimeError(
+            f"cannot load pretrained SAE release={s.release!r} sae_id={s.sae_id!r}: {e}. "
+            "This needs the SAE in the local Hugging Face cache (no downloads at run time)."
+        ) from e
+    sae.save_model(out)
+    return {"source": "pretrained", "release": s.release, "sae_id": s.sae_id}
+
+
+def check_lens(lens: Lens, sae_dir: Path) -> dict:
+    """lens.json record; fails when the SAE's input width does not match the model's residual width."""
+    from transformers import AutoConfig
+
+    from saerl_ray.models import resolve
+
+    sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
+    hidden = AutoConfig.from_pretrained(resolve(lens.model), trust_remote_code=lens.trust_remote_code).hidden_size
+    if int(sae_cfg["d_in"]) != int(hidden):
+        raise ValueError(f"{sae_dir}/cfg.json: d_in={sae_cfg['d_in']} but model {lens.model} has hidden size {hidden}")
+    return {**lens.to_json(), "d_in": int(sae_cfg["d_in"]), "d_sae": int(sae_cfg["d_sae"]), "k": sae_cfg.get("k")}
+
+
+def run(cfg: RunConfig) -> dict:
+    upstream = [marker_of(cfg.run_dir, "ingest")] if cfg.sae.source == "train" else []
+    st = Stage(cfg.run_dir, "sae", fingerprint(cfg.sae, cfg.model, cfg.seed, *upstream))
+    if st.done():
+        return st.summary()
+    tmp = st.begin(keep_partial=False)
+    lens = lens_of(cfg)
+    summary = train_sae(cfg, tmp) if cfg.sae.source == "train" else fetch_sae(cfg, tmp)
+    record = check_lens(lens, tmp)
+    (tmp / LENS_FILE).write_text(json.dumps(record, indent=2))
+    summary.update(source=cfg.sae.source, **{k: record[k] for k in ("layer", "d_in", "d_sae", "k")})
+    st.commit(summary)
+    metrics = ", ".join(f"{k}={summary[k]:.3g}" for k in ("explained_variance", "l0", "dead_fraction") if k in summary)
+    print(f"[sae] {cfg.sae.source}: layer {lens.layer}, d_sae {record['d_sae']}" + (f", {metrics}" if metrics else ""))
+    return summary
