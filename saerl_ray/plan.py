@@ -5,12 +5,14 @@ The paper's batch builder (research/paper.md §3-4), made concrete:
 1. filter: prompts with `keep=False` (quality probe) are dropped;
 2. easy -> hard inside each cluster: each cluster is a queue sorted by predicted difficulty;
 3. cluster-first batches: every batch is filled from one cluster's queue head;
-4. consecutive batches come from different clusters, scheduled by *largest remaining share*: the
-   next batch goes to the cluster with the largest fraction of its prompts still unplanned (never the
-   cluster of the previous batch while another one is left). A cluster of 3,000 prompts then gets ten
-   batches for every one of a 300-prompt cluster, so all clusters walk through their own easy->hard
-   curricula at the same relative pace and the global difficulty rises too; a plain round-robin would
-   exhaust the small clusters early and end the run on one big cluster's hardest prompts;
+4. consecutive batches come from different clusters, scheduled proportionally: the next batch goes
+   to the cluster that would be least far through its own queue after it (smallest
+   `(planned + batch_size) / size`, the "virtual finish time" of fair schedulers), never the cluster
+   of the previous batch while another one is left. A cluster of 3,000 prompts then gets ten batches
+   for every one of a 300-prompt cluster, so all clusters walk through their easy->hard curricula at
+   the same relative pace and the global difficulty rises too. A plain round-robin would exhaust the
+   small clusters early and end the run on one big cluster's hardest prompts; ranking by *remaining*
+   share instead of finish time lets small clusters go early and piles the big one up at the end;
 5. when a cluster runs out mid-batch, the batch is completed from the next scheduled cluster (a
    "boundary" batch: the only batches that are impure without mixing);
 6. moderate mixing: batches are paired (0<->1, 2<->3, ...) and the last `round(mixing_ratio *
@@ -63,7 +65,7 @@ def cluster_queues(clusters: np.ndarray, difficulty: np.ndarray, rng: np.random.
 
 
 def schedule_batches(queues: dict[int, np.ndarray], batch_size: int) -> list[np.ndarray]:
-    """Cluster-first batches in largest-remaining-share order (module docstring, points 3-5)."""
+    """Cluster-first batches in proportional (virtual-finish-time) order (module docstring, 3-5)."""
     labels = np.array(sorted(queues))
     sizes = np.array([len(queues[c]) for c in labels], dtype=np.float64)
     taken = np.zeros(len(labels), dtype=np.int64)
@@ -72,10 +74,11 @@ def schedule_batches(queues: dict[int, np.ndarray], batch_size: int) -> list[np.
     while (taken < sizes).any():
         parts, need = [], batch_size
         while need and (taken < sizes).any():
-            share = (sizes - taken) / sizes
-            if previous >= 0 and (share > 0).sum() > 1:
-                share[previous] = -1.0  # consecutive batches from different clusters
-            k = int(np.argmax(share))  # ties: the lower cluster label, deterministic
+            # the cluster that would be least far through its curriculum after this batch
+            finish = np.where(taken < sizes, (taken + batch_size) / sizes, np.inf)
+            if previous >= 0 and np.isfinite(finish).sum() > 1:
+                finish[previous] = np.inf  # consecutive batches from different clusters
+            k = int(np.argmin(finish))  # ties: the lower cluster label, deterministic
             got = queues[int(labels[k])][taken[k] : taken[k] + need]
             taken[k] += len(got)
             need -= len(got)
@@ -85,15 +88,19 @@ def schedule_batches(queues: dict[int, np.ndarray], batch_size: int) -> list[np.
     return batches
 
 
-def mix_pairs(batches: list[np.ndarray], mixing_ratio: float, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Swap the last round(ratio*B) rows of batches 2j and 2j+1; returns (batches, mixed flags)."""
+def mix_pairs(
+    batches: list[np.ndarray], clusters: np.ndarray, mixing_ratio: float, batch_size: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Swap the last round(ratio*B) rows of batches 2j and 2j+1; returns (batches, mixed flags).
+    A pair whose tails share a cluster (possible only next to a cluster's end) is not swapped:
+    that would reorder a cluster's own curriculum without mixing anything."""
     m = int(round(mixing_ratio * batch_size))
     out = [b.copy() for b in batches]
     flags = [np.zeros(len(b), dtype=bool) for b in batches]
     for j in range(0, len(out) - 1, 2):
         a, b = out[j], out[j + 1]
         k = min(m, len(a), len(b))
-        if k == 0:
+        if k == 0 or np.intersect1d(clusters[a[-k:]], clusters[b[-k:]]).size:
             continue
         a_tail, b_tail = a[-k:].copy(), b[-k:].copy()
         a[-k:], b[-k:] = b_tail, a_tail
@@ -143,7 +150,7 @@ def build_plan(
         ratio = {"no_mix": 0.0, "full_mix": FULL_MIX}.get(variant, mixing_ratio)
         local = cluster_queues(clusters[rows], np.asarray(difficulty, dtype=np.float64)[rows], rng)
         batches = schedule_batches({c: rows[q] for c, q in local.items()}, batch_size)
-        batches, flags = mix_pairs(batches, ratio, batch_size)
+        batches, flags = mix_pairs(batches, clusters, ratio, batch_size)
 
     order = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     batch_of = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
@@ -260,10 +267,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     filtered = 0 if pc.variant == "no_filter" else int((~keep).sum())
     summary = plan_summary(plan, prompts.num_rows, filtered, pc.variant, pc.batch_size, pc.mixing_ratio)
     st.commit(summary)
+    rho = summary["spearman_within_cluster"]
     print(
         f"[plan] {summary['variant']}: {summary['planned']} prompts ({summary['filtered']} filtered) in "
         f"{summary['batches']} batches of {pc.batch_size}, purity {summary['purity_mean'] or 0:.3f}, "
-        f"mixed {summary['mixing_realised']:.3f}, within-cluster Spearman {summary['spearman_within_cluster']}",
+        f"mixed {summary['mixing_realised']:.3f}, within-cluster Spearman {'n/a' if rho is None else f'{rho:.3f}'}",
         flush=True,
     )
     return summary

@@ -18,6 +18,7 @@ into the saved weights, so the saved SAE takes raw activations.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import warnings
@@ -105,6 +106,28 @@ def batches(stream: Iterator[torch.Tensor], buffer_tokens: int, batch_size: int)
     return mixing_buffer(max(buffer_tokens, batch_size), batch_size, stream)
 
 
+def peek_tokens(stream: Iterator[torch.Tensor], n: int) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """The first >= n activations of a stream, and the stream with them put back in front."""
+    head: list[torch.Tensor] = []
+    while sum(len(x) for x in head) < n:
+        try:
+            head.append(next(stream))
+        except StopIteration:
+            break
+    if not head:
+        raise ValueError("the activation stream is empty: no prompt has a pooled token")
+    return torch.cat(head), itertools.chain(head, stream)
+
+
+@torch.no_grad()
+def init_decoder_bias(sae, sample: torch.Tensor) -> None:
+    """b_dec := activation mean, in the trainer's scaled units (sqrt(d_in) / mean norm, as sae-lens's
+    `expected_average_only_in` estimates it). Residual streams carry a large constant offset; from
+    a zero bias TopK spends its k latents on that offset and most latents die."""
+    scale = sample.shape[1] ** 0.5 / sample.norm(dim=-1).mean()
+    sae.b_dec.copy_(sample.mean(0) * scale)
+
+
 @torch.inference_mode()
 def evaluate(sae, acts: Iterator[torch.Tensor]) -> dict:
     """Held-out reconstruction metrics of an inference SAE on raw activations."""
@@ -159,7 +182,11 @@ def train_sae(cfg: RunConfig, out: Path) -> dict:
         dead_feature_window=max(10, steps // 4), feature_sampling_window=max(10, steps // 4),
     )
     stream = token_activations(model, tok, lens, train_texts, s.prompt_batch_size, s.max_tokens_per_prompt, cfg.seed)
-    provider = batches(repeat_each(stream, s.reuse), s.buffer_tokens, s.batch_size_tokens)
+    # A buffer bigger than a quarter of the run would only delay the first step.
+    buffer = min(s.buffer_tokens, max(s.batch_size_tokens, trainer_cfg.total_training_samples // 4))
+    sample, stream = peek_tokens(stream, min(buffer, 4 * s.batch_size_tokens))
+    init_decoder_bias(sae, sample)
+    provider = batches(repeat_each(stream, s.reuse), buffer, s.batch_size_tokens)
     trained = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider).fit()
     trained.save_inference_model(out)
     inference_sae = load_sae(out)

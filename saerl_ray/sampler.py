@@ -315,16 +315,36 @@ class CurriculumState:
         if len(ids) != len(rewards):
             raise ValueError(f"report: {len(ids)} ids but {len(rewards)} reward groups")
         idx = self.lookup(ids)
-        means, all_right, all_wrong = [], [], []
-        for pid, group in zip(ids, rewards):
-            g = np.asarray(group, dtype=np.float64).reshape(-1)
-            if g.size == 0 or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
-                raise ValueError(f"report: rewards for id {pid!r} must be a non-empty list of numbers in [0, 1], got {group!r}")
-            means.append(g.mean()), all_right.append(bool((g >= 1).all())), all_wrong.append(bool((g <= 0).all()))
-        for i, m, right, wrong in zip(idx.tolist(), means, all_right, all_wrong):
+        try:
+            lens = np.array([len(g) for g in rewards], dtype=np.int64)
+            flat = np.fromiter((float(x) for g in rewards for x in g), np.float64, count=int(lens.sum()))
+            ok = bool((lens > 0).all() and (np.isfinite(flat) & (flat >= 0) & (flat <= 1)).all())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            first = self._first_bad_group(rewards)
+            raise ValueError(f"report: rewards for id {ids[first]!r} must be a non-empty list of numbers in [0, 1], got {rewards[first]!r}")
+        if len(ids) == 0:
+            return 0
+        starts = np.r_[0, np.cumsum(lens)[:-1]]
+        means = np.add.reduceat(flat, starts) / lens
+        all_right = np.minimum.reduceat(flat, starts) >= 1
+        all_wrong = np.maximum.reduceat(flat, starts) <= 0
+        for i, m, right, wrong in zip(idx.tolist(), means.tolist(), all_right.tolist(), all_wrong.tolist()):
             self._take_group(i, m, right, wrong)
         self.counters["reported"] += len(idx)
         return len(idx)
+
+    @staticmethod
+    def _first_bad_group(rewards: list[list[float]]) -> int:
+        for k, group in enumerate(rewards):
+            try:
+                g = np.asarray(group, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                return k
+            if g.size == 0 or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
+                return k
+        raise AssertionError("no bad group found")
 
     def _take_group(self, i: int, mean: float, all_right: bool, all_wrong: bool) -> None:
         online = self.cfg.mode == "online"
@@ -349,6 +369,9 @@ class CurriculumState:
     def _revisit(self, c: int) -> None:
         """The cluster got harder for the policy: bring back the easier prompts pacing skipped."""
         k = min(len(self.deferred[c]), self.batch_size)
+        if k == 0:  # nothing was skipped: the cluster is simply at its hard end
+            self.best[c] = self.ema[c]
+            return
         back = [self.deferred[c].pop() for _ in range(k)][::-1]  # the hardest skipped ones, easy->hard
         self.front[c].extendleft(reversed(back))
         self._log("revisit", None, f"cluster pass rate {self.ema[c]:.2f} fell {self.best[c] - self.ema[c]:.2f} below its best; "
@@ -392,13 +415,13 @@ class CurriculumState:
             line |= {"id": self.text["id"][i].as_py(), "position": i, "cluster": int(self.labels[self.cluster[i]])}
         self.decisions.append(line | extra | {"reason": reason})
         if len(self.decisions) >= MAX_BUFFERED_DECISIONS and self.state_dir is not None:
-            self._append_decisions(self._take_decisions())
+            self.checkpoint(wait=False)  # through the one writer thread, so log lines stay in order
 
     # ------------------------------------------------------------ state
 
     def _snapshot(self) -> dict[str, Any]:
         """Everything needed to resume, with numpy copies (encoded later, possibly off-thread)."""
-        touched = np.flatnonzero((self.last_served >= 0) | (self.attempts > 0) | self.retired)
+        touched = np.flatnonzero((self.last_served >= 0) | (self.attempts > 0))  # retired => attempts > 0
         return {
             "version": STATE_VERSION, "plan_digest": self.digest, "prompts": self.n, "clusters": self.labels.tolist(),
             "mode": self.cfg.mode, "batch_size": self.batch_size, "epoch": self.epoch, "slot": self.slot,
@@ -435,7 +458,7 @@ class CurriculumState:
             )
         if st.get("clusters") != self.labels.tolist():
             raise ValueError("sampler state was written for a plan with other cluster labels; delete it to start fresh")
-        rows = {k: decode_array(v) for k, v in st["rows"].items()}
+        rows = self._read_rows(st)
         idx = rows.pop("index").astype(np.int64)
         for name, values in rows.items():
             arr = getattr(self, name)
@@ -466,18 +489,40 @@ class CurriculumState:
             f.write("".join(json.dumps(x) + "\n" for x in lines))
 
     def _write(self, snap: dict[str, Any], lines: list[dict[str, Any]]) -> None:
-        """Decisions first, then the state, atomically (tmp + fsync + rename)."""
+        """Decisions first, then the per-prompt arrays (`rows-<batches>.npz`, raw npy: no base64/zlib
+        holding the GIL while the actor serves), then state.json naming that file; each file is
+        tmp + fsync + rename, so a kill at any point leaves the previous consistent pair."""
         self._append_decisions(lines)
+        rows_file = f"rows-{snap['counters']['batches']:012d}.npz"
+        with (self.state_dir / (rows_file + ".tmp")).open("wb") as f:
+            np.savez(f, **snap["rows"])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.state_dir / (rows_file + ".tmp"), self.state_dir / rows_file)
         tmp = self.state_dir / (STATE_FILE + ".tmp")
         with tmp.open("w") as f:
-            json.dump(self._encode(snap), f)
+            json.dump({k: v for k, v in snap.items() if k != "rows"} | {"rows_file": rows_file}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_dir / STATE_FILE)
+        for old in self.state_dir.glob("rows-*.npz"):
+            if old.name != rows_file:
+                old.unlink(missing_ok=True)
+
+    def _read_rows(self, st: dict[str, Any]) -> dict[str, np.ndarray]:
+        if "rows" in st:  # state_dict() form: everything inline
+            return {k: decode_array(v) for k, v in st["rows"].items()}
+        if self.state_dir is None:
+            raise ValueError(f"sampler state refers to {st.get('rows_file')!r} but this sampler has no state_dir")
+        path = self.state_dir / st["rows_file"]
+        if not path.exists():
+            raise FileNotFoundError(f"sampler state {self.state_dir / STATE_FILE} names {path}, which is missing")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
 
     def checkpoint(self, wait: bool = True) -> str | None:
-        """Write state.json + pending decisions. wait=False encodes and writes on a background thread
-        (the snapshot itself is taken now), so periodic checkpoints stay off the serving path."""
+        """Write state.json (+ its rows-*.npz) and pending decisions. wait=False writes on a background
+        thread (the snapshot itself is taken now), so periodic checkpoints stay off the serving path."""
         if self.state_dir is None:
             return None
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -503,6 +548,10 @@ class _SamplerActor(CurriculumState):
         import psutil
 
         return psutil.Process().memory_info().rss / 2**20
+
+    def ping(self) -> int:
+        """A no-op round trip (health checks; the latency floor in benchmarks/sampler.py)."""
+        return self.counters["batches"]
 
 
 # num_cpus=0: the sampler must never hold a CPU a trainer or Ray Data task is waiting for.

@@ -40,6 +40,15 @@ def boundary_free(plan) -> np.ndarray:
     return np.array(out)
 
 
+def clean_pairs(plan) -> np.ndarray:
+    """Per batch: its mixing pair (2j, 2j+1) is away from boundaries, i.e. both batches are and they
+    belong to two clusters (at the very end one cluster may be left; an odd last batch has no pair)."""
+    clean = boundary_free(plan)
+    n_batches = len(clean)
+    head = [plan["cluster"][plan["batch"] == b][0] for b in range(n_batches)]
+    return np.array([b ^ 1 < n_batches and clean[b] and clean[b ^ 1] and head[b] != head[b ^ 1] for b in range(n_batches)])
+
+
 def test_every_kept_prompt_exactly_once_and_filtered_removed():
     plan, (ids, _, _, keep, _) = plan_of()
     assert sorted(plan["id"]) == sorted(ids[keep])
@@ -53,11 +62,7 @@ def test_every_kept_prompt_exactly_once_and_filtered_removed():
 def test_batch_purity_is_one_minus_mixing_ratio_away_from_cluster_boundaries(ratio):
     plan, _ = plan_of(ratio=ratio)
     pur = batch_purity(plan["batch"], plan["cluster"])
-    clean = boundary_free(plan)
-    last_unpaired = (plan["batch"].max() + 1) % 2 == 1
-    check = clean.copy()
-    if last_unpaired:
-        check[-1] = False
+    check = clean_pairs(plan)
     assert check.sum() > 0.8 * len(check)  # boundaries are the exception
     assert np.allclose(pur[check], 1 - ratio)
     # the mixed rows of a batch are the tail of its pair partner, which is another cluster
@@ -69,9 +74,12 @@ def test_batch_purity_is_one_minus_mixing_ratio_away_from_cluster_boundaries(rat
 
 def test_consecutive_batches_come_from_different_clusters():
     plan, _ = plan_of(variant="no_mix")
-    majority = [np.bincount(plan["cluster"][plan["batch"] == b]).argmax() for b in range(plan["batch"].max() + 1)]
-    same = sum(a == b for a, b in zip(majority, majority[1:]))
-    assert same == 0
+    n_batches = plan["batch"].max() + 1
+    scheduled = [plan["cluster"][plan["batch"] == b][0] for b in range(n_batches)]  # a batch's first cluster
+    for b in range(1, n_batches):
+        later = set(plan["cluster"][plan["batch"] >= b])
+        if len(later) > 1:  # once one cluster is left, repeats are unavoidable
+            assert scheduled[b] != plan["cluster"][plan["batch"] == b - 1][-1], b
 
 
 def test_easy_to_hard_within_each_cluster_ignoring_mixed_rows():
@@ -82,13 +90,14 @@ def test_easy_to_hard_within_each_cluster_ignoring_mixed_rows():
 
 
 def test_clusters_progress_at_the_same_relative_pace():
-    # largest-remaining-share scheduling: at the plan's midpoint every cluster is about half done,
+    # proportional (virtual finish time) scheduling: at the plan's midpoint every cluster is about half done,
     # so the global difficulty rises with position too
     plan, _ = plan_of(variant="no_mix")
     half = plan["position"] < len(plan["position"]) // 2
     for c in np.unique(plan["cluster"]):
-        done = (half & (plan["cluster"] == c)).sum() / (plan["cluster"] == c).sum()
-        assert 0.4 < done < 0.6, (c, done)
+        size = (plan["cluster"] == c).sum()
+        done = (half & (plan["cluster"] == c)).sum() / size
+        assert abs(done - 0.5) <= max(0.1, B / size), (c, done)  # one batch is the granularity
     rho = np.corrcoef(plan["position"], plan["difficulty_pred"].argsort().argsort())[0, 1]
     assert rho > 0.9
 
@@ -123,8 +132,10 @@ def test_variants_no_mix_and_full_mix_set_the_mixing():
     full, _ = plan_of("full_mix", ratio=0.25)
     assert not no_mix["mixed"].any()
     assert np.allclose(batch_purity(no_mix["batch"], no_mix["cluster"])[boundary_free(no_mix)], 1.0)
-    paired = full["batch"] < (full["batch"].max() + 1) // 2 * 2
-    assert full["mixed"][paired].mean() == pytest.approx(0.5, abs=0.02)
+    check = clean_pairs(full)
+    assert check.mean() > 0.8
+    assert np.allclose(batch_purity(full["batch"], full["cluster"])[check], 0.5)
+    assert full["mixed"].mean() > 0.45
 
 
 def test_variant_no_filter_keeps_everything():

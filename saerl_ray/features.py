@@ -1,0 +1,243 @@
+"""features stage: one sparse pooled SAE code per prompt, extracted by a Ray Data actor pool.
+
+    saerl-ray features -c configs/gsm8k_math500.yaml
+    saerl-ray features -c cfg.yaml --features.num_actors 4 --features.pooling max
+
+Reads `<run_dir>/ingest/prompts.parquet` and the committed SAE + lens in `<run_dir>/sae/`; writes
+`<run_dir>/features/part-NNNNN.parquet` (id, n_tokens, l0, idx, val; see docs/run_dir.md) and
+`summary.json`. Each actor loads the model truncated at the hook layer and the SAE once.
+
+Resume: the prompts are cut into blocks of `block_rows` rows up front; one Ray Data row = one
+block, and the actor that finishes a block writes its part file atomically (`.partial` then
+rename) into `features.tmp/`. A killed run leaves only whole part files there; the rerun (same
+fingerprint) computes only the blocks that have none.
+
+In-process (no Ray) codes for new texts, with the same lens/pooling/top-k:
+    X = featurize_texts(["What is 2+3?"], run_dir, cfg)     # csr_matrix (1, d_sae) float32
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+import torch
+
+from saerl_ray.config import FeaturesConfig, RunConfig, fingerprint
+from saerl_ray.lens import encode_prompts, iter_residuals, load_lens_model
+from saerl_ray.models import load_tokenizer
+from saerl_ray.sae import load_sae, read_lens
+from saerl_ray.stage import Stage, marker_of
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("n_tokens", pa.int32()),
+    ("l0", pa.int32()),
+    ("idx", pa.list_(pa.int32())),
+    ("val", pa.list_(pa.float32())),
+])
+
+
+def pool(codes: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, d) token codes + (B, T) bool mask -> (B, d) one code per prompt, masked tokens ignored.
+    mean / sum / max of the codes; binary = fraction of the prompt's tokens on which a latent fires.
+    A prompt with no pooled token gets the zero vector."""
+    m = mask.unsqueeze(-1)
+    # where, not multiply: padded positions of an all-pad row can hold NaN (fully masked attention).
+    x = torch.where(m, codes, torch.zeros((), dtype=codes.dtype))
+    n = mask.sum(1, keepdim=True).clamp(min=1).to(codes.dtype)
+    if how == "mean":
+        return x.sum(1) / n
+    if how == "sum":
+        return x.sum(1)
+    if how == "max":
+        return torch.where(m, codes, torch.full((), -torch.inf, dtype=codes.dtype)).amax(1).clamp(min=0)
+    if how == "binary":
+        return (x > 0).to(codes.dtype).sum(1) / n
+    raise ValueError(f"unknown pooling {how!r} (mean, sum, max, binary)")
+
+
+def top_k_latents(pooled: torch.Tensor, k: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Per row: indices and values of the k largest positive entries (descending), and the row's L0."""
+    vals, idx = torch.topk(pooled, min(k, pooled.shape[1]), dim=1)
+    vals, idx = vals.float().numpy(), idx.numpy().astype(np.int32)
+    keep = vals > 0
+    l0 = (pooled > 0).sum(1).numpy().astype(np.int32)
+    return [i[m] for i, m in zip(idx, keep)], [v[m] for v, m in zip(vals, keep)], l0
+
+
+@dataclass
+class Codes:
+    n_tokens: np.ndarray
+    l0: np.ndarray
+    idx: list[np.ndarray]
+    val: list[np.ndarray]
+
+
+class Featurizer:
+    """Lens model + SAE loaded once; texts -> sparse pooled codes (the core the actor wraps)."""
+
+    def __init__(self, sae_dir: str, pooling: str, top_k: int, max_tokens: int, batch_size: int):
+        self.lens, record = read_lens(sae_dir)
+        self.d_sae = int(record["d_sae"])
+        self.pooling, self.top_k, self.max_tokens, self.batch_size = pooling, top_k, max_tokens, batch_size
+        self.tok = load_tokenizer(self.lens.model, self.lens.trust_remote_code)
+        self.model = load_lens_model(self.lens)
+        self.sae = load_sae(sae_dir)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> Codes:
+        enc = encode_prompts(self.tok, texts, self.lens.chat_template, self.max_tokens)
+        n = len(texts)
+        idx: list[np.ndarray] = [np.zeros(0, np.int32)] * n
+        val: list[np.ndarray] = [np.zeros(0, np.float32)] * n
+        l0 = np.zeros(n, np.int32)
+        for rows, acts, mask in iter_residuals(self.model, self.lens.layer, enc, self.batch_size,
+                                               self.tok.pad_token_id):
+            codes = self.sae.encode(acts.float())
+            b_idx, b_val, b_l0 = top_k_latents(pool(codes, mask, self.pooling), self.top_k)
+            for j, i in enumerate(rows):  # scatter back: bucketing sorted the rows by length
+                idx[i], val[i], l0[i] = b_idx[j], b_val[j], b_l0[j]
+        n_tokens = np.fromiter((int(k.sum()) for k in enc.keep), dtype=np.int32, count=n)
+        return Codes(n_tokens, l0, idx, val)
+
+
+def codes_table(ids: list[str], c: Codes) -> pa.Table:
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "n_tokens": pa.array(c.n_tokens, pa.int32()),
+        "l0": pa.array(c.l0, pa.int32()),
+        "idx": pa.array([x.tolist() for x in c.idx], pa.list_(pa.int32())),
+        "val": pa.array([x.tolist() for x in c.val], pa.list_(pa.float32())),
+    }, schema=SCHEMA)
+
+
+def part_path(out_dir: str | Path, block: int) -> Path:
+    return Path(out_dir) / f"part-{block:05d}.parquet"
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """A part file exists whole or not at all: that is what makes a killed run resumable."""
+    partial = path.with_name(path.name + ".partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+
+
+class FeatureExtractor:
+    """Ray Data actor: one input row = one block of prompts; writes that block's part file."""
+
+    def __init__(self, sae_dir: str, out_dir: str, pooling: str, top_k: int, max_tokens: int,
+                 batch_size: int, threads: int):
+        # One thread per actor: actors, not threads, share the cores (matmuls at this size scale badly).
+        torch.set_num_threads(threads)
+        self.out_dir = out_dir
+        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        blocks, n_rows, n_tok, secs = [], [], [], []
+        for block, ids, prompts in zip(batch["block"], batch["ids"], batch["prompts"]):
+            t = time.perf_counter()
+            codes = self.featurizer.encode(list(prompts))
+            write_atomic(codes_table(list(ids), codes), part_path(self.out_dir, int(block)))
+            blocks.append(int(block))
+            n_rows.append(len(ids))
+            n_tok.append(int(codes.n_tokens.sum()))
+            secs.append(time.perf_counter() - t)
+        return {"block": np.asarray(blocks), "rows": np.asarray(n_rows), "tokens": np.asarray(n_tok),
+                "seconds": np.asarray(secs)}
+
+
+def missing_blocks(n_rows: int, block_rows: int, out_dir: Path) -> list[int]:
+    n_blocks = -(-n_rows // block_rows)
+    return [b for b in range(n_blocks) if not part_path(out_dir, b).exists()]
+
+
+def extract_blocks(ids: list[str], prompts: list[str], blocks: list[int], sae_dir: Path, out_dir: Path,
+                   f: FeaturesConfig) -> list[dict]:
+    """Run the actor pool over the given blocks; returns one record per block computed."""
+    import ray
+
+    if not blocks:
+        return []
+    items = [{"block": b, "ids": ids[b * f.block_rows : (b + 1) * f.block_rows],
+              "prompts": prompts[b * f.block_rows : (b + 1) * f.block_rows]} for b in blocks]
+    ds = ray.data.from_items(items).map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs=dict(sae_dir=str(sae_dir), out_dir=str(out_dir), pooling=f.pooling,
+                                   top_k=f.top_k, max_tokens=f.max_tokens, batch_size=f.batch_size,
+                                   threads=f.threads_per_actor),
+        batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(f.num_actors, len(blocks))),
+        num_cpus=f.num_cpus_per_actor, num_gpus=f.num_gpus_per_actor or None,
+    )
+    return ds.take_all()
+
+
+def read_prompts(path: Path) -> tuple[list[str], list[str]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run `saerl-ray ingest` first")
+    t = pq.read_table(path, columns=["id", "prompt"])
+    return t.column("id").to_pylist(), t.column("prompt").to_pylist()
+
+
+def run(cfg: RunConfig) -> dict:
+    from saerl_ray.raycluster import init_ray
+
+    f = cfg.features
+    run_dir = Path(cfg.run_dir)
+    st = Stage(run_dir, "features", fingerprint(f, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae")))
+    if st.done():
+        return st.summary()
+    ids, prompts = read_prompts(run_dir / "ingest" / "prompts.parquet")
+    _, lens = read_lens(run_dir / "sae")
+    tmp = st.begin(keep_partial=True)
+    for stale in tmp.glob("*.partial"):  # a write the kill interrupted; its block is recomputed
+        stale.unlink()
+    todo = missing_blocks(len(ids), f.block_rows, tmp)
+    n_blocks = -(-len(ids) // f.block_rows)
+    init_ray(cfg.ray)
+    t = time.perf_counter()
+    done = extract_blocks(ids, prompts, todo, run_dir / "sae", tmp, f)
+    wall = time.perf_counter() - t
+    if missing_blocks(len(ids), f.block_rows, tmp):
+        raise RuntimeError(f"features: blocks {missing_blocks(len(ids), f.block_rows, tmp)} have no part file in {tmp}")
+    computed_rows = int(sum(int(r["rows"]) for r in done))
+    summary = {
+        "rows": len(ids), "d_sae": int(lens["d_sae"]), "pooling": f.pooling, "top_k": f.top_k,
+        "prompts_per_s": computed_rows / wall if done else None,
+        "tokens": sum(int(pq.read_table(part_path(tmp, b), columns=["n_tokens"]).column(0).to_numpy().sum())
+                      for b in range(n_blocks)),
+        "blocks": n_blocks, "blocks_computed": len(done), "blocks_resumed": n_blocks - len(todo),
+        "seconds": wall, "layer": int(lens["layer"]),
+    }
+    st.commit(summary)
+    rate = f"{summary['prompts_per_s']:.1f} prompts/s" if done else "all blocks resumed"
+    print(f"[features] {len(ids)} prompts, {len(done)}/{n_blocks} blocks computed, {rate}, "
+          f"pooling={f.pooling}, top_k={f.top_k}")
+    return summary
+
+
+@functools.lru_cache(maxsize=2)
+def _featurizer(sae_dir: str, marker: str, pooling: str, top_k: int, max_tokens: int, batch_size: int) -> Featurizer:
+    del marker  # part of the cache key only: a recommitted SAE must not reuse the old one
+    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size)
+
+
+def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig) -> sp.csr_matrix:
+    """In-process SAE codes for new texts: same lens, pooling and top-k as the features stage."""
+    f = cfg.features
+    sae_dir = Path(run_dir) / "sae"
+    fz = _featurizer(str(sae_dir), marker_of(run_dir, "sae"), f.pooling, f.top_k, f.max_tokens, f.batch_size)
+    c = fz.encode(list(texts))
+    indptr = np.concatenate([[0], np.cumsum([len(x) for x in c.idx])]).astype(np.int64)
+    cols = np.concatenate(c.idx) if texts else np.zeros(0, np.int32)
+    vals = np.concatenate(c.val) if texts else np.zeros(0, np.float32)
+    return sp.csr_matrix((vals.astype(np.float32), cols, indptr), shape=(len(texts), fz.d_sae))

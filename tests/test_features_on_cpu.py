@@ -1,0 +1,227 @@
+"""Lens, pooling and the features stage on a real local Ray cluster with a tiny random model."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from saerl_ray import features, sae
+from saerl_ray.config import fingerprint, load_config
+from saerl_ray.featureio import load_features
+from saerl_ray.lens import Lens, encode_prompts, iter_residuals, length_buckets, load_lens_model, pad_right, residuals
+from saerl_ray.models import load_model, load_tokenizer
+from saerl_ray.stage import Stage, marker_of
+
+# --- pure functions ---------------------------------------------------------------------------
+
+
+def _codes_and_mask(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.relu(torch.randn(3, 5, 7, generator=g))
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    return codes, mask
+
+
+@pytest.mark.parametrize("how", ["mean", "sum", "max", "binary"])
+def test_pool_matches_per_row_reduction_over_masked_tokens(how):
+    codes, mask = _codes_and_mask()
+    codes[~mask] = 1e6  # anything outside the mask must not leak into the result
+    out = features.pool(codes, mask, how)
+    for b in range(codes.shape[0]):
+        sel = codes[b][mask[b]]
+        if len(sel) == 0:
+            expected = torch.zeros(codes.shape[2])
+        else:
+            expected = {"mean": sel.mean(0), "sum": sel.sum(0), "max": sel.amax(0),
+                        "binary": (sel > 0).float().mean(0)}[how]
+        torch.testing.assert_close(out[b], expected)
+
+
+def test_pool_ignores_nan_at_padded_positions():
+    codes, mask = _codes_and_mask()
+    codes[~mask] = float("nan")
+    for how in ("mean", "sum", "max", "binary"):
+        assert torch.isfinite(features.pool(codes, mask, how)).all(), how
+
+
+def test_pool_rejects_unknown_method():
+    codes, mask = _codes_and_mask()
+    with pytest.raises(ValueError, match="unknown pooling 'median'"):
+        features.pool(codes, mask, "median")
+
+
+def test_top_k_keeps_largest_positive_values_in_descending_order():
+    pooled = torch.tensor([[0.0, 3.0, 1.0, 0.0, 2.0, 5.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
+    idx, val, l0 = features.top_k_latents(pooled, 3)
+    assert idx[0].tolist() == [5, 1, 4] and val[0].tolist() == [5.0, 3.0, 2.0]
+    assert idx[1].tolist() == [5] and val[1].tolist() == [0.5]  # zeros are not latents
+    assert l0.tolist() == [4, 1]
+    assert idx[0].dtype == np.int32 and val[0].dtype == np.float32
+
+
+def test_length_buckets_cover_every_row_once_sorted_by_length():
+    lengths = np.array([5, 1, 9, 3, 3, 7, 2])
+    buckets = length_buckets(lengths, 3)
+    flat = np.concatenate(buckets)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert (np.diff(lengths[flat]) >= 0).all()
+    assert all(len(b) <= 3 for b in buckets)
+
+
+# --- the lens on a tiny model -------------------------------------------------------------------
+
+
+def test_hook_output_equals_full_models_hidden_state_before_final_norm(tiny_model_dir):
+    layer = 1
+    tok = load_tokenizer(str(tiny_model_dir))
+    enc = encode_prompts(tok, ["What is 2+3?", "A longer prompt about triangles and circles."], False, 64)
+    ids, att = pad_right(enc.ids, tok.pad_token_id)
+    truncated = load_lens_model(Lens(str(tiny_model_dir), layer))
+    assert len(truncated.model.layers) == layer + 1
+    full = load_model(str(tiny_model_dir))
+    got = residuals(truncated, layer, ids, att)
+    with torch.inference_mode():
+        hs = full.model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+    real = att.bool()
+    torch.testing.assert_close(got[real], hs[layer + 1][real])
+    # The padded batch gives each prompt the same activations as running it alone (right padding).
+    alone = residuals(truncated, layer, torch.from_numpy(enc.ids[0])[None], None)
+    torch.testing.assert_close(got[0, : len(enc.ids[0])], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_iter_residuals_masks_follow_their_rows(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    texts = ["x" * n for n in (9, 2, 15, 4, 11)]
+    enc = encode_prompts(tok, texts, False, 64)
+    model = load_lens_model(Lens(str(tiny_model_dir), 0))
+    seen = []
+    for rows, acts, mask in iter_residuals(model, 0, enc, 2, tok.pad_token_id):
+        assert acts.shape[:2] == mask.shape
+        for j, i in enumerate(rows):
+            assert int(mask[j].sum()) == int(enc.keep[i].sum())
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(len(texts)))
+
+
+def test_encode_prompts_pools_only_the_prompt_text(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    text = "Solve x+1=3."
+    def kept(chat):
+        enc = encode_prompts(tok, [text], chat, 512)
+        return "".join(tok.convert_ids_to_tokens(enc.ids[0][enc.keep[0]].tolist()))
+
+    assert kept(False) == text[1:]  # position 0 is the attention sink, never pooled
+    assert kept(True) == text  # inside the template the prompt starts later
+    templated = encode_prompts(tok, [text], True, 512)
+    assert len(templated.ids[0]) > len(text)  # the model still sees the template around it
+    assert len(encode_prompts(tok, ["y" * 100], False, 10).ids[0]) == 10
+
+
+# --- the features stage on Ray ------------------------------------------------------------------
+
+
+def _config(run_dir, model_dir, **extra):
+    return load_config(None, {
+        "run_dir": str(run_dir), "model.name": str(model_dir),
+        "sae.layer": 1, "sae.expansion": 4, "sae.k": 8, "sae.training_tokens": 4096,
+        "sae.batch_size_tokens": 512, "sae.buffer_tokens": 2048, "sae.holdout_prompts": 4,
+        "features.block_rows": 8, "features.top_k": 16, "features.batch_size": 4,
+        "features.num_actors": 2, **extra,
+    })
+
+
+def _ingest(run_dir, shared_data, n=36):
+    rows = [json.loads(line) for line in open(shared_data / "math500.jsonl")][:n]
+    st = Stage(run_dir, "ingest", "test-ingest")
+    tmp = st.begin()
+    pq.write_table(pa.table({
+        "id": [f"{i:016x}" for i in range(n)], "prompt": [r["problem"] for r in rows],
+        "split": ["train"] * n,
+    }), tmp / "prompts.parquet")
+    st.commit({"rows": n})
+
+
+@pytest.fixture(scope="module")
+def featured_run(tmp_path_factory, tiny_model_dir, shared_data, ray_cluster):
+    run_dir = tmp_path_factory.mktemp("features") / "run"
+    _ingest(run_dir, shared_data)
+    cfg = _config(run_dir, tiny_model_dir)
+    sae.run(cfg)
+    summary = features.run(cfg)
+    return cfg, summary
+
+
+def test_features_contract_one_sorted_row_per_prompt(featured_run):
+    cfg, summary = featured_run
+    run_dir = cfg.run_dir
+    prompts = pq.read_table(f"{run_dir}/ingest/prompts.parquet").to_pandas()
+    parts = sorted(os.listdir(f"{run_dir}/features"))
+    assert [p for p in parts if p.startswith("part-")] == [f"part-{b:05d}.parquet" for b in range(5)]
+    ids, X, n_tokens = load_features(run_dir)
+    assert list(ids) == list(prompts["id"])  # part order = block order = prompts order
+    assert X.shape == (len(prompts), summary["d_sae"]) and summary["rows"] == len(prompts)
+    t = pq.read_table(f"{run_dir}/features/part-00000.parquet")
+    assert t.schema.equals(features.SCHEMA)
+    for idx, val, l0 in zip(t.column("idx").to_pylist(), t.column("val").to_pylist(), t.column("l0").to_pylist()):
+        assert 0 < len(idx) <= cfg.features.top_k and len(idx) == len(val) <= l0
+        assert all(a >= b for a, b in zip(val, val[1:])) and min(val) > 0
+    tok = load_tokenizer(cfg.model.name)
+    enc = encode_prompts(tok, list(prompts["prompt"]), False, cfg.features.max_tokens)
+    assert n_tokens.tolist() == [int(k.sum()) for k in enc.keep]
+    assert summary["tokens"] == int(n_tokens.sum()) and summary["blocks_computed"] == 5
+
+
+def test_featurize_texts_matches_the_stage(featured_run):
+    cfg, _ = featured_run
+    prompts = pq.read_table(f"{cfg.run_dir}/ingest/prompts.parquet").column("prompt").to_pylist()
+    _, X, _ = load_features(cfg.run_dir)
+    Y = features.featurize_texts(prompts[:10], cfg.run_dir, cfg)
+    assert Y.shape == (10, X.shape[1]) and Y.dtype == np.float32
+    np.testing.assert_allclose(Y.toarray(), X[:10].toarray(), rtol=1e-4, atol=1e-6)
+
+
+def test_features_resume_computes_only_missing_blocks(featured_run, tmp_path, tiny_model_dir, shared_data):
+    ref_cfg, _ = featured_run
+    run_dir = tmp_path / "run"
+    _ingest(run_dir, shared_data)
+    # Same SAE as the reference run, so the outputs must agree.
+    shutil.copytree(f"{ref_cfg.run_dir}/sae", run_dir / "sae")
+    cfg = _config(run_dir, tiny_model_dir, **{"features.num_actors": 1})
+    # What a run killed after two blocks leaves behind: whole part files, plus a torn `.partial`.
+    ids, prompts = features.read_prompts(run_dir / "ingest/prompts.parquet")
+    st = Stage(run_dir, "features", fingerprint(cfg.features, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae")))
+    tmp = st.begin()
+    fz = features.Featurizer(str(run_dir / "sae"), "mean", 16, cfg.features.max_tokens, 4)
+    for b in (0, 3):
+        sl = slice(b * 8, (b + 1) * 8)
+        features.write_atomic(features.codes_table(ids[sl], fz.encode(prompts[sl])), features.part_path(tmp, b))
+    (tmp / "part-00001.parquet.partial").write_bytes(b"torn write")
+    before = {b: os.stat(features.part_path(tmp, b)).st_mtime_ns for b in (0, 3)}
+    summary = features.run(cfg)
+    assert summary["blocks_resumed"] == 2 and summary["blocks_computed"] == 3
+    out = run_dir / "features"
+    assert {b: os.stat(features.part_path(out, b)).st_mtime_ns for b in (0, 3)} == before
+    assert not list(out.glob("*.partial"))
+    got, ref = features_rows(run_dir), features_rows(ref_cfg.run_dir)
+    assert got["id"] == ref["id"] and got["idx"] == ref["idx"]
+    np.testing.assert_allclose(np.concatenate(got["val"]), np.concatenate(ref["val"]), rtol=1e-4)
+    # Done is done: a rerun with the same config is a no-op.
+    marker = (out / "_DONE.json").read_text()
+    assert features.run(cfg) == summary and (out / "_DONE.json").read_text() == marker
+
+
+def features_rows(run_dir):
+    from saerl_ray.featureio import read_feature_table
+
+    return read_feature_table(f"{run_dir}/features").to_pydict()
+
+
+def test_features_without_sae_stage_names_the_missing_stage(tmp_path, tiny_model_dir, shared_data):
+    _ingest(tmp_path / "run", shared_data, n=4)
+    with pytest.raises(FileNotFoundError, match="stage 'sae' has not finished"):
+        features.run(_config(tmp_path / "run", tiny_model_dir))
