@@ -94,7 +94,7 @@ class SAEConfig(Section):
     split: str = "train"
     # Train-split prompts held out for the reported metrics (never trained on).
     holdout_prompts: int = 200
-    # Lens compute dtype (SAE activations and features); bf16 ran ~2-4x faster here, pooled codes cos>0.99.
+    # Lens compute dtype (SAE activations and features); bf16 ran 2-4x faster, pooled codes cos 0.99 vs fp32.
     lens_dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
     @model_validator(mode="after")
@@ -217,7 +217,7 @@ class SamplerConfig(Section):
     fast_pass_rate: float = 0.8
     # Cluster pass rate drop (vs its best) that triggers a revisit.
     revisit_drop: float = 0.2
-    # Write <run_dir>/sampler/state.json every this many batches (0 = only on demand).
+    # Write <run_dir>/sampler/state.json every this many batches, skipped while one is in flight (0 = on demand).
     checkpoint_every: int = 10
     # Weight of the newest group in a cluster's pass-rate EMA (0.2 ~ the last five groups matter).
     ema_alpha: float = 0.2

@@ -19,7 +19,6 @@ In-process (no Ray) codes for new texts, with the same lens/pooling/top-k:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from dataclasses import dataclass

@@ -27,8 +27,9 @@ slot, so batches stay cluster-first and the cluster rhythm of the plan is kept:
 A prompt leaves these structures exactly once per epoch, so every kept prompt is served once per
 epoch except retired ones; prompts still waiting when the slots run out (postponed near the end)
 form the epoch's tail. Every decision is appended to `<run_dir>/sampler/decisions.jsonl` (buffered,
-flushed at each checkpoint). State is JSON: per-prompt arrays are stored sparsely (rows ever served)
-as zlib+base64 of little-endian numpy buffers, never pickle. Per call the work is O(batch).
+flushed at each checkpoint). State: `state.json` + the per-prompt arrays (sparse: rows ever served) in
+`rows-<batch>.npy` beside it (a record array, loaded with allow_pickle=False); `state_dict()` returns one JSON object
+with those arrays inline as zlib+base64 of little-endian buffers. Never pickle. Per call: O(batch).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ STATE_FILE = "state.json"
 DECISIONS_FILE = "decisions.jsonl"
 STATE_VERSION = 1
 PLAN_COLUMNS = ["position", "id", "prompt", "answer", "source", "cluster", "difficulty_pred"]
+# Per-prompt state saved for rows ever served; `index` is the plan row.
+ROW_DTYPE = np.dtype([
+    ("index", "<i8"), ("attempts", "<i4"), ("reward_sum", "<f4"), ("wrong_run", "<i2"), ("last_served", "<i8"),
+    ("served_epoch", "<i4"), ("postponed_epoch", "<i4"), ("saturated", "?"), ("retired", "?"),
+])
 # Decisions are flushed at checkpoints; this bound keeps memory flat if nobody checkpoints.
 MAX_BUFFERED_DECISIONS = 10_000
 
@@ -157,6 +163,9 @@ class CurriculumState:
         self.best = np.full(self.k, -np.inf)
         self.groups = np.zeros(self.k, np.int64)
         self.counters = dict(batches=0, served=0, reported=0, postponed=0, retired=0, paced=0, revisits=0, replacements=0)
+        # rows ever served or reported, in first-touch order: what a checkpoint saves, without a 1M scan
+        self._touched = np.empty(1024, np.int64)
+        self._n_touched = 0
         self.decisions: list[dict[str, Any]] = []
         self._writer: threading.Thread | None = None
         self._start_epoch(0)
@@ -254,7 +263,16 @@ class CurriculumState:
             self.ptr[c] = len(self.members[c])
         return out
 
+    def _touch(self, i: int) -> None:
+        if self.last_served[i] >= 0 or self.attempts[i] > 0:
+            return
+        if self._n_touched == len(self._touched):
+            self._touched = np.resize(self._touched, 2 * len(self._touched))
+        self._touched[self._n_touched] = i
+        self._n_touched += 1
+
     def _mark_served(self, i: int) -> None:
+        self._touch(i)
         self.served_epoch[i] = self.epoch
         self.last_served[i] = self.counters["batches"]
         self.epoch_served += 1
@@ -348,6 +366,7 @@ class CurriculumState:
 
     def _take_group(self, i: int, mean: float, all_right: bool, all_wrong: bool) -> None:
         online = self.cfg.mode == "online"
+        self._touch(i)
         self.attempts[i] += 1
         self.reward_sum[i] += mean
         self.saturated[i] = all_right
@@ -421,7 +440,7 @@ class CurriculumState:
 
     def _snapshot(self) -> dict[str, Any]:
         """Everything needed to resume, with numpy copies (encoded later, possibly off-thread)."""
-        touched = np.flatnonzero((self.last_served >= 0) | (self.attempts > 0))  # retired => attempts > 0
+        touched = self._touched[: self._n_touched]
         return {
             "version": STATE_VERSION, "plan_digest": self.digest, "prompts": self.n, "clusters": self.labels.tolist(),
             "mode": self.cfg.mode, "batch_size": self.batch_size, "epoch": self.epoch, "slot": self.slot,
@@ -432,17 +451,20 @@ class CurriculumState:
             "tail": None if self.tail is None else list(self.tail),
             "ema": [None if np.isnan(x) else float(x) for x in self.ema],
             "best": [None if np.isinf(x) else float(x) for x in self.best], "groups": self.groups.tolist(),
-            "rows": {
-                "index": touched, "attempts": self.attempts[touched], "reward_sum": self.reward_sum[touched],
-                "wrong_run": self.wrong_run[touched], "last_served": self.last_served[touched],
-                "served_epoch": self.served_epoch[touched], "postponed_epoch": self.postponed_epoch[touched],
-                "saturated": self.saturated[touched], "retired": self.retired[touched],
-            },
+            "rows": self._touched_rows(touched),
         }
+
+    def _touched_rows(self, touched: np.ndarray) -> np.ndarray:
+        """Per-prompt arrays of the given rows as one record array: one buffer to copy and to write."""
+        rec = np.empty(len(touched), dtype=ROW_DTYPE)
+        rec["index"] = touched
+        for name in ROW_DTYPE.names[1:]:
+            rec[name] = getattr(self, name)[touched]
+        return rec
 
     @staticmethod
     def _encode(snap: dict[str, Any]) -> dict[str, Any]:
-        return snap | {"rows": {k: encode_array(v) for k, v in snap["rows"].items()}}
+        return snap | {"rows": {k: encode_array(snap["rows"][k]) for k in ROW_DTYPE.names}}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state; `load_state_dict` on a sampler over the same plan resumes exactly."""
@@ -460,6 +482,9 @@ class CurriculumState:
             raise ValueError("sampler state was written for a plan with other cluster labels; delete it to start fresh")
         rows = self._read_rows(st)
         idx = rows.pop("index").astype(np.int64)
+        self._touched, self._n_touched = idx.copy(), len(idx)
+        if len(self._touched) == 0:
+            self._touched = np.empty(1024, np.int64)
         for name, values in rows.items():
             arr = getattr(self, name)
             arr[:] = -1 if name in ("last_served", "served_epoch", "postponed_epoch") else 0
@@ -489,13 +514,13 @@ class CurriculumState:
             f.write("".join(json.dumps(x) + "\n" for x in lines))
 
     def _write(self, snap: dict[str, Any], lines: list[dict[str, Any]]) -> None:
-        """Decisions first, then the per-prompt arrays (`rows-<batches>.npz`, raw npy: no base64/zlib
-        holding the GIL while the actor serves), then state.json naming that file; each file is
-        tmp + fsync + rename, so a kill at any point leaves the previous consistent pair."""
+        """Decisions first, then the per-prompt record array (`rows-<batches>.npy`: one raw buffer, no
+        base64/zlib holding the GIL while the actor serves), then state.json naming that file; each
+        file is tmp + fsync + rename, so a kill at any point leaves the previous consistent pair."""
         self._append_decisions(lines)
-        rows_file = f"rows-{snap['counters']['batches']:012d}.npz"
+        rows_file = f"rows-{snap['counters']['batches']:012d}.npy"
         with (self.state_dir / (rows_file + ".tmp")).open("wb") as f:
-            np.savez(f, **snap["rows"])
+            np.save(f, snap["rows"], allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(self.state_dir / (rows_file + ".tmp"), self.state_dir / rows_file)
@@ -505,7 +530,7 @@ class CurriculumState:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_dir / STATE_FILE)
-        for old in self.state_dir.glob("rows-*.npz"):
+        for old in self.state_dir.glob("rows-*.npy"):
             if old.name != rows_file:
                 old.unlink(missing_ok=True)
 
@@ -517,17 +542,21 @@ class CurriculumState:
         path = self.state_dir / st["rows_file"]
         if not path.exists():
             raise FileNotFoundError(f"sampler state {self.state_dir / STATE_FILE} names {path}, which is missing")
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        rec = np.load(path, allow_pickle=False)
+        if rec.dtype != ROW_DTYPE:
+            raise ValueError(f"{path}: fields {rec.dtype.names} are not the sampler's {ROW_DTYPE.names}")
+        return {k: rec[k] for k in ROW_DTYPE.names}
 
     def checkpoint(self, wait: bool = True) -> str | None:
-        """Write state.json (+ its rows-*.npz) and pending decisions. wait=False writes on a background
+        """Write state.json (+ its rows-*.npy) and pending decisions. wait=False writes on a background
         thread (the snapshot itself is taken now), so periodic checkpoints stay off the serving path."""
         if self.state_dir is None:
             return None
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self._writer is not None and self._writer.is_alive() and not wait:
+            return None  # a periodic write is still in flight: skip this one rather than stall serving
         if self._writer is not None:
-            self._writer.join()  # one write in flight; keeps state.json and the log in order
+            self._writer.join()  # one write at a time keeps state.json and the log in order
         snap, lines = self._snapshot(), self._take_decisions()
         if wait:
             self._write(snap, lines)

@@ -26,6 +26,7 @@ online sampler postpones / retires such prompts instead.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -439,7 +440,10 @@ def run(cfg: RunConfig) -> dict:
     init_ray(cfg.ray)
     sampler = get_or_create_sampler(cfg)
     t0 = time.time()
-    fit(cfg, sampler, tmp, policy, prompts_per_step, scratch=Path(tempfile.gettempdir()) / f"saerl-trl-{fp}")
+    scratch = Path(tempfile.gettempdir()) / f"saerl-trl-{fp}"
+    fit(cfg, sampler, tmp, policy, prompts_per_step, scratch=scratch)
+    # HF's local checkpoint copies; Ray Train already holds the ones that matter under train/ray.
+    shutil.rmtree(scratch, ignore_errors=True)
     lines = read_metrics(tmp / "metrics.jsonl")
     steps = [x for x in lines if "loss" in x]
     curve = [(x["step"], x["heldout_accuracy"]) for x in lines if "heldout_accuracy" in x]

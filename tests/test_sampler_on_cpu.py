@@ -221,6 +221,7 @@ def test_checkpoint_writes_state_and_decisions(tmp_path):
     restored = CurriculumState(table, SamplerConfig(retire_after=1), state_dir=tmp_path, batch_size=B)
     assert restored.stats()["served"] == 16 and restored.stats()["retired_total"] == 16
     assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.glob("rows-*.npy")] == [json.loads((tmp_path / "state.json").read_text())["rows_file"]]
 
 
 # ---------------------------------------------------------------- on a real Ray cluster
