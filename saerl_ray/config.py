@@ -79,10 +79,11 @@ class SAEConfig(Section):
     expansion: int = 8
     # TopK sparsity per token.
     k: int = 32
-    # SAE training samples (token activations seen by the optimiser, repeats included).
-    training_tokens: int = 400_000
+    # SAE training samples (repeats included). SmolLM2 L12, 200k: 133 s on 2 cores, held-out EV 0.75.
+    training_tokens: int = 200_000
     batch_size_tokens: int = 4096
-    lr: float = 4e-4
+    # 2e-3 suits these short runs: held-out EV 0.75 vs 0.39 at 4e-4 (same 200k samples, SmolLM2 L12).
+    lr: float = 2e-3
     # Prompts per forward pass while streaming activations.
     prompt_batch_size: int = 32
     # Token activations kept in the shuffle buffer (memory = buffer * d_model * 4 bytes).

@@ -99,13 +99,14 @@ class Featurizer:
         idx: list[np.ndarray] = [np.zeros(0, np.int32)] * n
         val: list[np.ndarray] = [np.zeros(0, np.float32)] * n
         l0 = np.zeros(n, np.int32)
+        n_tokens = np.zeros(n, np.int32)
         for rows, acts, mask in iter_residuals(self.model, self.lens.layer, enc, self.batch_size,
                                                self.tok.pad_token_id):
             codes = self.sae.encode(acts.float())
             b_idx, b_val, b_l0 = top_k_latents(pool(codes, mask, self.pooling), self.top_k)
             for j, i in enumerate(rows):  # scatter back: bucketing sorted the rows by length
                 idx[i], val[i], l0[i] = b_idx[j], b_val[j], b_l0[j]
-        n_tokens = np.fromiter((int(k.sum()) for k in enc.keep), dtype=np.int32, count=n)
+                n_tokens[i] = int(mask[j].sum())
         return Codes(n_tokens, l0, idx, val)
 
 

@@ -27,12 +27,12 @@ def test_sae_and_features_on_smollm2(tmp_path, smollm2_dir, shared_data, ray_clu
     st.commit({})
     cfg = load_config(None, {
         "run_dir": str(run_dir), "model.name": str(smollm2_dir), "sae.layer": 6, "sae.expansion": 4,
-        "sae.training_tokens": 16384, "sae.batch_size_tokens": 1024, "sae.holdout_prompts": 8,
+        "sae.training_tokens": 32768, "sae.batch_size_tokens": 1024, "sae.holdout_prompts": 8,
         "features.block_rows": 25, "features.top_k": 64,
     })
     s = sae.run(cfg)
     assert s["d_in"] == 576 and s["d_sae"] == 4 * 576 and 0 < s["l0"] <= 32
-    assert s["explained_variance"] > 0.3  # even a short run reconstructs a real residual stream
+    assert s["explained_variance"] > 0.2  # 32 steps reached 0.39 here: a real residual stream is learnable
     f = features.run(cfg)
     ids, X, n_tokens = load_features(run_dir)
     assert len(ids) == len(texts) and f["blocks"] == 2 and (n_tokens > 0).all()
