@@ -117,8 +117,9 @@ class FeaturesConfig(Section):
     num_gpus_per_actor: float = 0.0
     # Torch threads inside each actor.
     threads_per_actor: int = 1
-    # How token codes become one vector per prompt.
-    pooling: Literal["mean", "max", "sum", "binary"] = "mean"
+    # How token codes become one vector per prompt. max: on MATH-500 it lifts difficulty Spearman
+    # 0.40 -> 0.50 over mean at equal topic NMI and probe AUROC (docs/decisions.md).
+    pooling: Literal["mean", "max", "sum", "binary"] = "max"
     # Sparse latents kept per prompt (largest pooled values).
     top_k: int = 128
     # Truncate prompts longer than this many tokens.

@@ -7,7 +7,8 @@ Uses the run's MATH-500 prompts (runs ingest/sae/features first if needed) and s
 representations with one protocol each, so the numbers are comparable:
   difficulty_spearman  5-fold CV ElasticNet (alpha/l1 picked by inner CV), Spearman vs `level`
   topic_nmi            k-means with K=7 (cosine), NMI vs `subject`
-  quality_auroc        logistic probe, leave-one-corruption-type-out AUROC (mean over types)
+  quality_auroc        logistic probe (the signals stage's), AUROC on corruptions of held-out prompts
+  quality_auroc_loto   the same, each corruption type also held out of training (mean over types)
 Representations: `sae` (pooled SAE codes), `length` (token count), `tfidf` (word 1-2 grams; SVD-128
 for the linear models), `random` (Gaussian features: the control that must score ~0 / ~0.5).
 Writes `<run_dir>/validate/results.json` (the report shows it).
@@ -25,15 +26,15 @@ from scipy.stats import spearmanr
 from sklearn.cluster import KMeans
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import ElasticNetCV, LogisticRegression
-from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
+from sklearn.linear_model import ElasticNetCV
+from sklearn.metrics import normalized_mutual_info_score
 from sklearn.model_selection import KFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
 
 from saerl_ray.config import RunConfig
 
-METRICS = ("difficulty_spearman", "topic_nmi", "quality_auroc")
+METRICS = ("difficulty_spearman", "topic_nmi", "quality_auroc", "quality_auroc_loto")
 REPS = ("sae", "length", "tfidf", "random")
 
 
@@ -52,7 +53,7 @@ def sae_design(X: sp.csr_matrix) -> np.ndarray:
 def difficulty_spearman(X: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> float:
     pred = np.zeros_like(y, dtype=float)
     for tr, te in KFold(folds, shuffle=True, random_state=seed).split(X):
-        model = make_pipeline(StandardScaler(), ElasticNetCV(l1_ratio=[0.1, 0.5, 0.9], n_alphas=12, cv=3,
+        model = make_pipeline(StandardScaler(), ElasticNetCV(l1_ratio=[0.1, 0.5, 0.9], alphas=12, cv=3,
                                                               random_state=seed, max_iter=5000))
         model.fit(X[tr], y[tr])
         pred[te] = model.predict(X[te])
@@ -66,21 +67,12 @@ def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> f
 
 
 def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, seed: int = 0) -> dict:
-    """Train on every corruption type but one (and half the positives), test on the held-out type."""
-    rng = np.random.default_rng(seed)
-    half = rng.permutation(len(X_pos))
-    pos_tr, pos_te = half[: len(half) // 2], half[len(half) // 2:]
-    out = {}
-    for t in np.unique(neg_types):
-        tr_neg, te_neg = X_neg[neg_types != t], X_neg[neg_types == t]
-        Xtr = np.vstack([X_pos[pos_tr], tr_neg])
-        ytr = np.r_[np.ones(len(pos_tr)), np.zeros(len(tr_neg))]
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(Xtr, ytr)
-        Xte = np.vstack([X_pos[pos_te], te_neg])
-        yte = np.r_[np.ones(len(pos_te)), np.zeros(len(te_neg))]
-        out[str(t)] = float(roc_auc_score(yte, clf.predict_proba(Xte)[:, 1]))
-    out["mean"] = float(np.mean(list(out.values())))
-    return out
+    """The signals stage's own probe and splits (quality.fit_quality_probe): `overall` tests on
+    corruptions of held-out prompts; `loto` also holds the corruption type out of training."""
+    from saerl_ray.quality import fit_quality_probe
+
+    _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), neg_types, seed=seed)
+    return {"overall": m["auroc_overall"], "loto": m["auroc_loto_mean"], "by_type": m["auroc_leave_one_type_out"]}
 
 
 def _load(cfg: RunConfig):
@@ -128,8 +120,9 @@ def validate(cfg: RunConfig) -> dict:
         res["difficulty_spearman"][name] = difficulty_spearman(Xp, y, cfg.seed)
         res["topic_nmi"][name] = topic_nmi(Xp, topics, 7, cfg.seed)
         q = quality_auroc(Xp, Xn, neg_types, cfg.seed)
-        res["quality_auroc"][name] = q.pop("mean")
-        per_type[name] = q
+        res["quality_auroc"][name] = q["overall"]
+        res["quality_auroc_loto"][name] = q["loto"]
+        per_type[name] = q["by_type"]
     res["quality_auroc_by_type"] = per_type
     res["n"] = {"prompts": len(texts), "negatives": len(neg_texts)}
     return res
