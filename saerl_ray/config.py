@@ -221,6 +221,8 @@ class SamplerConfig(Section):
     revisit_drop: float = 0.2
     # Write <run_dir>/sampler/state.json every this many batches, skipped while one is in flight (0 = on demand).
     checkpoint_every: int = 10
+    # ... and at most once per this many seconds: a tight serving loop must not spend its p99 on snapshots.
+    checkpoint_min_seconds: float = 2.0
     # Weight of the newest group in a cluster's pass-rate EMA (0.2 ~ the last five groups matter).
     ema_alpha: float = 0.2
     # Groups a cluster must have reported before pacing reads its EMA (one lucky group is not a trend).

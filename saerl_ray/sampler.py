@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import zlib
 from collections import deque
 from pathlib import Path
@@ -162,6 +163,7 @@ class CurriculumState:
         self.ema = np.full(self.k, np.nan)
         self.best = np.full(self.k, -np.inf)
         self.groups = np.zeros(self.k, np.int64)
+        self._last_periodic = float("-inf")
         self.counters = dict(batches=0, served=0, reported=0, postponed=0, retired=0, paced=0, revisits=0, replacements=0)
         # rows ever served or reported, in first-touch order: what a checkpoint saves, without a 1M scan
         self._touched = np.empty(1024, np.int64)
@@ -310,7 +312,10 @@ class CurriculumState:
             idx.append(i)
             epochs.append(self.epoch)
         self.counters["batches"] += 1
-        if self.cfg.checkpoint_every and self.state_dir is not None and self.counters["batches"] % self.cfg.checkpoint_every == 0:
+        if (self.cfg.checkpoint_every and self.state_dir is not None
+                and self.counters["batches"] % self.cfg.checkpoint_every == 0
+                and time.monotonic() - self._last_periodic >= self.cfg.checkpoint_min_seconds):
+            self._last_periodic = time.monotonic()
             self.checkpoint(wait=False)
         return self._rows(idx, epochs)
 
