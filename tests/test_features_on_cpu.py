@@ -206,7 +206,7 @@ def test_features_resume_computes_only_missing_blocks(featured_run, tmp_path, ti
     ids, prompts = features.read_prompts(run_dir / "ingest/prompts.parquet")
     st = Stage(run_dir, "features", fingerprint(cfg.features, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae")))
     tmp = st.begin()
-    fz = features.Featurizer(str(run_dir / "sae"), "mean", 16, cfg.features.max_tokens, 4)
+    fz = features.Featurizer(str(run_dir / "sae"), cfg.features.pooling, cfg.features.top_k, cfg.features.max_tokens, 4)
     for b in (0, 3):
         sl = slice(b * 8, (b + 1) * 8)
         features.write_atomic(features.codes_table(ids[sl], fz.encode(prompts[sl])), features.part_path(tmp, b))

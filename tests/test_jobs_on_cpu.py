@@ -67,7 +67,11 @@ def ray_head():
     proc = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--temp-dir", temp_dir, "--disable-usage-stats"],
+         "--temp-dir", temp_dir, "--disable-usage-stats",
+         # The session's other local cluster holds the default agent ports (52365, ...): a second
+         # agent on them never starts and the Job API answers "No available agent" forever.
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     from ray.job_submission import JobSubmissionClient
