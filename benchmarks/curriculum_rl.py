@@ -5,11 +5,16 @@
     # smoke version (minutes):
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/curriculum_rl.py --out runs/bench_rl_quick --quick
 
-The task is the slice of GSM8K-train a 135M model can partly solve: short problems whose final answer is
-a small integer. It is split once (seeded) into a training pool and a held-out set. The upstream
-stages (ingest -> sae -> features -> signals) run once in `<out>/base`; every arm copies them, builds its
-own plan (`plan.variant`) and trains with the same seed, steps and hyperparameters (`saerl-ray train`,
-TRL backend, online sampler). The held-out greedy accuracy is measured every `--eval-every` steps.
+Task (`--task`). `arithmetic` (default): the single calculations inside GSM8K-train's reference
+solutions ("What is 48 / 2?", operands <= --max-operand), the real subset a 135M model partly solves on
+CPU (greedy ~6%; whole GSM8K problems: 0-3%, so GRPO groups are all-wrong and nothing is learned).
+Its difficulty labels are the policy's own pass rates on `--n-labelled` prompts (the `label` stage,
+k=8), as in the paper. `gsm8k`: short whole problems with a small integer answer; labels = the
+reference solution's step count on the labelled subset. Either way the rows are split once (seeded)
+into a training pool and a held-out set, the proxy predicts the unlabelled rows, and the upstream
+stages (ingest -> [label] -> sae -> features -> signals) run once in `<out>/base`; every arm copies
+them, builds its own plan (`plan.variant`) and trains with the same seed, steps and hyperparameters
+(`saerl-ray train`, TRL backend, online sampler). Held-out greedy accuracy every `--eval-every` steps.
 
 Baseline = the `shuffled` arm. Target = its final held-out accuracy; steps-to-target = first evaluated
 step at which an arm reaches it. Printed: per-arm curves, final accuracy, steps-to-target, and the
@@ -45,12 +50,40 @@ def easy_gsm8k(max_answer: int, max_chars: int) -> list[dict]:
     return rows
 
 
-def write_task(out: Path, n_train: int, n_heldout: int, seed: int, max_answer: int, max_chars: int) -> tuple[Path, Path]:
-    rows = easy_gsm8k(max_answer, max_chars)
+CALC = re.compile(r"<<(\d+)\s*([-+*/])\s*(\d+)=(\d+)>>")
+
+
+def gsm8k_arithmetic(max_operand: int) -> list[dict]:
+    """The single calculations inside GSM8K-train's reference solutions (`<<48/2=24>>`) as questions
+    ("What is 48 / 2?"), both operands <= max_operand, deduplicated: real arithmetic a 135M model
+    partly solves, where it solves almost no full GSM8K problem."""
+    rows, seen = [], set()
+    for line in (DATA / "gsm8k_train.jsonl").read_text().splitlines():
+        for a, op, b, c in CALC.findall(json.loads(line)["answer"]):
+            if (a, op, b) not in seen and max(int(a), int(b)) <= max_operand:
+                seen.add((a, op, b))
+                rows.append({"question": f"What is {a} {op} {b}?", "answer": f"#### {c}"})
+    return rows
+
+
+def solution_steps(answer: str) -> int:
+    """Calculator annotations (<<a*b=c>>) in GSM8K's reference solution: its count of arithmetic steps."""
+    return max(1, answer.count("<<"))
+
+
+def write_task(out: Path, args) -> tuple[Path, Path]:
+    if args.task == "arithmetic":
+        rows = gsm8k_arithmetic(args.max_operand)
+    else:
+        rows = easy_gsm8k(args.max_answer, args.max_chars)
+    n_train, n_heldout = args.n_train, args.n_heldout
     if len(rows) < n_train + n_heldout:
-        sys.exit(f"only {len(rows)} GSM8K problems match; lower --n-train/--n-heldout or raise --max-answer")
-    random.Random(seed).shuffle(rows)
+        sys.exit(f"only {len(rows)} GSM8K rows match; lower --n-train/--n-heldout or loosen the task filter")
+    random.Random(args.seed).shuffle(rows)
     train, heldout = rows[:n_train], rows[n_train : n_train + n_heldout]
+    if args.task == "gsm8k":  # arithmetic: labels are the policy's pass rates (the label stage)
+        for r in train[: args.n_labelled]:  # the small labelled subset the difficulty proxy learns from
+            r["difficulty"] = solution_steps(r["answer"])
     out.mkdir(parents=True, exist_ok=True)
     train_file, heldout_file = out / "task_train.jsonl", out / "task_heldout.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in train))
@@ -61,15 +94,23 @@ def write_task(out: Path, n_train: int, n_heldout: int, seed: int, max_answer: i
 
 
 def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dict:
+    labels = {
+        "label.n_prompts": args.n_labelled, "label.k": 8,
+        "label.max_new_tokens": args.max_new_tokens, "label.batch_size": 8,
+        "signals.difficulty.label_file": str(out / "base" / "label" / "pass_rates.parquet"),
+    } if args.task == "arithmetic" else {}
     return {
+        **labels,
         "run_dir": str(out / "base"),
         "seed": args.seed,
         "model.name": args.model,
-        "ingest.inputs": [{"path": str(train_file), "preset": "gsm8k", "split": "train"}],
+        "ingest.inputs": [{"path": str(train_file), "preset": "gsm8k", "split": "train",
+                           "columns": {"difficulty": "difficulty"}}],
         "sae.layer": args.sae_layer,
         "sae.training_tokens": args.sae_tokens,
         "signals.cluster.k": args.clusters,
-        "signals.difficulty.label_column": None,  # GSM8K has no difficulty column: the proxy's fallback
+        "signals.difficulty.label_column": "difficulty",  # solution steps on the labelled subset
+        "signals.difficulty.n_labelled": None,
         "plan.batch_size": args.prompts_per_step,
         "train.steps": args.steps,
         "train.prompts_per_step": args.prompts_per_step,
@@ -108,6 +149,9 @@ def plot(curves: dict[str, list], path: Path, target: float) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench_rl")
+    p.add_argument("--task", choices=["arithmetic", "gsm8k"], default="arithmetic",
+                   help="arithmetic: GSM8K's own calculations (learnable by 135M on CPU); gsm8k: whole problems")
+    p.add_argument("--max-operand", type=int, default=100, help="arithmetic task: largest operand")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     p.add_argument("--steps", type=int, default=40)
@@ -118,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-heldout", type=int, default=64)
+    p.add_argument("--n-labelled", type=int, default=160,
+                   help="training prompts whose reference-solution step count labels the difficulty proxy")
     p.add_argument("--max-answer", type=int, default=20)
     p.add_argument("--max-chars", type=int, default=220)
     p.add_argument("--sae-layer", type=int, default=12)
@@ -129,22 +175,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.eval_every, args.n_train, args.n_heldout = 4, 2, 48, 8
-        args.max_new_tokens, args.sae_tokens, args.prompts_per_step = 32, 50_000, 2
+        args.max_new_tokens, args.sae_tokens, args.prompts_per_step, args.n_labelled = 32, 50_000, 2, 24
     if "shuffled" not in args.arms:
         sys.exit("the shuffled arm is the baseline: keep it in --arms")
 
     from saerl_ray.cli import run_pipeline
     from saerl_ray.config import load_config
 
-    out = Path(args.out)
-    train_file, heldout_file = write_task(out, args.n_train, args.n_heldout, args.seed, args.max_answer, args.max_chars)
+    out = Path(args.out).resolve()
+    train_file, heldout_file = write_task(out, args)
     overrides = base_overrides(args, out, train_file, heldout_file)
     t0 = time.time()
-    run_pipeline(load_config(None, overrides), UPSTREAM)
+    upstream = UPSTREAM if args.task == "gsm8k" else ["ingest", "label", "sae", "features", "signals"]
+    run_pipeline(load_config(None, overrides), upstream)
     results: dict[str, dict] = {}
     for arm in args.arms:
         arm_dir = out / arm
-        for stage in UPSTREAM:  # same upstream outputs (and markers) for every arm
+        for stage in upstream:  # same upstream outputs (and markers) for every arm
             if not (arm_dir / stage).exists():
                 shutil.copytree(out / "base" / stage, arm_dir / stage)
         cfg = load_config(None, {**overrides, "run_dir": str(arm_dir), "plan.variant": arm})

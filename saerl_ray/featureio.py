@@ -1,6 +1,6 @@
 """Reading the features stage's output back as one sparse matrix, in `prompts` order.
 
-    ids, X, n_tokens = load_features(run_dir)      # X: scipy.sparse.csr_matrix (n, d_sae) float32
+    ids, X, n_tokens = load_features(run_dir)      # X: scipy.sparse.csr_matrix (n, n_columns) float32
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def table_to_csr(table: pa.Table, d_sae: int) -> sp.csr_matrix:
 def load_features(run_dir: str | Path, order: list[str] | None = None):
     """(ids, csr, n_tokens). With `order`, rows follow that id list (ids missing there are an error)."""
     fdir = Path(run_dir) / "features"
-    d_sae = json.loads((fdir / "summary.json").read_text())["d_sae"]
+    summary = json.loads((fdir / "summary.json").read_text())
     table = read_feature_table(fdir)
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    X = table_to_csr(table, d_sae)
+    # n_columns = 2 x d_sae when the last-token block is on (features.last_token)
+    X = table_to_csr(table, summary.get("n_columns", summary["d_sae"]))
     n_tokens = np.asarray(table.column("n_tokens"), dtype=np.int32)
     if order is not None:
         pos = {k: i for i, k in enumerate(ids)}

@@ -12,8 +12,13 @@ block, and the actor that finishes a block writes its part file atomically (`.pa
 rename) into `features.tmp/`. A killed run leaves only whole part files there; the rerun (same
 fingerprint) computes only the blocks that have none.
 
+Columns: the pooled code (top-k latents) in 0..d_sae-1 and, with `last_token` (the default), the code of
+the prompt's last token in d_sae..2*d_sae-1 (all of its k active latents). The pooled block carries the
+topic and difficulty; the last-token block says whether the prompt ends like a complete question, which
+is what the quality probe needs (docs/decisions.md).
+
 In-process (no Ray) codes for new texts, with the same lens/pooling/top-k:
-    X = featurize_texts(["What is 2+3?"], run_dir, cfg)     # csr_matrix (1, d_sae) float32
+    X = featurize_texts(["What is 2+3?"], run_dir, cfg)     # csr_matrix (1, n_columns) float32
 """
 
 from __future__ import annotations
@@ -73,6 +78,23 @@ def top_k_latents(pooled: torch.Tensor, k: int) -> tuple[list[np.ndarray], list[
     return [i[m] for i, m in zip(idx, keep)], [v[m] for v, m in zip(vals, keep)], l0
 
 
+def last_token_code(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) token codes + (B, T) mask -> (B, d): the code of each row's last masked token (0 if none)."""
+    pos = torch.arange(mask.shape[1]).expand_as(mask)
+    last = torch.where(mask, pos, -1).amax(1)
+    out = codes[torch.arange(codes.shape[0]), last.clamp(min=0)]
+    return torch.where((last >= 0).unsqueeze(1), out, torch.zeros((), dtype=codes.dtype))
+
+
+def append_block(idx: list[np.ndarray], val: list[np.ndarray], block: torch.Tensor, offset: int) -> None:
+    """Add each row's positive entries of `block` as columns offset.. (in place)."""
+    block = block.float().numpy()
+    for j, row in enumerate(block):
+        nz = np.flatnonzero(row > 0)
+        idx[j] = np.concatenate([idx[j], (nz + offset).astype(np.int32)])
+        val[j] = np.concatenate([val[j], row[nz].astype(np.float32)])
+
+
 @dataclass
 class Codes:
     n_tokens: np.ndarray
@@ -84,10 +106,13 @@ class Codes:
 class Featurizer:
     """Lens model + SAE loaded once; texts -> sparse pooled codes (the core the actor wraps)."""
 
-    def __init__(self, sae_dir: str, pooling: str, top_k: int, max_tokens: int, batch_size: int):
+    def __init__(self, sae_dir: str, pooling: str, top_k: int, max_tokens: int, batch_size: int,
+                 last_token: bool = False):
         self.lens, record = read_lens(sae_dir)
         self.d_sae = int(record["d_sae"])
+        self.n_columns = self.d_sae * (2 if last_token else 1)
         self.pooling, self.top_k, self.max_tokens, self.batch_size = pooling, top_k, max_tokens, batch_size
+        self.last_token = last_token
         self.tok = load_tokenizer(self.lens.model, self.lens.trust_remote_code)
         self.model = load_lens_model(self.lens)
         self.sae = load_sae(sae_dir)
@@ -104,6 +129,8 @@ class Featurizer:
                                                self.tok.pad_token_id):
             codes = self.sae.encode(acts.float())
             b_idx, b_val, b_l0 = top_k_latents(pool(codes, mask, self.pooling), self.top_k)
+            if self.last_token:
+                append_block(b_idx, b_val, last_token_code(codes, mask), self.d_sae)
             for j, i in enumerate(rows):  # scatter back: bucketing sorted the rows by length
                 idx[i], val[i], l0[i] = b_idx[j], b_val[j], b_l0[j]
                 n_tokens[i] = int(mask[j].sum())
@@ -135,11 +162,11 @@ class FeatureExtractor:
     """Ray Data actor: one input row = one block of prompts; writes that block's part file."""
 
     def __init__(self, sae_dir: str, out_dir: str, pooling: str, top_k: int, max_tokens: int,
-                 batch_size: int, threads: int):
+                 batch_size: int, threads: int, last_token: bool = False):
         # One thread per actor: actors, not threads, share the cores (matmuls at this size scale badly).
         torch.set_num_threads(threads)
         self.out_dir = out_dir
-        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size)
+        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, last_token)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         blocks, n_rows, n_tok, secs = [], [], [], []
@@ -173,7 +200,7 @@ def extract_blocks(ids: list[str], prompts: list[str], blocks: list[int], sae_di
         FeatureExtractor,
         fn_constructor_kwargs=dict(sae_dir=str(sae_dir), out_dir=str(out_dir), pooling=f.pooling,
                                    top_k=f.top_k, max_tokens=f.max_tokens, batch_size=f.batch_size,
-                                   threads=f.threads_per_actor),
+                                   threads=f.threads_per_actor, last_token=f.last_token),
         batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(f.num_actors, len(blocks))),
         num_cpus=f.num_cpus_per_actor, num_gpus=f.num_gpus_per_actor or None,
@@ -212,6 +239,7 @@ def run(cfg: RunConfig) -> dict:
     computed_rows = int(sum(int(r["rows"]) for r in done))
     summary = {
         "rows": len(ids), "d_sae": int(lens["d_sae"]), "pooling": f.pooling, "top_k": f.top_k,
+        "last_token": f.last_token, "n_columns": int(lens["d_sae"]) * (2 if f.last_token else 1),
         "prompts_per_s": computed_rows / wall if done else None,
         "tokens": sum(int(pq.read_table(part_path(tmp, b), columns=["n_tokens"]).column(0).to_numpy().sum())
                       for b in range(n_blocks)),
@@ -226,18 +254,20 @@ def run(cfg: RunConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def _featurizer(sae_dir: str, marker: str, pooling: str, top_k: int, max_tokens: int, batch_size: int) -> Featurizer:
+def _featurizer(sae_dir: str, marker: str, pooling: str, top_k: int, max_tokens: int, batch_size: int,
+                last_token: bool) -> Featurizer:
     del marker  # part of the cache key only: a recommitted SAE must not reuse the old one
-    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size)
+    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, last_token)
 
 
 def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig) -> sp.csr_matrix:
     """In-process SAE codes for new texts: same lens, pooling and top-k as the features stage."""
     f = cfg.features
     sae_dir = Path(run_dir) / "sae"
-    fz = _featurizer(str(sae_dir), marker_of(run_dir, "sae"), f.pooling, f.top_k, f.max_tokens, f.batch_size)
+    fz = _featurizer(str(sae_dir), marker_of(run_dir, "sae"), f.pooling, f.top_k, f.max_tokens, f.batch_size,
+                     f.last_token)
     c = fz.encode(list(texts))
     indptr = np.concatenate([[0], np.cumsum([len(x) for x in c.idx])]).astype(np.int64)
     cols = np.concatenate(c.idx) if texts else np.zeros(0, np.int32)
     vals = np.concatenate(c.val) if texts else np.zeros(0, np.float32)
-    return sp.csr_matrix((vals.astype(np.float32), cols, indptr), shape=(len(texts), fz.d_sae))
+    return sp.csr_matrix((vals.astype(np.float32), cols, indptr), shape=(len(texts), fz.n_columns))

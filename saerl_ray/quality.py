@@ -1,8 +1,9 @@
 """Quality: a linear probe (logistic regression) on SAE codes scores prompts; the lowest are filtered out.
 
     from saerl_ray.quality import make_negatives, fit_quality_probe, score_from_json
-    neg_texts, neg_types = make_negatives(texts, answers, seed=0)      # neg i is derived from texts[i]
-    model, metrics = fit_quality_probe(X_pos, featurize(neg_texts), neg_types, C=1.0)
+    neg_texts, neg_types = make_negatives(texts, answers, seed=0, per_prompt=2)  # neg j from texts[j % n]
+    source = np.arange(len(neg_texts)) % len(texts)
+    model, metrics = fit_quality_probe(X_pos, featurize(neg_texts), neg_types, neg_source=source)
     scores = score_from_json("runs/x/signals/quality.json", X_all)     # P(good) per prompt
 
 Labels: a `prompts` quality column (1 good / 0 bad) when one is configured and present; otherwise
@@ -136,28 +137,33 @@ def corrupt(kind: str, i: int, texts: list[str], answers: list[str], rng: np.ran
 
 
 def make_negatives(
-    texts: list[str], answers: list[str] | None = None, seed: int = 0, types: list[str] | None = None
+    texts: list[str], answers: list[str] | None = None, seed: int = 0, types: list[str] | None = None,
+    per_prompt: int = 1,
 ) -> tuple[list[str], list[str]]:
-    """One negative per text (neg i from texts[i]); types dealt round-robin over a seeded permutation,
-    so each type gets an equal share of random prompts. `leak` needs an answer: rows without one get
-    the next type instead."""
+    """`per_prompt` negatives per text: negative j is derived from texts[j % len(texts)]. Types are dealt
+    round-robin over a seeded permutation, so each type gets an equal share of random prompts, and each
+    round shifts a prompt to the next type (its negatives differ in kind). `leak` needs an answer: rows
+    without one get the next type instead."""
     types = list(types or CORRUPTIONS)
     bad = [t for t in types if t not in CORRUPTIONS]
     if bad:
         raise ValueError(f"unknown corruption {bad[0]!r}; signals.quality.corruptions must be among {CORRUPTIONS}")
     if len(texts) < 2:
         raise ValueError("synthetic quality negatives need at least 2 prompts")
+    if per_prompt < 1:
+        raise ValueError(f"signals.quality.negatives_per_prompt must be >= 1, got {per_prompt}")
     answers = list(answers) if answers is not None else [""] * len(texts)
     rng = np.random.default_rng(seed)
     slot = np.empty(len(texts), dtype=np.int64)
     slot[rng.permutation(len(texts))] = np.arange(len(texts)) % len(types)
     out_t, out_k = [], []
-    for i, s in enumerate(slot):
-        kind = types[s]
-        if kind == "leak" and not (answers[i] or "").strip() and len(types) > 1:
-            kind = types[(s + 1) % len(types)]
-        out_t.append(corrupt(kind, i, texts, answers, rng))
-        out_k.append(kind)
+    for r in range(per_prompt):
+        for i, s in enumerate((slot + r) % len(types)):
+            kind = types[s]
+            if kind == "leak" and not (answers[i] or "").strip() and len(types) > 1:
+                kind = types[(s + 1) % len(types)]
+            out_t.append(corrupt(kind, i, texts, answers, rng))
+            out_k.append(kind)
     return out_t, out_k
 
 
@@ -194,19 +200,20 @@ def heldout_auroc(
     return float(roc_auc_score(yte, probe_scores(model, Xte)))
 
 
-def evaluation_splits(neg_types: np.ndarray, n_pos: int, seed: int) -> dict[str, tuple]:
-    """Positives split in half by source prompt. `overall`: train on the first half's negatives of every
-    type, test on the second half's. Per type t: train on the first half's negatives of the other
-    types, test on the second half's negatives of type t (t is never seen in training)."""
+def evaluation_splits(neg_types: np.ndarray, n_pos: int, seed: int, neg_source: np.ndarray | None = None) -> dict[str, tuple]:
+    """Positives split in half. `overall`: train on the first half's negatives of every type, test on the
+    second half's. Per type t: train on the first half's negatives of the other types, test on the second
+    half's negatives of type t (t is never seen in training). `neg_source[j]` = the positive negative j was
+    made from: a prompt and its corruptions stay on one side (else a test prompt's own corruption would be
+    in training). Without it (labelled negatives) negatives are split at random."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n_pos)
     tr_pos, te_pos = np.sort(perm[: n_pos // 2]), np.sort(perm[n_pos // 2 :])
-    # Without a source-prompt pairing (labelled negatives) negatives are split on their own.
     neg_perm = rng.permutation(len(neg_types))
-    in_train = np.zeros(len(neg_types), bool)
-    if len(neg_types) == n_pos:
-        in_train[tr_pos] = True  # neg i comes from positive i: keep each pair on one side
+    if neg_source is not None:
+        in_train = np.isin(np.asarray(neg_source), tr_pos)
     else:
+        in_train = np.zeros(len(neg_types), bool)
         in_train[neg_perm[: len(neg_types) // 2]] = True
     splits = {"overall": (tr_pos, te_pos, np.flatnonzero(in_train), np.flatnonzero(~in_train))}
     types = np.unique(neg_types)
@@ -217,14 +224,16 @@ def evaluation_splits(neg_types: np.ndarray, n_pos: int, seed: int) -> dict[str,
 
 
 def fit_quality_probe(
-    pos_X: sp.csr_matrix, neg_X: sp.csr_matrix, neg_types: list[str] | np.ndarray, *, C: float = 1.0,
+    pos_X: sp.csr_matrix, neg_X: sp.csr_matrix, neg_types: list[str] | np.ndarray, *, C: float = 0.01,
     min_support: float = 0.01, max_features: int = 4096, seed: int = 0, use_ray: bool = False,
+    neg_source: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
-    """Held-out AUROCs (overall + leave-one-corruption-type-out), then the final probe on all rows."""
+    """Held-out AUROCs (overall + leave-one-corruption-type-out), then the final probe on all rows.
+    `neg_source`: for synthetic negatives, the positive row each one was made from (see evaluation_splits)."""
     neg_types = np.asarray(neg_types, dtype=str)
     if neg_X.shape[0] != len(neg_types):
         raise ValueError(f"{neg_X.shape[0]} negative rows but {len(neg_types)} negative types")
-    splits = evaluation_splits(neg_types, pos_X.shape[0], seed)
+    splits = evaluation_splits(neg_types, pos_X.shape[0], seed, neg_source)
     args = (C, min_support, max_features, seed)
     if use_ray:
         import ray
@@ -280,7 +289,7 @@ def run_quality(
     if y is not None:
         good = np.flatnonzero(np.isfinite(y) & (y >= 0.5))
         bad = np.flatnonzero(np.isfinite(y) & (y < 0.5))
-        pos_X, neg_X, neg_types = X[good], X[bad], ["labelled"] * len(bad)
+        pos_X, neg_X, neg_types, neg_source = X[good], X[bad], ["labelled"] * len(bad), None
         label_source = f"prompts.{cfg.label_column}"
     else:
         if featurize is None:
@@ -288,8 +297,10 @@ def run_quality(
         pick = np.sort(rng.choice(len(prompts), size=min(cfg.n_train, len(prompts)), replace=False))
         sub = prompts.iloc[pick]
         neg_texts, neg_types = make_negatives(
-            sub["prompt"].tolist(), sub["answer"].fillna("").tolist(), seed=seed, types=cfg.corruptions
+            sub["prompt"].tolist(), sub["answer"].fillna("").tolist(), seed=seed, types=cfg.corruptions,
+            per_prompt=cfg.negatives_per_prompt,
         )
+        neg_source = np.arange(len(neg_texts)) % len(sub)
         neg_X = sp.csr_matrix(featurize(neg_texts))
         if neg_X.shape != (len(neg_texts), X.shape[1]):
             raise ValueError(f"featurizer returned shape {neg_X.shape}, expected {(len(neg_texts), X.shape[1])}")
@@ -297,7 +308,7 @@ def run_quality(
         label_source = "synthetic corruptions: " + ",".join(cfg.corruptions)
     model, metrics = fit_quality_probe(
         pos_X, neg_X, neg_types, C=cfg.C, min_support=cfg.min_support, max_features=cfg.max_features,
-        seed=seed, use_ray=use_ray,
+        seed=seed, use_ray=use_ray, neg_source=neg_source,
     )
     scores = probe_scores(model, X).astype(np.float32)
     keep, cut = keep_mask(scores, cfg.keep_fraction, cfg.threshold)

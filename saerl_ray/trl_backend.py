@@ -393,8 +393,11 @@ def fit(cfg: RunConfig, sampler, out_dir: Path, policy: str, prompts_per_step: i
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
+    cfg_json = cfg.model_dump(mode="json")
+    if tc.heldout_file:  # workers run in their own working directory: relative paths would not resolve
+        cfg_json["train"]["heldout_file"] = str(Path(tc.heldout_file).resolve())
     config = {
-        "cfg": cfg.model_dump(mode="json"),
+        "cfg": cfg_json,
         "sampler": sampler,
         "policy": policy,
         "prompts_per_step": prompts_per_step,

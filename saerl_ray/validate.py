@@ -7,10 +7,12 @@ Uses the run's MATH-500 prompts (runs ingest/sae/features first if needed) and s
 representations with one protocol each, so the numbers are comparable:
   difficulty_spearman  5-fold CV ElasticNet (alpha/l1 picked by inner CV), Spearman vs `level`
   topic_nmi            k-means with K=7 (cosine), NMI vs `subject`
-  quality_auroc        logistic probe (the signals stage's), AUROC on corruptions of held-out prompts
+  quality_auroc        logistic probe (the signals stage's, its C and negatives per prompt), AUROC on
+                       corruptions of held-out prompts
   quality_auroc_loto   the same, each corruption type also held out of training (mean over types)
-Representations: `sae` (pooled SAE codes), `length` (token count), `tfidf` (word 1-2 grams; SVD-128
-for the linear models), `random` (Gaussian features: the control that must score ~0 / ~0.5).
+Representations: `sae` (the features stage's codes: pooled block + last-token block), `length`
+(token count), `tfidf` (word 1-2 grams; SVD-128 for the regression and k-means, the sparse TF-IDF
+itself for the probe), `random` (Gaussian features: the control that must score ~0 / ~0.5).
 Writes `<run_dir>/validate/results.json` (the report shows it).
 """
 
@@ -66,12 +68,15 @@ def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> f
     return float(normalized_mutual_info_score(topics, labels))
 
 
-def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, seed: int = 0) -> dict:
+def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, C: float, seed: int = 0) -> dict:
     """The signals stage's own probe and splits (quality.fit_quality_probe): `overall` tests on
-    corruptions of held-out prompts; `loto` also holds the corruption type out of training."""
+    corruptions of held-out prompts; `loto` also holds the corruption type out of training.
+    Negative j was made from positive j % n, so each prompt and its corruptions stay on one side."""
     from saerl_ray.quality import fit_quality_probe
 
-    _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), neg_types, seed=seed)
+    source = np.arange(X_neg.shape[0]) % X_pos.shape[0]
+    _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), neg_types, C=C, seed=seed,
+                             neg_source=source)
     return {"overall": m["auroc_overall"], "loto": m["auroc_loto_mean"], "by_type": m["auroc_leave_one_type_out"]}
 
 
@@ -98,7 +103,9 @@ def validate(cfg: RunConfig) -> dict:
     topics = math["topic"].to_numpy()
     rng = np.random.default_rng(cfg.seed)
 
-    neg_texts, neg_types = make_negatives(texts, math["answer"].tolist(), seed=cfg.seed)
+    qc = cfg.signals.quality
+    neg_texts, neg_types = make_negatives(texts, math["answer"].tolist(), seed=cfg.seed,
+                                          types=qc.corruptions, per_prompt=qc.negatives_per_prompt)
     neg_types = np.asarray(neg_types)
     X_neg_sae = featurize_texts(neg_texts, cfg.run_dir, cfg)
 
@@ -107,19 +114,21 @@ def validate(cfg: RunConfig) -> dict:
     tok = __import__("saerl_ray.models", fromlist=["load_tokenizer"]).load_tokenizer(
         cfg.model.name, cfg.model.trust_remote_code)
     neg_len = np.array([len(tok(t).input_ids) for t in neg_texts], dtype=float)
-    sae_all = sae_design(sp.vstack([X_sae, X_neg_sae]).tocsr())
+    rand = rng.normal(size=(len(texts) + len(neg_texts), 128))
+    # Per representation: (dense design of the prompts for the regressions and k-means,
+    # non-negative features of prompts and negatives for the probe, which applies its own log1p design).
     reps = {
-        "sae": (sae_all[: len(texts)], sae_all[len(texts):]),
-        "length": (np.log(n_tokens.astype(float))[:, None], np.log(neg_len)[:, None]),
-        "tfidf": (svd.transform(tfidf.transform(texts)), svd.transform(tfidf.transform(neg_texts))),
-        "random": (rng.normal(size=(len(texts), 128)), rng.normal(size=(len(neg_texts), 128))),
+        "sae": (sae_design(X_sae), X_sae, X_neg_sae),
+        "length": (np.log(n_tokens.astype(float))[:, None], n_tokens.astype(float)[:, None], neg_len[:, None]),
+        "tfidf": (svd.transform(tfidf.transform(texts)), tfidf.transform(texts), tfidf.transform(neg_texts)),
+        "random": (rand[: len(texts)], np.abs(rand[: len(texts)]), np.abs(rand[len(texts):])),
     }
     res: dict = {m: {} for m in METRICS}
     per_type: dict = {}
-    for name, (Xp, Xn) in reps.items():
-        res["difficulty_spearman"][name] = difficulty_spearman(Xp, y, cfg.seed)
-        res["topic_nmi"][name] = topic_nmi(Xp, topics, 7, cfg.seed)
-        q = quality_auroc(Xp, Xn, neg_types, cfg.seed)
+    for name, (D, Xp, Xn) in reps.items():
+        res["difficulty_spearman"][name] = difficulty_spearman(D, y, cfg.seed)
+        res["topic_nmi"][name] = topic_nmi(D, topics, 7, cfg.seed)
+        q = quality_auroc(Xp, Xn, neg_types, qc.C, cfg.seed)
         res["quality_auroc"][name] = q["overall"]
         res["quality_auroc_loto"][name] = q["loto"]
         per_type[name] = q["by_type"]

@@ -55,6 +55,14 @@ def test_pool_rejects_unknown_method():
         features.pool(codes, mask, "median")
 
 
+def test_last_token_code_takes_each_rows_last_masked_token():
+    codes = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[True, True, False, False], [False, True, False, True]])
+    out = features.last_token_code(codes, mask)
+    torch.testing.assert_close(out, torch.stack([codes[0, 1], codes[1, 3]]))
+    assert features.last_token_code(codes, torch.zeros(2, 4, dtype=torch.bool)).abs().sum() == 0
+
+
 def test_top_k_keeps_largest_positive_values_in_descending_order():
     pooled = torch.tensor([[0.0, 3.0, 1.0, 0.0, 2.0, 5.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
     idx, val, l0 = features.top_k_latents(pooled, 3)
@@ -174,12 +182,18 @@ def test_features_contract_one_sorted_row_per_prompt(featured_run):
     assert [p for p in parts if p.startswith("part-")] == [f"part-{b:05d}.parquet" for b in range(5)]
     ids, X, n_tokens = load_features(run_dir)
     assert list(ids) == list(prompts["id"])  # part order = block order = prompts order
-    assert X.shape == (len(prompts), summary["d_sae"]) and summary["rows"] == len(prompts)
+    d = summary["d_sae"]
+    assert cfg.features.last_token and summary["n_columns"] == 2 * d
+    assert X.shape == (len(prompts), 2 * d) and summary["rows"] == len(prompts)
     t = pq.read_table(f"{run_dir}/features/part-00000.parquet")
     assert t.schema.equals(features.SCHEMA)
     for idx, val, l0 in zip(t.column("idx").to_pylist(), t.column("val").to_pylist(), t.column("l0").to_pylist()):
-        assert 0 < len(idx) <= cfg.features.top_k and len(idx) == len(val) <= l0
-        assert all(a >= b for a, b in zip(val, val[1:])) and min(val) > 0
+        pooled = [v for i, v in zip(idx, val) if i < d]
+        last = [i for i in idx if i >= d]
+        assert 0 < len(pooled) <= min(cfg.features.top_k, l0) and len(idx) == len(val) and min(val) > 0
+        assert all(a >= b for a, b in zip(pooled, pooled[1:]))
+        # the last token's code: some of the SAE's k active latents (TopK), each at most once
+        assert 0 < len(last) <= cfg.sae.k and len(set(last)) == len(last) and max(last) < 2 * d
     tok = load_tokenizer(cfg.model.name)
     enc = encode_prompts(tok, list(prompts["prompt"]), False, cfg.features.max_tokens)
     assert (n_tokens > 0).all() and (n_tokens <= [int(k.sum()) for k in enc.keep]).all()
@@ -206,7 +220,8 @@ def test_features_resume_computes_only_missing_blocks(featured_run, tmp_path, ti
     ids, prompts = features.read_prompts(run_dir / "ingest/prompts.parquet")
     st = Stage(run_dir, "features", fingerprint(cfg.features, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae")))
     tmp = st.begin()
-    fz = features.Featurizer(str(run_dir / "sae"), cfg.features.pooling, cfg.features.top_k, cfg.features.max_tokens, 4)
+    fz = features.Featurizer(str(run_dir / "sae"), cfg.features.pooling, cfg.features.top_k, cfg.features.max_tokens, 4,
+                             cfg.features.last_token)
     for b in (0, 3):
         sl = slice(b * 8, (b + 1) * 8)
         features.write_atomic(features.codes_table(ids[sl], fz.encode(prompts[sl])), features.part_path(tmp, b))

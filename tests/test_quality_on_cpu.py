@@ -13,8 +13,8 @@ from sklearn.preprocessing import StandardScaler
 
 from saerl_ray.difficulty import design
 from saerl_ray.quality import (
-    CORRUPTIONS, OFFDOMAIN_SENTENCES, fit_quality_probe, garble, keep_mask, leak, make_negatives, mismatch,
-    offdomain, probe_scores, score_from_json, shuffle, truncate,
+    CORRUPTIONS, OFFDOMAIN_SENTENCES, evaluation_splits, fit_quality_probe, garble, keep_mask, leak,
+    make_negatives, mismatch, offdomain, probe_scores, score_from_json, shuffle, truncate,
 )
 
 TEXT = "Find the number of positive integers n such that n squared is less than one hundred and n is odd."
@@ -74,6 +74,27 @@ def test_make_negatives_is_balanced_seeded_and_skips_leak_without_answer():
     assert counts["leak"] <= 10 and min(counts[k] for k in CORRUPTIONS if k != "leak") >= 10
     with pytest.raises(ValueError, match="unknown corruption 'typo'"):
         make_negatives(texts, answers, types=["typo"])
+
+
+def test_more_negatives_per_prompt_vary_the_kind_and_keep_the_first_round():
+    texts = [f"{TEXT} variant {i}" for i in range(30)]
+    answers = [str(i) for i in range(30)]
+    neg, types = make_negatives(texts, answers, seed=3, per_prompt=2)
+    assert len(neg) == 60
+    assert (neg[:30], types[:30]) == make_negatives(texts, answers, seed=3)
+    assert all(types[i] != types[i + 30] for i in range(30))  # a prompt's two negatives differ in kind
+    with pytest.raises(ValueError, match="negatives_per_prompt must be >= 1"):
+        make_negatives(texts, answers, per_prompt=0)
+
+
+def test_splits_keep_a_prompt_and_its_negatives_on_one_side():
+    types = np.array(list("abc") * 40)
+    source = np.arange(120) % 60  # two negatives per prompt, as make_negatives(per_prompt=2) makes them
+    splits = evaluation_splits(types, 60, seed=0, neg_source=source)
+    for tr_pos, te_pos, tr_neg, te_neg in splits.values():
+        assert set(source[tr_neg]) <= set(tr_pos) and set(source[te_neg]) <= set(te_pos)
+    tr_pos, te_pos, tr_neg, te_neg = splits["overall"]
+    assert sorted(np.r_[tr_neg, te_neg]) == list(range(120)) and not set(tr_pos) & set(te_pos)
 
 
 def planted(n=400, d=40, seed=0):

@@ -131,7 +131,7 @@ def test_resume_continues_model_and_sampler_from_the_last_checkpoint(tmp_path, t
 
 
 @pytest.mark.slow
-def test_grpo_on_smollm2_from_a_real_plan(tmp_path, smollm2_dir, shared_data, ray_cluster):
+def test_grpo_on_smollm2_from_a_real_plan(tmp_path, smollm2_dir, shared_data, ray_cluster, monkeypatch):
     pytest.importorskip("saerl_ray.sampler", reason="saerl_ray.sampler (another helper's module) not landed yet")
     run_dir = tmp_path / "run"
     write_plan(run_dir, shared_data, n=16, batch_size=2)
@@ -141,9 +141,10 @@ def test_grpo_on_smollm2_from_a_real_plan(tmp_path, smollm2_dir, shared_data, ra
     cfg = load_config(None, {
         "run_dir": str(run_dir), "model.name": str(smollm2_dir), "plan.batch_size": 2,
         "train.steps": 3, "train.num_workers": 1, "train.cpus_per_worker": 1, "train.num_generations": 4,
-        "train.max_new_tokens": 24, "train.learning_rate": 1e-5, "train.heldout_file": str(heldout),
+        "train.max_new_tokens": 24, "train.learning_rate": 1e-5, "train.heldout_file": "heldout.jsonl",
         "train.heldout_every": 3,
     })
+    monkeypatch.chdir(tmp_path)  # a relative held-out path must reach the workers (their cwd differs)
     summary = tb.run(cfg)
     lines = [x for x in tb.read_metrics(run_dir / "train/metrics.jsonl") if "loss" in x]
     assert [x["step"] for x in lines] == [1, 2, 3]
