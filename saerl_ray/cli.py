@@ -63,6 +63,8 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
             ov[k[4:]] = yaml.safe_load(v)
     if ns.run_dir_flag:
         ov["run_dir"] = ns.run_dir_flag
+    if getattr(ns, "limit", None) is not None:
+        ov["eval.limit"] = ns.limit
     inputs = getattr(ns, "input", None)
     if inputs:
         ov["ingest.inputs"] = [
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--input", action="append", help="input file/dir/URI (repeatable)")
             sp.add_argument("--preset", help="column preset for --input")
             sp.add_argument("--split", help="split name for --input")
+        if name == "eval":
+            sp.add_argument("--limit", type=int, help="alias of --eval.limit (rows per benchmark)")
     vp = sub.add_parser("validate", help="MATH-500 validation table (difficulty, topics, quality)")
     _add_config_flags(vp)
     vp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -52,7 +52,7 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir):
 def test_eval_stage_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, shared_data, capsys):
     run_dir = tmp_path / "run"
     args = [
-        "eval", "--run-dir", str(run_dir), "--eval.model", str(tiny_model_dir), "--eval.limit", "2",
+        "eval", "--run-dir", str(run_dir), "--eval.model", str(tiny_model_dir), "--limit", "2",
         "--eval.max_new_tokens", "4", "--eval.data_dir", str(shared_data),
     ]
     assert cli_main(args) == 0
