@@ -71,6 +71,13 @@ def solution_steps(answer: str) -> int:
     return max(1, answer.count("<<"))
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """A rerun must not touch an identical task file: ingest keys on its mtime, and a new mtime
+    would redo every upstream stage (the labels alone take minutes)."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def write_task(out: Path, args) -> tuple[Path, Path]:
     if args.task == "arithmetic":
         rows = gsm8k_arithmetic(args.max_operand)
@@ -86,10 +93,9 @@ def write_task(out: Path, args) -> tuple[Path, Path]:
             r["difficulty"] = solution_steps(r["answer"])
     out.mkdir(parents=True, exist_ok=True)
     train_file, heldout_file = out / "task_train.jsonl", out / "task_heldout.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in train))
-    heldout_file.write_text(
-        "".join(json.dumps({"prompt": r["question"], "answer": r["answer"].rsplit("####", 1)[1].strip()}) + "\n" for r in heldout)
-    )
+    write_if_changed(train_file, "".join(json.dumps(r) + "\n" for r in train))
+    write_if_changed(heldout_file, "".join(
+        json.dumps({"prompt": r["question"], "answer": r["answer"].rsplit("####", 1)[1].strip()}) + "\n" for r in heldout))
     return train_file, heldout_file
 
 
