@@ -91,10 +91,13 @@ def schedule_batches(queues: dict[int, np.ndarray], batch_size: int) -> list[np.
 def mix_pairs(
     batches: list[np.ndarray], clusters: np.ndarray, mixing_ratio: float, batch_size: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Swap the last round(ratio*B) rows of batches 2j and 2j+1; returns (batches, mixed flags).
+    """Swap the last round(ratio*B) rows (at least 1 when ratio > 0) of batches 2j and 2j+1; returns
+    (batches, mixed flags).
     A pair whose tails share a cluster (possible only next to a cluster's end) is not swapped:
     that would reorder a cluster's own curriculum without mixing anything."""
     m = int(round(mixing_ratio * batch_size))
+    if mixing_ratio > 0 and m == 0:  # small batches (0.125 x 4 rounds to 0) would silently not mix
+        m = 1
     out = [b.copy() for b in batches]
     flags = [np.zeros(len(b), dtype=bool) for b in batches]
     for j in range(0, len(out) - 1, 2):

@@ -208,3 +208,15 @@ def test_stage_names_a_prompt_without_signals(tmp_path):
     ids, *_ = write_upstream(run_dir, drop_signal_for=4)
     with pytest.raises(ValueError, match=ids[4]):
         run(load_config(None, {"run_dir": str(run_dir)}))
+
+
+def test_small_batches_still_mix_one_prompt():
+    from saerl_ray.plan import mix_pairs
+
+    clusters = np.array([0] * 4 + [1] * 4)
+    batches = [np.arange(4), np.arange(4, 8)]
+    out, flags = mix_pairs(batches, clusters, mixing_ratio=0.125, batch_size=4)  # 0.5 rounds to 0
+    assert [b.tolist() for b in out] == [[0, 1, 2, 7], [4, 5, 6, 3]]
+    assert [f.tolist() for f in flags] == [[False, False, False, True], [False, False, False, True]]
+    out, _ = mix_pairs(batches, clusters, mixing_ratio=0.0, batch_size=4)
+    assert [b.tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7]]
