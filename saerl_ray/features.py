@@ -78,6 +78,11 @@ def top_k_latents(pooled: torch.Tensor, k: int) -> tuple[list[np.ndarray], list[
     return [i[m] for i, m in zip(idx, keep)], [v[m] for v, m in zip(vals, keep)], l0
 
 
+def n_columns(d_sae: int, last_token: bool) -> int:
+    """Width of the stored feature matrix: the pooled block, plus the last-token block when on."""
+    return d_sae * (2 if last_token else 1)
+
+
 def last_token_code(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T, d) token codes + (B, T) mask -> (B, d): the code of each row's last masked token (0 if none)."""
     pos = torch.arange(mask.shape[1]).expand_as(mask)
@@ -110,7 +115,7 @@ class Featurizer:
                  last_token: bool = False):
         self.lens, record = read_lens(sae_dir)
         self.d_sae = int(record["d_sae"])
-        self.n_columns = self.d_sae * (2 if last_token else 1)
+        self.n_columns = n_columns(self.d_sae, last_token)
         self.pooling, self.top_k, self.max_tokens, self.batch_size = pooling, top_k, max_tokens, batch_size
         self.last_token = last_token
         self.tok = load_tokenizer(self.lens.model, self.lens.trust_remote_code)
@@ -239,7 +244,7 @@ def run(cfg: RunConfig) -> dict:
     computed_rows = int(sum(int(r["rows"]) for r in done))
     summary = {
         "rows": len(ids), "d_sae": int(lens["d_sae"]), "pooling": f.pooling, "top_k": f.top_k,
-        "last_token": f.last_token, "n_columns": int(lens["d_sae"]) * (2 if f.last_token else 1),
+        "last_token": f.last_token, "n_columns": n_columns(int(lens["d_sae"]), f.last_token),
         "prompts_per_s": computed_rows / wall if done else None,
         "tokens": sum(int(pq.read_table(part_path(tmp, b), columns=["n_tokens"]).column(0).to_numpy().sum())
                       for b in range(n_blocks)),

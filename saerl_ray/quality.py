@@ -1,8 +1,7 @@
 """Quality: a linear probe (logistic regression) on SAE codes scores prompts; the lowest are filtered out.
 
     from saerl_ray.quality import make_negatives, fit_quality_probe, score_from_json
-    neg_texts, neg_types = make_negatives(texts, answers, seed=0, per_prompt=2)  # neg j from texts[j % n]
-    source = np.arange(len(neg_texts)) % len(texts)
+    neg_texts, neg_types, source = make_negatives(texts, answers, seed=0, per_prompt=2)  # source: row of texts
     model, metrics = fit_quality_probe(X_pos, featurize(neg_texts), neg_types, neg_source=source)
     scores = score_from_json("runs/x/signals/quality.json", X_all)     # P(good) per prompt
 
@@ -139,8 +138,9 @@ def corrupt(kind: str, i: int, texts: list[str], answers: list[str], rng: np.ran
 def make_negatives(
     texts: list[str], answers: list[str] | None = None, seed: int = 0, types: list[str] | None = None,
     per_prompt: int = 1,
-) -> tuple[list[str], list[str]]:
-    """`per_prompt` negatives per text: negative j is derived from texts[j % len(texts)]. Types are dealt
+) -> tuple[list[str], list[str], np.ndarray]:
+    """(negatives, their types, source): `per_prompt` negatives per text, negative j derived from
+    texts[source[j]] (source[j] = j % len(texts); evaluation keeps each pair on one side). Types are dealt
     round-robin over a seeded permutation, so each type gets an equal share of random prompts, and each
     round shifts a prompt to the next type (its negatives differ in kind). `leak` needs an answer: rows
     without one get the next type instead."""
@@ -164,7 +164,7 @@ def make_negatives(
                 kind = types[(s + 1) % len(types)]
             out_t.append(corrupt(kind, i, texts, answers, rng))
             out_k.append(kind)
-    return out_t, out_k
+    return out_t, out_k, np.arange(len(out_t)) % len(texts)
 
 
 # ---------------------------------------------------------------- probe
@@ -200,7 +200,9 @@ def heldout_auroc(
     return float(roc_auc_score(yte, probe_scores(model, Xte)))
 
 
-def evaluation_splits(neg_types: np.ndarray, n_pos: int, seed: int, neg_source: np.ndarray | None = None) -> dict[str, tuple]:
+def evaluation_splits(
+    neg_types: np.ndarray, n_pos: int, seed: int, neg_source: np.ndarray | None = None
+) -> dict[str, tuple]:
     """Positives split in half. `overall`: train on the first half's negatives of every type, test on the
     second half's. Per type t: train on the first half's negatives of the other types, test on the second
     half's negatives of type t (t is never seen in training). `neg_source[j]` = the positive negative j was
@@ -209,12 +211,11 @@ def evaluation_splits(neg_types: np.ndarray, n_pos: int, seed: int, neg_source: 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n_pos)
     tr_pos, te_pos = np.sort(perm[: n_pos // 2]), np.sort(perm[n_pos // 2 :])
-    neg_perm = rng.permutation(len(neg_types))
     if neg_source is not None:
         in_train = np.isin(np.asarray(neg_source), tr_pos)
     else:
         in_train = np.zeros(len(neg_types), bool)
-        in_train[neg_perm[: len(neg_types) // 2]] = True
+        in_train[rng.permutation(len(neg_types))[: len(neg_types) // 2]] = True
     splits = {"overall": (tr_pos, te_pos, np.flatnonzero(in_train), np.flatnonzero(~in_train))}
     types = np.unique(neg_types)
     for t in types if len(types) > 1 else []:
@@ -296,11 +297,10 @@ def run_quality(
             raise ValueError("synthetic quality negatives need a featurizer (saerl_ray.features.featurize_texts)")
         pick = np.sort(rng.choice(len(prompts), size=min(cfg.n_train, len(prompts)), replace=False))
         sub = prompts.iloc[pick]
-        neg_texts, neg_types = make_negatives(
+        neg_texts, neg_types, neg_source = make_negatives(
             sub["prompt"].tolist(), sub["answer"].fillna("").tolist(), seed=seed, types=cfg.corruptions,
             per_prompt=cfg.negatives_per_prompt,
         )
-        neg_source = np.arange(len(neg_texts)) % len(sub)
         neg_X = sp.csr_matrix(featurize(neg_texts))
         if neg_X.shape != (len(neg_texts), X.shape[1]):
             raise ValueError(f"featurizer returned shape {neg_X.shape}, expected {(len(neg_texts), X.shape[1])}")

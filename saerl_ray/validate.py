@@ -68,15 +68,15 @@ def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> f
     return float(normalized_mutual_info_score(topics, labels))
 
 
-def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, C: float, seed: int = 0) -> dict:
+def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, neg_source: np.ndarray, C: float,
+                  seed: int = 0) -> dict:
     """The signals stage's own probe and splits (quality.fit_quality_probe): `overall` tests on
     corruptions of held-out prompts; `loto` also holds the corruption type out of training.
-    Negative j was made from positive j % n, so each prompt and its corruptions stay on one side."""
+    neg_source[j] = the positive negative j was made from (each pair stays on one side)."""
     from saerl_ray.quality import fit_quality_probe
 
-    source = np.arange(X_neg.shape[0]) % X_pos.shape[0]
     _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), neg_types, C=C, seed=seed,
-                             neg_source=source)
+                             neg_source=neg_source)
     return {"overall": m["auroc_overall"], "loto": m["auroc_loto_mean"], "by_type": m["auroc_leave_one_type_out"]}
 
 
@@ -104,8 +104,8 @@ def validate(cfg: RunConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
 
     qc = cfg.signals.quality
-    neg_texts, neg_types = make_negatives(texts, math["answer"].tolist(), seed=cfg.seed,
-                                          types=qc.corruptions, per_prompt=qc.negatives_per_prompt)
+    neg_texts, neg_types, neg_source = make_negatives(texts, math["answer"].tolist(), seed=cfg.seed,
+                                                      types=qc.corruptions, per_prompt=qc.negatives_per_prompt)
     neg_types = np.asarray(neg_types)
     X_neg_sae = featurize_texts(neg_texts, cfg.run_dir, cfg)
 
@@ -128,7 +128,7 @@ def validate(cfg: RunConfig) -> dict:
     for name, (D, Xp, Xn) in reps.items():
         res["difficulty_spearman"][name] = difficulty_spearman(D, y, cfg.seed)
         res["topic_nmi"][name] = topic_nmi(D, topics, 7, cfg.seed)
-        q = quality_auroc(Xp, Xn, neg_types, qc.C, cfg.seed)
+        q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed)
         res["quality_auroc"][name] = q["overall"]
         res["quality_auroc_loto"][name] = q["loto"]
         per_type[name] = q["by_type"]

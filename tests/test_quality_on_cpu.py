@@ -62,8 +62,9 @@ def test_garble_replaces_about_a_third_of_characters():
 def test_make_negatives_is_balanced_seeded_and_skips_leak_without_answer():
     texts = [f"{TEXT} variant {i}" for i in range(60)]
     answers = ["" if i % 2 else str(i) for i in range(60)]
-    neg, types = make_negatives(texts, answers, seed=7)
-    assert (neg, types) == make_negatives(texts, answers, seed=7)
+    neg, types, source = make_negatives(texts, answers, seed=7)
+    assert (neg, types) == make_negatives(texts, answers, seed=7)[:2]
+    assert source.tolist() == list(range(60))
     assert len(neg) == 60 and set(types) <= set(CORRUPTIONS)
     for i, (t, k) in enumerate(zip(neg, types)):
         if k == "leak":
@@ -79,9 +80,9 @@ def test_make_negatives_is_balanced_seeded_and_skips_leak_without_answer():
 def test_more_negatives_per_prompt_vary_the_kind_and_keep_the_first_round():
     texts = [f"{TEXT} variant {i}" for i in range(30)]
     answers = [str(i) for i in range(30)]
-    neg, types = make_negatives(texts, answers, seed=3, per_prompt=2)
-    assert len(neg) == 60
-    assert (neg[:30], types[:30]) == make_negatives(texts, answers, seed=3)
+    neg, types, source = make_negatives(texts, answers, seed=3, per_prompt=2)
+    assert len(neg) == 60 and source.tolist() == list(range(30)) * 2
+    assert (neg[:30], types[:30]) == make_negatives(texts, answers, seed=3)[:2]
     assert all(types[i] != types[i + 30] for i in range(30))  # a prompt's two negatives differ in kind
     with pytest.raises(ValueError, match="negatives_per_prompt must be >= 1"):
         make_negatives(texts, answers, per_prompt=0)

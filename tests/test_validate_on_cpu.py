@@ -26,7 +26,7 @@ def test_quality_protocol_reports_overall_and_held_out_types():
     pos = rng.normal(size=(120, 8))
     neg = rng.normal(size=(120, 8)) + np.array([3.0] + [0.0] * 7)  # every corruption shifts dim 0
     types = np.array(["a", "b", "c"] * 40)
-    q = quality_auroc(pos, neg, types, C=0.01)
+    q = quality_auroc(pos, neg, types, np.arange(120), C=0.01)
     assert q["overall"] > 0.9 and q["loto"] > 0.9 and set(q["by_type"]) == {"a", "b", "c"}
 
 
