@@ -1,6 +1,7 @@
 """Reading the features stage's output back as one sparse matrix, in `prompts` order.
 
     ids, X, n_tokens = load_features(run_dir)      # X: scipy.sparse.csr_matrix (n, n_columns) float32
+    cols = code_columns(run_dir, ["pooled", "last"])   # column indices of those codes in X
 """
 
 from __future__ import annotations
@@ -31,14 +32,40 @@ def table_to_csr(table: pa.Table, d_sae: int) -> sp.csr_matrix:
     return sp.csr_matrix((vals, cols, indptr), shape=(len(table), d_sae))
 
 
+def stored_codes(run_dir: str | Path) -> tuple[list[str], int]:
+    """(features.codes as stored, d_sae). Runs from before `codes` existed: pooled (+ last)."""
+    summary = json.loads((Path(run_dir) / "features" / "summary.json").read_text())
+    codes = summary.get("codes") or ["pooled"] + (["last"] if summary.get("last_token") else [])
+    return list(codes), int(summary["d_sae"])
+
+
+def code_columns(run_dir: str | Path, wanted: list[str]) -> np.ndarray:
+    """Column indices (into load_features' X) of the wanted codes; a code the run lacks is an error."""
+    codes, d = stored_codes(run_dir)
+    missing = [c for c in wanted if c not in codes]
+    if missing:
+        raise ValueError(f"code(s) {missing} not in {Path(run_dir) / 'features'} (stored: {codes}); "
+                         "add them to features.codes and rerun the features stage")
+    return np.concatenate([np.arange(codes.index(c) * d, (codes.index(c) + 1) * d) for c in wanted])
+
+
+def keep_columns(X: sp.spmatrix, cols: np.ndarray) -> sp.csr_matrix:
+    """X with every column outside `cols` zeroed, same shape: a model fit on it stores column indices
+    that are valid in the full matrix, so reloading it needs no knowledge of the codes."""
+    mask = np.zeros(X.shape[1], np.float32)
+    mask[cols] = 1.0
+    out = sp.csr_matrix(X @ sp.diags(mask))
+    out.eliminate_zeros()
+    return out
+
+
 def load_features(run_dir: str | Path, order: list[str] | None = None):
     """(ids, csr, n_tokens). With `order`, rows follow that id list (ids missing there are an error)."""
     fdir = Path(run_dir) / "features"
     summary = json.loads((fdir / "summary.json").read_text())
     table = read_feature_table(fdir)
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    # n_columns = 2 x d_sae when the last-token block is on (features.last_token)
-    X = table_to_csr(table, summary.get("n_columns", summary["d_sae"]))
+    X = table_to_csr(table, summary.get("n_columns", summary["d_sae"]))  # one d_sae-wide band per features.codes
     n_tokens = np.asarray(table.column("n_tokens"), dtype=np.int32)
     if order is not None:
         pos = {k: i for i, k in enumerate(ids)}

@@ -12,10 +12,10 @@ block, and the actor that finishes a block writes its part file atomically (`.pa
 rename) into `features.tmp/`. A killed run leaves only whole part files there; the rerun (same
 fingerprint) computes only the blocks that have none.
 
-Columns: the pooled code (top-k latents) in 0..d_sae-1 and, with `last_token` (the default), the code of
-the prompt's last token in d_sae..2*d_sae-1 (all of its k active latents). The pooled block carries the
-topic and difficulty; the last-token block says whether the prompt ends like a complete question, which
-is what the quality probe needs (docs/decisions.md).
+Columns: one d_sae-wide band per entry of `features.codes`, in that order (code i = columns
+i*d_sae..(i+1)*d_sae-1): `pooled` (top-k of the pooled code: topic, difficulty), `last` (the last prompt
+token's code: whole question or cut off?), `mean` (top-k of the mean code), `halves` (latents present in
+both halves of the prompt: coherence). Each signal reads the codes it names (docs/decisions.md).
 
 In-process (no Ray) codes for new texts, with the same lens/pooling/top-k:
     X = featurize_texts(["What is 2+3?"], run_dir, cfg)     # csr_matrix (1, n_columns) float32
@@ -69,18 +69,18 @@ def pool(codes: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {how!r} (mean, sum, max, binary)")
 
 
-def top_k_latents(pooled: torch.Tensor, k: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Per row: indices and values of the k largest positive entries (descending), and the row's L0."""
-    vals, idx = torch.topk(pooled, min(k, pooled.shape[1]), dim=1)
-    vals, idx = vals.float().numpy(), idx.numpy().astype(np.int32)
-    keep = vals > 0
-    l0 = (pooled > 0).sum(1).numpy().astype(np.int32)
-    return [i[m] for i, m in zip(idx, keep)], [v[m] for v, m in zip(vals, keep)], l0
+def top_k_dense(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, d) -> (B, d) with all but each row's k largest entries set to 0."""
+    vals, idx = torch.topk(x, min(k, x.shape[1]), dim=1)
+    return torch.zeros_like(x).scatter_(1, idx, vals)
 
 
-def n_columns(d_sae: int, last_token: bool) -> int:
-    """Width of the stored feature matrix: the pooled block, plus the last-token block when on."""
-    return d_sae * (2 if last_token else 1)
+CODES = ("pooled", "last", "mean", "halves")
+
+
+def n_columns(d_sae: int, codes: list[str]) -> int:
+    """Width of the stored feature matrix: one d_sae-wide band per stored code."""
+    return d_sae * len(codes)
 
 
 def last_token_code(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,27 @@ def last_token_code(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     last = torch.where(mask, pos, -1).amax(1)
     out = codes[torch.arange(codes.shape[0]), last.clamp(min=0)]
     return torch.where((last >= 0).unsqueeze(1), out, torch.zeros((), dtype=codes.dtype))
+
+
+def halves_code(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) + (B, T) -> (B, d): min(max code over the first half of the masked tokens, max over the
+    second half). Non-zero only for latents that fire in both halves (a one-token prompt: all zero)."""
+    rank = torch.cumsum(mask.long(), 1) - 1
+    half = (mask.sum(1, keepdim=True) // 2)
+    first, second = mask & (rank < half), mask & (rank >= half)
+    return torch.minimum(pool(codes, first, "max"), pool(codes, second, "max"))
+
+
+def code_of(name: str, codes: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if name == "pooled":
+        return pool(codes, mask, pooling)
+    if name == "last":
+        return last_token_code(codes, mask)
+    if name == "mean":
+        return pool(codes, mask, "mean")
+    if name == "halves":
+        return halves_code(codes, mask)
+    raise ValueError(f"unknown code {name!r}; features.codes must be among {CODES}")
 
 
 def append_block(idx: list[np.ndarray], val: list[np.ndarray], block: torch.Tensor, offset: int) -> None:
@@ -112,12 +133,15 @@ class Featurizer:
     """Lens model + SAE loaded once; texts -> sparse pooled codes (the core the actor wraps)."""
 
     def __init__(self, sae_dir: str, pooling: str, top_k: int, max_tokens: int, batch_size: int,
-                 last_token: bool = False):
+                 codes: tuple[str, ...] = ("pooled",)):
+        bad = [c for c in codes if c not in CODES]
+        if bad:
+            raise ValueError(f"unknown code {bad[0]!r}; features.codes must be among {CODES}")
         self.lens, record = read_lens(sae_dir)
         self.d_sae = int(record["d_sae"])
-        self.n_columns = n_columns(self.d_sae, last_token)
+        self.codes = tuple(codes)
+        self.n_columns = n_columns(self.d_sae, list(codes))
         self.pooling, self.top_k, self.max_tokens, self.batch_size = pooling, top_k, max_tokens, batch_size
-        self.last_token = last_token
         self.tok = load_tokenizer(self.lens.model, self.lens.trust_remote_code)
         self.model = load_lens_model(self.lens)
         self.sae = load_sae(sae_dir)
@@ -132,10 +156,15 @@ class Featurizer:
         n_tokens = np.zeros(n, np.int32)
         for rows, acts, mask in iter_residuals(self.model, self.lens.layer, enc, self.batch_size,
                                                self.tok.pad_token_id):
-            codes = self.sae.encode(acts.float())
-            b_idx, b_val, b_l0 = top_k_latents(pool(codes, mask, self.pooling), self.top_k)
-            if self.last_token:
-                append_block(b_idx, b_val, last_token_code(codes, mask), self.d_sae)
+            tokens = self.sae.encode(acts.float())
+            b_l0 = (pool(tokens, mask, self.pooling) > 0).sum(1).numpy().astype(np.int32)
+            b_idx = [np.zeros(0, np.int32) for _ in rows]
+            b_val = [np.zeros(0, np.float32) for _ in rows]
+            for k, name in enumerate(self.codes):
+                code = code_of(name, tokens, mask, self.pooling)
+                if name in ("pooled", "mean"):  # pooled codes are dense: keep the top_k latents
+                    code = top_k_dense(code, self.top_k)
+                append_block(b_idx, b_val, code, k * self.d_sae)
             for j, i in enumerate(rows):  # scatter back: bucketing sorted the rows by length
                 idx[i], val[i], l0[i] = b_idx[j], b_val[j], b_l0[j]
                 n_tokens[i] = int(mask[j].sum())
@@ -167,11 +196,11 @@ class FeatureExtractor:
     """Ray Data actor: one input row = one block of prompts; writes that block's part file."""
 
     def __init__(self, sae_dir: str, out_dir: str, pooling: str, top_k: int, max_tokens: int,
-                 batch_size: int, threads: int, last_token: bool = False):
+                 batch_size: int, threads: int, codes: tuple[str, ...] = ("pooled",)):
         # One thread per actor: actors, not threads, share the cores (matmuls at this size scale badly).
         torch.set_num_threads(threads)
         self.out_dir = out_dir
-        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, last_token)
+        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         blocks, n_rows, n_tok, secs = [], [], [], []
@@ -205,7 +234,7 @@ def extract_blocks(ids: list[str], prompts: list[str], blocks: list[int], sae_di
         FeatureExtractor,
         fn_constructor_kwargs=dict(sae_dir=str(sae_dir), out_dir=str(out_dir), pooling=f.pooling,
                                    top_k=f.top_k, max_tokens=f.max_tokens, batch_size=f.batch_size,
-                                   threads=f.threads_per_actor, last_token=f.last_token),
+                                   threads=f.threads_per_actor, codes=tuple(f.codes)),
         batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(f.num_actors, len(blocks))),
         num_cpus=f.num_cpus_per_actor, num_gpus=f.num_gpus_per_actor or None,
@@ -244,7 +273,7 @@ def run(cfg: RunConfig) -> dict:
     computed_rows = int(sum(int(r["rows"]) for r in done))
     summary = {
         "rows": len(ids), "d_sae": int(lens["d_sae"]), "pooling": f.pooling, "top_k": f.top_k,
-        "last_token": f.last_token, "n_columns": n_columns(int(lens["d_sae"]), f.last_token),
+        "codes": list(f.codes), "n_columns": n_columns(int(lens["d_sae"]), f.codes),
         "prompts_per_s": computed_rows / wall if done else None,
         "tokens": sum(int(pq.read_table(part_path(tmp, b), columns=["n_tokens"]).column(0).to_numpy().sum())
                       for b in range(n_blocks)),
@@ -260,9 +289,9 @@ def run(cfg: RunConfig) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _featurizer(sae_dir: str, marker: str, pooling: str, top_k: int, max_tokens: int, batch_size: int,
-                last_token: bool) -> Featurizer:
+                codes: tuple[str, ...]) -> Featurizer:
     del marker  # part of the cache key only: a recommitted SAE must not reuse the old one
-    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, last_token)
+    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes)
 
 
 def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig) -> sp.csr_matrix:
@@ -270,7 +299,7 @@ def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig) -> sp.csr_ma
     f = cfg.features
     sae_dir = Path(run_dir) / "sae"
     fz = _featurizer(str(sae_dir), marker_of(run_dir, "sae"), f.pooling, f.top_k, f.max_tokens, f.batch_size,
-                     f.last_token)
+                     tuple(f.codes))
     c = fz.encode(list(texts))
     indptr = np.concatenate([[0], np.cumsum([len(x) for x in c.idx])]).astype(np.int64)
     cols = np.concatenate(c.idx) if texts else np.zeros(0, np.int32)

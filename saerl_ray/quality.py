@@ -14,8 +14,9 @@ SAE codes from the features machinery through the `featurize` callable):
   leak       the problem followed by "The answer is <its answer>."
   offdomain  2-4 sentences of built-in non-math prose (no math prompt text at all)
   garble     ~30% of the characters replaced by random printable noise
-Metrics: AUROC leaving one corruption type out (train on the others, test on that type + held-out
-positives: does the probe catch a kind of bad prompt it never saw?) and on a random holdout.
+Metrics, out-of-fold over `eval_folds` folds of the positives (a prompt's corruptions in its fold):
+AUROC on held-out prompts, and leaving one corruption type out (train on the others, test on that type
++ held-out positives: does the probe catch a kind of bad prompt it never saw?).
 """
 
 from __future__ import annotations
@@ -187,66 +188,78 @@ def score_from_json(path: str | Path, X: sp.csr_matrix) -> np.ndarray:
     return probe_scores(json.loads(Path(path).read_text()), X).astype(np.float32)
 
 
-def heldout_auroc(
+def heldout_scores(
     pos_X: sp.csr_matrix, neg_X: sp.csr_matrix, train_pos: np.ndarray, test_pos: np.ndarray,
     train_neg: np.ndarray, test_neg: np.ndarray, C: float, min_support: float, max_features: int, seed: int,
-) -> float:
-    """Fit on (train_pos, train_neg) rows, AUROC on (test_pos, test_neg) rows."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit on (train_pos, train_neg) rows; P(good) of the test_pos and test_neg rows."""
     Xtr = sp.vstack([pos_X[train_pos], neg_X[train_neg]]).tocsr()
     ytr = np.r_[np.ones(len(train_pos)), np.zeros(len(train_neg))]
     model = fit_linear_probe(Xtr, ytr, C, min_support, max_features, seed)
-    Xte = sp.vstack([pos_X[test_pos], neg_X[test_neg]]).tocsr()
-    yte = np.r_[np.ones(len(test_pos)), np.zeros(len(test_neg))]
-    return float(roc_auc_score(yte, probe_scores(model, Xte)))
+    return probe_scores(model, pos_X[test_pos]), probe_scores(model, neg_X[test_neg])
 
 
 def evaluation_splits(
-    neg_types: np.ndarray, n_pos: int, seed: int, neg_source: np.ndarray | None = None
-) -> dict[str, tuple]:
-    """Positives split in half. `overall`: train on the first half's negatives of every type, test on the
-    second half's. Per type t: train on the first half's negatives of the other types, test on the second
-    half's negatives of type t (t is never seen in training). `neg_source[j]` = the positive negative j was
-    made from: a prompt and its corruptions stay on one side (else a test prompt's own corruption would be
-    in training). Without it (labelled negatives) negatives are split at random."""
+    neg_types: np.ndarray, n_pos: int, seed: int, neg_source: np.ndarray | None = None, folds: int = 2,
+) -> list[tuple[str, tuple]]:
+    """(name, (train_pos, test_pos, train_neg, test_neg)) per fold. Positives are cut into `folds` folds;
+    each fold is tested once, by a probe trained on the other folds. `overall`: trained on every
+    corruption type. Per type t: trained without t, tested on t only (t is never seen in training).
+    `neg_source[j]` = the positive negative j was made from: a prompt and its corruptions share a fold
+    (else a test prompt's own corruption would be in training). Without it (labelled negatives)
+    negatives get random folds."""
+    if folds < 2:
+        raise ValueError(f"signals.quality.eval_folds must be >= 2, got {folds}")
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(n_pos)
-    tr_pos, te_pos = np.sort(perm[: n_pos // 2]), np.sort(perm[n_pos // 2 :])
-    if neg_source is not None:
-        in_train = np.isin(np.asarray(neg_source), tr_pos)
-    else:
-        in_train = np.zeros(len(neg_types), bool)
-        in_train[rng.permutation(len(neg_types))[: len(neg_types) // 2]] = True
-    splits = {"overall": (tr_pos, te_pos, np.flatnonzero(in_train), np.flatnonzero(~in_train))}
+    pos_fold = rng.permutation(n_pos) % folds
+    neg_fold = (pos_fold[np.asarray(neg_source)] if neg_source is not None
+                else rng.permutation(len(neg_types)) % folds)
     types = np.unique(neg_types)
-    for t in types if len(types) > 1 else []:
-        splits[str(t)] = (tr_pos, te_pos, np.flatnonzero(in_train & (neg_types != t)),
-                          np.flatnonzero(~in_train & (neg_types == t)))
+    splits = []
+    for f in range(folds):
+        tr_pos, te_pos = np.flatnonzero(pos_fold != f), np.flatnonzero(pos_fold == f)
+        tr_neg = neg_fold != f
+        splits.append(("overall", (tr_pos, te_pos, np.flatnonzero(tr_neg), np.flatnonzero(~tr_neg))))
+        for t in types if len(types) > 1 else []:
+            splits.append((str(t), (tr_pos, te_pos, np.flatnonzero(tr_neg & (neg_types != t)),
+                                    np.flatnonzero(~tr_neg & (neg_types == t)))))
     return splits
+
+
+def pooled_aurocs(splits: list[tuple[str, tuple]], scores: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """One AUROC per split name over the out-of-fold scores of all its folds."""
+    out = {}
+    for name in dict.fromkeys(n for n, _ in splits):
+        parts = [sc for (n, _), sc in zip(splits, scores) if n == name]
+        pos, neg = np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts])
+        out[name] = float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+    return out
 
 
 def fit_quality_probe(
     pos_X: sp.csr_matrix, neg_X: sp.csr_matrix, neg_types: list[str] | np.ndarray, *, C: float = 0.01,
     min_support: float = 0.01, max_features: int = 4096, seed: int = 0, use_ray: bool = False,
-    neg_source: np.ndarray | None = None,
+    neg_source: np.ndarray | None = None, folds: int = 2,
 ) -> tuple[dict, dict]:
-    """Held-out AUROCs (overall + leave-one-corruption-type-out), then the final probe on all rows.
+    """Out-of-fold AUROCs (overall + leave-one-corruption-type-out), then the final probe on all rows.
     `neg_source`: for synthetic negatives, the positive row each one was made from (see evaluation_splits)."""
     neg_types = np.asarray(neg_types, dtype=str)
     if neg_X.shape[0] != len(neg_types):
         raise ValueError(f"{neg_X.shape[0]} negative rows but {len(neg_types)} negative types")
-    splits = evaluation_splits(neg_types, pos_X.shape[0], seed, neg_source)
+    splits = evaluation_splits(neg_types, pos_X.shape[0], seed, neg_source, folds)
     args = (C, min_support, max_features, seed)
     if use_ray:
         import ray
 
-        task = ray.remote(num_cpus=1)(heldout_auroc)
+        task = ray.remote(num_cpus=1)(heldout_scores)
         p_ref, n_ref = ray.put(pos_X), ray.put(neg_X)
-        aucs = ray.get([task.remote(p_ref, n_ref, *s, *args) for s in splits.values()])
+        scores = ray.get([task.remote(p_ref, n_ref, *s, *args) for _, s in splits])
     else:
-        aucs = [heldout_auroc(pos_X, neg_X, *s, *args) for s in splits.values()]
-    auroc = dict(zip(splits, aucs))
+        scores = [heldout_scores(pos_X, neg_X, *s, *args) for _, s in splits]
+    auroc = pooled_aurocs(splits, scores)
     per_type = {k: v for k, v in auroc.items() if k != "overall"}
-    metrics: dict[str, Any] = {"auroc_overall": auroc["overall"], "auroc_leave_one_type_out": per_type}
+    metrics: dict[str, Any] = {"auroc_overall": auroc["overall"], "auroc_leave_one_type_out": per_type,
+                               "eval_folds": folds}
     if per_type:
         metrics["auroc_loto_mean"] = float(np.mean(list(per_type.values())))
     X = sp.vstack([pos_X, neg_X]).tocsr()
@@ -308,7 +321,7 @@ def run_quality(
         label_source = "synthetic corruptions: " + ",".join(cfg.corruptions)
     model, metrics = fit_quality_probe(
         pos_X, neg_X, neg_types, C=cfg.C, min_support=cfg.min_support, max_features=cfg.max_features,
-        seed=seed, use_ray=use_ray, neg_source=neg_source,
+        seed=seed, use_ray=use_ray, neg_source=neg_source, folds=cfg.eval_folds,
     )
     scores = probe_scores(model, X).astype(np.float32)
     keep, cut = keep_mask(scores, cfg.keep_fraction, cfg.threshold)

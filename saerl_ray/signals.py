@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from saerl_ray.cluster import clustering_space, kmeans
 from saerl_ray.config import RunConfig, fingerprint
 from saerl_ray.difficulty import run_difficulty
-from saerl_ray.featureio import load_features
+from saerl_ray.featureio import code_columns, keep_columns, load_features
 from saerl_ray.quality import Featurizer, run_quality
 from saerl_ray.raycluster import init_ray
 from saerl_ray.stage import Stage, marker_of
@@ -72,16 +72,21 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     prompts = pq.read_table(Path(cfg.run_dir) / "ingest/prompts.parquet").to_pandas()
     _, X, n_tokens = load_features(cfg.run_dir, order=prompts["id"].tolist())
 
+    # Each signal reads its own codes (signals.*.codes; docs/decisions.md).
     c = sc.cluster
-    Z = clustering_space(X, c.metric, c.projection, cfg.seed)
+    Z = clustering_space(X[:, code_columns(cfg.run_dir, c.codes)], c.metric, c.projection, cfg.seed)
     km = kmeans(Z, c.k, max_iter=c.max_iter, tol=c.tol, init_sample=c.init_sample,
                 init_trials=c.init_trials, seed=cfg.seed,
                 num_tasks=_num_tasks(c.num_tasks))
     save_file({"centroids": km.centroids}, str(tmp / "centroids.safetensors"))
 
-    difficulty, d_metrics = run_difficulty(prompts, X, n_tokens, sc.difficulty, cfg.seed, tmp / "difficulty.json")
+    X_d = keep_columns(X, code_columns(cfg.run_dir, sc.difficulty.codes))
+    difficulty, d_metrics = run_difficulty(prompts, X_d, n_tokens, sc.difficulty, cfg.seed, tmp / "difficulty.json")
+    q_cols = code_columns(cfg.run_dir, sc.quality.codes)
+    featurize = featurize or default_featurizer(cfg)
     score, keep, q_metrics = run_quality(
-        prompts, X, sc.quality, cfg.seed, featurize or default_featurizer(cfg), tmp / "quality.json"
+        prompts, keep_columns(X, q_cols), sc.quality, cfg.seed, lambda texts: keep_columns(featurize(texts), q_cols),
+        tmp / "quality.json",
     )
     table = pa.table({
         "id": prompts["id"].astype(str).tolist(), "cluster": km.labels, "cluster_dist": km.dist,

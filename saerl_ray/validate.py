@@ -7,10 +7,11 @@ Uses the run's MATH-500 prompts (runs ingest/sae/features first if needed) and s
 representations with one protocol each, so the numbers are comparable:
   difficulty_spearman  5-fold CV ElasticNet (alpha/l1 picked by inner CV), Spearman vs `level`
   topic_nmi            k-means with K=7 (cosine), NMI vs `subject`
-  quality_auroc        logistic probe (the signals stage's, its C and negatives per prompt), AUROC on
-                       corruptions of held-out prompts
+  quality_auroc        logistic probe (the signals stage's, its C and negatives per prompt), 5-fold
+                       out-of-fold AUROC on corruptions of held-out prompts
   quality_auroc_loto   the same, each corruption type also held out of training (mean over types)
-Representations: `sae` (the features stage's codes: pooled block + last-token block), `length`
+Representations: `sae` (the features stage's codes, each metric on the codes its signal reads:
+signals.difficulty/cluster/quality.codes), `length`
 (token count), `tfidf` (word 1-2 grams; SVD-128 for the regression and k-means, the sparse TF-IDF
 itself for the probe), `random` (Gaussian features: the control that must score ~0 / ~0.5).
 Writes `<run_dir>/validate/results.json` (the report shows it).
@@ -69,14 +70,16 @@ def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> f
 
 
 def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, neg_source: np.ndarray, C: float,
-                  seed: int = 0) -> dict:
-    """The signals stage's own probe and splits (quality.fit_quality_probe): `overall` tests on
-    corruptions of held-out prompts; `loto` also holds the corruption type out of training.
-    neg_source[j] = the positive negative j was made from (each pair stays on one side)."""
+                  seed: int = 0, folds: int = 5) -> dict:
+    """The signals stage's own probe and splits (quality.fit_quality_probe), `folds`-fold: `overall` tests
+    on corruptions of held-out prompts; `loto` also holds the corruption type out of training.
+    neg_source[j] = the positive negative j was made from (each pair stays in one fold)."""
+    import ray
+
     from saerl_ray.quality import fit_quality_probe
 
     _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), neg_types, C=C, seed=seed,
-                             neg_source=neg_source)
+                             neg_source=neg_source, folds=folds, use_ray=ray.is_initialized())
     return {"overall": m["auroc_overall"], "loto": m["auroc_loto_mean"], "by_type": m["auroc_leave_one_type_out"]}
 
 
@@ -84,7 +87,7 @@ def _load(cfg: RunConfig):
     from saerl_ray.cli import run_pipeline
     from saerl_ray.featureio import load_features
 
-    run_pipeline(cfg, ["ingest", "sae", "features"])
+    run_pipeline(cfg, ["ingest", "sae", "features"])  # also starts Ray: the probe's folds run as tasks
     prompts = pq.read_table(Path(cfg.run_dir) / "ingest/prompts.parquet").to_pandas()
     math = prompts[prompts["source"] == "math500"].reset_index(drop=True)
     if len(math) < 100:
@@ -94,10 +97,13 @@ def _load(cfg: RunConfig):
 
 
 def validate(cfg: RunConfig) -> dict:
+    from saerl_ray.featureio import code_columns
     from saerl_ray.features import featurize_texts
     from saerl_ray.quality import make_negatives
 
-    math, X_sae, n_tokens = _load(cfg)
+    math, X_all, n_tokens = _load(cfg)
+    sc = cfg.signals
+    q_cols = code_columns(cfg.run_dir, sc.quality.codes)
     texts = math["prompt"].tolist()
     y = math["difficulty"].to_numpy(float)
     topics = math["topic"].to_numpy()
@@ -107,7 +113,7 @@ def validate(cfg: RunConfig) -> dict:
     neg_texts, neg_types, neg_source = make_negatives(texts, math["answer"].tolist(), seed=cfg.seed,
                                                       types=qc.corruptions, per_prompt=qc.negatives_per_prompt)
     neg_types = np.asarray(neg_types)
-    X_neg_sae = featurize_texts(neg_texts, cfg.run_dir, cfg)
+    X_neg_sae = featurize_texts(neg_texts, cfg.run_dir, cfg)[:, q_cols]
 
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts + neg_texts)
     svd = TruncatedSVD(128, random_state=cfg.seed).fit(tfidf.transform(texts + neg_texts))
@@ -115,19 +121,22 @@ def validate(cfg: RunConfig) -> dict:
         cfg.model.name, cfg.model.trust_remote_code)
     neg_len = np.array([len(tok(t).input_ids) for t in neg_texts], dtype=float)
     rand = rng.normal(size=(len(texts) + len(neg_texts), 128))
-    # Per representation: (dense design of the prompts for the regressions and k-means,
-    # non-negative features of prompts and negatives for the probe, which applies its own log1p design).
+    # Per representation: (dense design for the regression, for k-means, and non-negative features of
+    # prompts and negatives for the probe, which applies its own log1p design).
+    D_tfidf = svd.transform(tfidf.transform(texts))
+    D_len = np.log(n_tokens.astype(float))[:, None]
     reps = {
-        "sae": (sae_design(X_sae), X_sae, X_neg_sae),
-        "length": (np.log(n_tokens.astype(float))[:, None], n_tokens.astype(float)[:, None], neg_len[:, None]),
-        "tfidf": (svd.transform(tfidf.transform(texts)), tfidf.transform(texts), tfidf.transform(neg_texts)),
-        "random": (rand[: len(texts)], np.abs(rand[: len(texts)]), np.abs(rand[len(texts):])),
+        "sae": (sae_design(X_all[:, code_columns(cfg.run_dir, sc.difficulty.codes)]),
+                sae_design(X_all[:, code_columns(cfg.run_dir, sc.cluster.codes)]), X_all[:, q_cols], X_neg_sae),
+        "length": (D_len, D_len, n_tokens.astype(float)[:, None], neg_len[:, None]),
+        "tfidf": (D_tfidf, D_tfidf, tfidf.transform(texts), tfidf.transform(neg_texts)),
+        "random": (rand[: len(texts)], rand[: len(texts)], np.abs(rand[: len(texts)]), np.abs(rand[len(texts):])),
     }
     res: dict = {m: {} for m in METRICS}
     per_type: dict = {}
-    for name, (D, Xp, Xn) in reps.items():
+    for name, (D, D_topic, Xp, Xn) in reps.items():
         res["difficulty_spearman"][name] = difficulty_spearman(D, y, cfg.seed)
-        res["topic_nmi"][name] = topic_nmi(D, topics, 7, cfg.seed)
+        res["topic_nmi"][name] = topic_nmi(D_topic, topics, 7, cfg.seed)
         q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed)
         res["quality_auroc"][name] = q["overall"]
         res["quality_auroc_loto"][name] = q["loto"]

@@ -63,13 +63,24 @@ def test_last_token_code_takes_each_rows_last_masked_token():
     assert features.last_token_code(codes, torch.zeros(2, 4, dtype=torch.bool)).abs().sum() == 0
 
 
-def test_top_k_keeps_largest_positive_values_in_descending_order():
+def test_top_k_dense_keeps_each_rows_largest_values_and_zeroes_the_rest():
     pooled = torch.tensor([[0.0, 3.0, 1.0, 0.0, 2.0, 5.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
-    idx, val, l0 = features.top_k_latents(pooled, 3)
-    assert idx[0].tolist() == [5, 1, 4] and val[0].tolist() == [5.0, 3.0, 2.0]
-    assert idx[1].tolist() == [5] and val[1].tolist() == [0.5]  # zeros are not latents
-    assert l0.tolist() == [4, 1]
-    assert idx[0].dtype == np.int32 and val[0].dtype == np.float32
+    out = features.top_k_dense(pooled, 3)
+    assert out[0].tolist() == [0.0, 3.0, 0.0, 0.0, 2.0, 5.0]
+    assert out[1].tolist() == pooled[1].tolist()  # fewer than k positives: nothing to drop
+    idx, val = [np.zeros(0, np.int32)] * 2, [np.zeros(0, np.float32)] * 2
+    features.append_block(idx, val, out, offset=6)
+    assert idx[0].tolist() == [7, 10, 11] and val[0].tolist() == [3.0, 2.0, 5.0] and idx[1].tolist() == [11]
+
+
+def test_halves_code_keeps_latents_present_in_both_halves_at_the_weaker_half():
+    # One prompt of 4 masked tokens (+1 pad); latent 0 fires in both halves, 1 only in the first, 2 only
+    # in the second (and on the pad, which must not count).
+    codes = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 4.0, 0.0], [0.5, 0.0, 3.0], [0.0, 0.0, 0.0], [9.0, 9.0, 9.0]]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    assert features.halves_code(codes, mask).tolist() == [[0.5, 0.0, 0.0]]
+    # A one-token prompt has an empty first half: nothing is in both.
+    assert features.halves_code(codes[:, :1], mask[:, :1]).abs().sum() == 0
 
 
 def test_length_buckets_cover_every_row_once_sorted_by_length():
@@ -183,17 +194,22 @@ def test_features_contract_one_sorted_row_per_prompt(featured_run):
     ids, X, n_tokens = load_features(run_dir)
     assert list(ids) == list(prompts["id"])  # part order = block order = prompts order
     d = summary["d_sae"]
-    assert cfg.features.last_token and summary["n_columns"] == 2 * d
-    assert X.shape == (len(prompts), 2 * d) and summary["rows"] == len(prompts)
+    assert summary["codes"] == cfg.features.codes == ["pooled", "last", "mean", "halves"]
+    assert summary["n_columns"] == 4 * d and X.shape == (len(prompts), 4 * d) and summary["rows"] == len(prompts)
     t = pq.read_table(f"{run_dir}/features/part-00000.parquet")
     assert t.schema.equals(features.SCHEMA)
     for idx, val, l0 in zip(t.column("idx").to_pylist(), t.column("val").to_pylist(), t.column("l0").to_pylist()):
-        pooled = [v for i, v in zip(idx, val) if i < d]
-        last = [i for i in idx if i >= d]
-        assert 0 < len(pooled) <= min(cfg.features.top_k, l0) and len(idx) == len(val) and min(val) > 0
-        assert all(a >= b for a, b in zip(pooled, pooled[1:]))
-        # the last token's code: some of the SAE's k active latents (TopK), each at most once
-        assert 0 < len(last) <= cfg.sae.k and len(set(last)) == len(last) and max(last) < 2 * d
+        band = {c: {i - k * d: v for i, v in zip(idx, val) if k * d <= i < (k + 1) * d}
+                for k, c in enumerate(summary["codes"])}
+        assert len(idx) == len(val) == len(set(idx)) and min(val) > 0
+        assert len(band["pooled"]) == min(cfg.features.top_k, l0) and 0 < len(band["mean"]) <= cfg.features.top_k
+        # the last token's code: some of the SAE's k active latents (TopK)
+        assert 0 < len(band["last"]) <= cfg.sae.k
+        # a latent's mean, last-token and both-halves values never exceed its max over the prompt, which
+        # is its pooled value, or (not in the pooled top-k) at most the smallest pooled value
+        floor = min(band["pooled"].values())
+        for c in ("last", "mean", "halves"):
+            assert all(v <= band["pooled"].get(i, floor) * (1 + 1e-5) for i, v in band[c].items()), c
     tok = load_tokenizer(cfg.model.name)
     enc = encode_prompts(tok, list(prompts["prompt"]), False, cfg.features.max_tokens)
     assert (n_tokens > 0).all() and (n_tokens <= [int(k.sum()) for k in enc.keep]).all()
@@ -221,7 +237,7 @@ def test_features_resume_computes_only_missing_blocks(featured_run, tmp_path, ti
     st = Stage(run_dir, "features", fingerprint(cfg.features, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae")))
     tmp = st.begin()
     fz = features.Featurizer(str(run_dir / "sae"), cfg.features.pooling, cfg.features.top_k, cfg.features.max_tokens, 4,
-                             cfg.features.last_token)
+                             tuple(cfg.features.codes))
     for b in (0, 3):
         sl = slice(b * 8, (b + 1) * 8)
         features.write_atomic(features.codes_table(ids[sl], fz.encode(prompts[sl])), features.part_path(tmp, b))

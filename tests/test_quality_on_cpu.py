@@ -88,14 +88,24 @@ def test_more_negatives_per_prompt_vary_the_kind_and_keep_the_first_round():
         make_negatives(texts, answers, per_prompt=0)
 
 
-def test_splits_keep_a_prompt_and_its_negatives_on_one_side():
+@pytest.mark.parametrize("folds", [2, 5])
+def test_splits_keep_a_prompt_and_its_negatives_in_one_fold_and_test_each_row_once(folds):
     types = np.array(list("abc") * 40)
     source = np.arange(120) % 60  # two negatives per prompt, as make_negatives(per_prompt=2) makes them
-    splits = evaluation_splits(types, 60, seed=0, neg_source=source)
-    for tr_pos, te_pos, tr_neg, te_neg in splits.values():
+    splits = evaluation_splits(types, 60, seed=0, neg_source=source, folds=folds)
+    assert len(splits) == folds * 4  # overall + one per held-out type, per fold
+    for name, (tr_pos, te_pos, tr_neg, te_neg) in splits:
         assert set(source[tr_neg]) <= set(tr_pos) and set(source[te_neg]) <= set(te_pos)
-    tr_pos, te_pos, tr_neg, te_neg = splits["overall"]
-    assert sorted(np.r_[tr_neg, te_neg]) == list(range(120)) and not set(tr_pos) & set(te_pos)
+        assert not set(tr_pos) & set(te_pos)
+        if name != "overall":
+            assert set(types[te_neg]) == {name} and name not in set(types[tr_neg])
+    for name in ("overall", "a"):
+        test_pos = np.concatenate([s[1] for n, s in splits if n == name])
+        test_neg = np.concatenate([s[3] for n, s in splits if n == name])
+        assert sorted(test_pos) == list(range(60))  # every positive scored exactly once, out of fold
+        assert sorted(test_neg) == sorted(np.flatnonzero(types == name) if name != "overall" else range(120))
+    with pytest.raises(ValueError, match="eval_folds must be >= 2"):
+        evaluation_splits(types, 60, seed=0, folds=1)
 
 
 def planted(n=400, d=40, seed=0):

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from saerl_ray import signals
 from saerl_ray.cluster import clustering_space
-from saerl_ray.config import load_config
+from saerl_ray.config import ConfigError, load_config
 from saerl_ray.difficulty import predict_from_json
 from saerl_ray.featureio import load_features
 from saerl_ray.ingest import prompt_id
@@ -39,6 +39,11 @@ def hashed_trigrams(texts: list[str]) -> sp.csr_matrix:
         cols += top.tolist()
         vals += counts[top].tolist()
     return sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(len(texts), D_SAE))
+
+
+def two_codes(texts: list[str]) -> sp.csr_matrix:
+    """Stand-in for features.codes [pooled, last]: trigrams of the whole text | of its last 12 characters."""
+    return sp.hstack([hashed_trigrams(texts), hashed_trigrams([t[-12:] for t in texts])]).tocsr()
 
 
 def read_jsonl(path, n):
@@ -66,7 +71,7 @@ def run_dir(tmp_path_factory, shared_data):
     pq.write_table(pa.Table.from_pandas(prompts, preserve_index=False), st.begin() / "prompts.parquet")
     st.commit({"rows": len(prompts)})
 
-    X = hashed_trigrams(prompts["prompt"].tolist())
+    X = two_codes(prompts["prompt"].tolist())
     st = Stage(run, "features", "features-fp")
     tmp = st.begin()
     for part, (a, b) in enumerate([(0, 70), (70, 140)]):  # two blocks, written in reverse order
@@ -78,7 +83,8 @@ def run_dir(tmp_path_factory, shared_data):
             "l0": pa.array([len(i) for i in idx], pa.int32()),
             "idx": pa.array(idx, pa.list_(pa.int32())), "val": pa.array(val, pa.list_(pa.float32())),
         }), tmp / f"part-{1 - part:05d}.parquet")
-    (tmp / "summary.json").write_text(json.dumps({"rows": 140, "d_sae": D_SAE}))
+    (tmp / "summary.json").write_text(json.dumps({"rows": 140, "d_sae": D_SAE, "codes": ["pooled", "last"],
+                                                  "n_columns": 2 * D_SAE}))
     st.commit()
     return run
 
@@ -86,6 +92,10 @@ def run_dir(tmp_path_factory, shared_data):
 def config(run_dir, **extra):
     return load_config(None, {
         "run_dir": str(run_dir),
+        "features.codes": ["pooled", "last"],
+        "signals.cluster.codes": ["pooled"],
+        "signals.difficulty.codes": ["pooled"],
+        "signals.quality.codes": ["pooled", "last"],
         "signals.cluster.k": 5,
         "signals.difficulty.n_labelled": None,
         "signals.difficulty.alphas": [1e-2, 1e-1],
@@ -98,7 +108,7 @@ def config(run_dir, **extra):
 
 
 def test_signals_stage_contract(run_dir, ray_cluster, capsys):
-    summary = signals.run(config(run_dir), featurize=hashed_trigrams)
+    summary = signals.run(config(run_dir), featurize=two_codes)
     out = run_dir / "signals"
     prompts = pq.read_table(run_dir / "ingest/prompts.parquet").to_pandas()
     table = pq.read_table(out / "assignments.parquet")
@@ -110,13 +120,16 @@ def test_signals_stage_contract(run_dir, ray_cluster, capsys):
     C = load_file(str(out / "centroids.safetensors"))["centroids"]
     assert C.shape == (5, D_SAE) and C.dtype == np.float32
     _, X, _ = load_features(run_dir, order=prompts["id"].tolist())
-    Z = clustering_space(X, "cosine").toarray()
+    Z = clustering_space(X[:, :D_SAE], "cosine").toarray()  # signals.cluster.codes: the pooled band only
     assert sorted(sig["cluster"].unique()) == list(range(5))
     d = np.linalg.norm(Z - C[sig["cluster"]], axis=1)
     np.testing.assert_allclose(sig["cluster_dist"], d, atol=1e-4)
     assert (d[:, None] <= np.linalg.norm(Z[:, None] - C[None], axis=2) + 1e-5).all()  # nearest centroid
     assert summary["cluster"]["sizes"] == np.bincount(sig["cluster"], minlength=5).tolist()
 
+    # Each model reads only its codes' columns; quality got some of the last-token band.
+    assert max(json.loads((out / "difficulty.json").read_text())["columns"]) < D_SAE
+    assert max(json.loads((out / "quality.json").read_text())["columns"]) >= D_SAE
     # The JSON models reproduce the stored columns; difficulty was fit on the MATH levels.
     np.testing.assert_allclose(predict_from_json(out / "difficulty.json", X), sig["difficulty_pred"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(score_from_json(out / "quality.json", X), sig["quality_score"], rtol=1e-5, atol=1e-6)
@@ -131,10 +144,20 @@ def test_signals_stage_contract(run_dir, ray_cluster, capsys):
 
 def test_signals_rerun_is_a_noop_and_config_change_recomputes(run_dir, ray_cluster):
     cfg = config(run_dir)
-    signals.run(cfg, featurize=hashed_trigrams)
+    signals.run(cfg, featurize=two_codes)
     marker = (run_dir / "signals/_DONE.json").read_text()
     signals.run(cfg, featurize=lambda texts: pytest.fail("a finished stage must not featurize again"))
     assert (run_dir / "signals/_DONE.json").read_text() == marker
-    summary = signals.run(config(run_dir, **{"signals.quality.keep_fraction": 0.5}), featurize=hashed_trigrams)
+    summary = signals.run(config(run_dir, **{"signals.quality.keep_fraction": 0.5}), featurize=two_codes)
     assert (run_dir / "signals/_DONE.json").read_text() != marker
     assert summary["kept"] == 70
+
+
+def test_config_rejects_a_signal_reading_a_code_the_features_stage_does_not_store():
+    with pytest.raises(ConfigError, match=r"signals.quality.codes .*'halves'.* features.codes"):
+        load_config(None, {"features.codes": ["pooled", "last"]})  # quality's default reads all four
+    with pytest.raises(ConfigError, match="features.codes"):
+        load_config(None, {"features.codes": ["pooled", "median"]})
+    cfg = load_config(None, {"features.codes": ["pooled"], "signals.cluster.codes": ["pooled"],
+                             "signals.difficulty.codes": ["pooled"], "signals.quality.codes": ["pooled"]})
+    assert cfg.features.codes == ["pooled"]
