@@ -33,7 +33,7 @@ import torch
 
 from saerl_ray import features, sae
 from saerl_ray.config import load_config
-from saerl_ray.featureio import load_features
+from saerl_ray.featureio import code_columns, load_features
 from saerl_ray.lens import encode_prompts, pad_right
 from saerl_ray.models import DTYPES, load_model, load_tokenizer
 from saerl_ray.stage import Stage
@@ -126,6 +126,7 @@ def main() -> None:
     summary = features.run(cfg)
     ours_s = time.perf_counter() - t
     _, X, _ = load_features(run_dir)
+    X = X[:, code_columns(run_dir, ["pooled"])]  # compared: the pooled code (the other codes aside)
 
     naive_s, dense, tokens, n_params = naive(texts, sae_dir, cfg, args.threads)
     # Naive codes cut to the same top-k, so both sides are the stored representation.
@@ -133,7 +134,7 @@ def main() -> None:
     cut = np.zeros_like(dense)
     top = np.argsort(-dense, axis=1)[:, :k]
     np.put_along_axis(cut, top, np.take_along_axis(dense, top, 1), 1)
-    cos = cosines(X[:, : cut.shape[1]].toarray(), cut)  # the pooled block (last-token block aside)
+    cos = cosines(X.toarray(), cut)
 
     peak = matmul_flops(DTYPES[lens.dtype], args.threads)
     ours_pps, naive_pps = len(texts) / ours_s, len(texts) / naive_s

@@ -112,13 +112,16 @@ def code_of(name: str, codes: torch.Tensor, mask: torch.Tensor, pooling: str) ->
     raise ValueError(f"unknown code {name!r}; features.codes must be among {CODES}")
 
 
-def append_block(idx: list[np.ndarray], val: list[np.ndarray], block: torch.Tensor, offset: int) -> None:
-    """Add each row's positive entries of `block` as columns offset.. (in place)."""
-    block = block.float().numpy()
-    for j, row in enumerate(block):
-        nz = np.flatnonzero(row > 0)
-        idx[j] = np.concatenate([idx[j], (nz + offset).astype(np.int32)])
-        val[j] = np.concatenate([val[j], row[nz].astype(np.float32)])
+def sparse_rows(x: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(B, n) -> per row: the columns of its positive entries (ascending) and their values."""
+    x = x.float()
+    rows, cols = torch.nonzero(x > 0, as_tuple=True)
+    counts = torch.bincount(rows, minlength=x.shape[0]).tolist()
+    cols_np = cols.numpy().astype(np.int32)
+    vals_np = x[rows, cols].numpy().astype(np.float32)
+    bounds = np.cumsum([0] + counts)
+    return ([cols_np[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+            [vals_np[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 @dataclass
@@ -158,13 +161,12 @@ class Featurizer:
                                                self.tok.pad_token_id):
             tokens = self.sae.encode(acts.float())
             b_l0 = (pool(tokens, mask, self.pooling) > 0).sum(1).numpy().astype(np.int32)
-            b_idx = [np.zeros(0, np.int32) for _ in rows]
-            b_val = [np.zeros(0, np.float32) for _ in rows]
-            for k, name in enumerate(self.codes):
+            bands = []
+            for name in self.codes:
                 code = code_of(name, tokens, mask, self.pooling)
-                if name in ("pooled", "mean"):  # pooled codes are dense: keep the top_k latents
-                    code = top_k_dense(code, self.top_k)
-                append_block(b_idx, b_val, code, k * self.d_sae)
+                # pooled codes are dense (hundreds of latents): keep the top_k
+                bands.append(top_k_dense(code, self.top_k) if name in ("pooled", "mean") else code)
+            b_idx, b_val = sparse_rows(torch.cat(bands, dim=1))
             for j, i in enumerate(rows):  # scatter back: bucketing sorted the rows by length
                 idx[i], val[i], l0[i] = b_idx[j], b_val[j], b_l0[j]
                 n_tokens[i] = int(mask[j].sum())

@@ -19,7 +19,9 @@ Writes `<run_dir>/validate/results.json` (the report shows it).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +162,11 @@ def _print_table(res: dict) -> None:
 
 
 def main(cfg: RunConfig, as_json: bool = False) -> int:
-    res = validate(cfg)
+    if as_json:  # stdout carries the JSON object only; stage progress lines go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            res = validate(cfg)
+    else:
+        res = validate(cfg)
     out = Path(cfg.run_dir) / "validate"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))

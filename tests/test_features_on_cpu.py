@@ -68,9 +68,9 @@ def test_top_k_dense_keeps_each_rows_largest_values_and_zeroes_the_rest():
     out = features.top_k_dense(pooled, 3)
     assert out[0].tolist() == [0.0, 3.0, 0.0, 0.0, 2.0, 5.0]
     assert out[1].tolist() == pooled[1].tolist()  # fewer than k positives: nothing to drop
-    idx, val = [np.zeros(0, np.int32)] * 2, [np.zeros(0, np.float32)] * 2
-    features.append_block(idx, val, out, offset=6)
+    idx, val = features.sparse_rows(torch.cat([torch.zeros(2, 6), out], dim=1))  # a second band at column 6
     assert idx[0].tolist() == [7, 10, 11] and val[0].tolist() == [3.0, 2.0, 5.0] and idx[1].tolist() == [11]
+    assert idx[0].dtype == np.int32 and val[0].dtype == np.float32
 
 
 def test_halves_code_keeps_latents_present_in_both_halves_at_the_weaker_half():

@@ -4,6 +4,8 @@ import json
 
 import pyarrow.parquet as pq
 
+from saerl_ray import validate
+
 from saerl_ray.cli import run_pipeline
 from saerl_ray.config import load_config
 
@@ -13,7 +15,7 @@ def tiny_run_config(run_dir, model_dir, shared_data, **extra):
         "run_dir": str(run_dir),
         "model.name": str(model_dir),
         "ingest.inputs": [
-            {"path": str(shared_data / "math500.jsonl"), "preset": "math", "limit": 80},
+            {"path": str(shared_data / "math500.jsonl"), "preset": "math", "limit": 100},
             {"path": str(shared_data / "gsm8k_train.jsonl"), "preset": "gsm8k", "limit": 80},
         ],
         "sae.layer": 1,
@@ -54,3 +56,18 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, shared_data, ray_cluster)
     assert (run / "plan/_DONE.json").read_text() != markers["plan"]
     assert (run / "features/_DONE.json").read_text() == markers["features"]
     assert json.loads((run / "plan/summary.json").read_text())
+
+
+def test_validate_json_is_the_only_stdout(tmp_path, tiny_model_dir, shared_data, ray_cluster, capsys):
+    cfg = tiny_run_config(tmp_path / "run", tiny_model_dir, shared_data)
+    assert validate.main(cfg, as_json=True) == 0  # runs ingest/sae/features itself
+    out, err = capsys.readouterr()
+    res = json.loads(out)  # stage progress went to stderr, not into the JSON
+    assert "[saerl-ray] features" in err
+    for metric in validate.METRICS:
+        assert set(res[metric]) == set(validate.REPS)
+    for rep in validate.REPS:
+        assert -1 <= res["difficulty_spearman"][rep] <= 1 and 0 <= res["topic_nmi"][rep] <= 1
+        assert 0 <= res["quality_auroc"][rep] <= 1 and set(res["quality_auroc_by_type"][rep]) == set(cfg.signals.quality.corruptions)
+    assert res["n"] == {"prompts": 100, "negatives": 100 * cfg.signals.quality.negatives_per_prompt}
+    assert json.loads((tmp_path / "run/validate/results.json").read_text()) == res
