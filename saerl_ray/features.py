@@ -160,10 +160,11 @@ class Featurizer:
         for rows, acts, mask in iter_residuals(self.model, self.lens.layer, enc, self.batch_size,
                                                self.tok.pad_token_id):
             tokens = self.sae.encode(acts.float())
-            b_l0 = (pool(tokens, mask, self.pooling) > 0).sum(1).numpy().astype(np.int32)
+            pooled = pool(tokens, mask, self.pooling)
+            b_l0 = (pooled > 0).sum(1).numpy().astype(np.int32)
             bands = []
             for name in self.codes:
-                code = code_of(name, tokens, mask, self.pooling)
+                code = pooled if name == "pooled" else code_of(name, tokens, mask, self.pooling)
                 # pooled codes are dense (hundreds of latents): keep the top_k
                 bands.append(top_k_dense(code, self.top_k) if name in ("pooled", "mean") else code)
             b_idx, b_val = sparse_rows(torch.cat(bands, dim=1))
