@@ -153,11 +153,13 @@ def test_signals_rerun_is_a_noop_and_config_change_recomputes(run_dir, ray_clust
     assert summary["kept"] == 70
 
 
-def test_config_rejects_a_signal_reading_a_code_the_features_stage_does_not_store():
+def test_signal_codes_follow_the_stored_codes_and_must_be_among_them():
+    cfg = load_config(None, {})
+    assert cfg.signals.difficulty.codes == cfg.signals.cluster.codes == ["pooled", "last"]
+    assert cfg.signals.quality.codes == cfg.features.codes == ["pooled", "last", "mean", "halves"]
+    cfg = load_config(None, {"features.codes": ["pooled", "mean"]})
+    assert cfg.signals.difficulty.codes == ["pooled"] and cfg.signals.quality.codes == ["pooled", "mean"]
     with pytest.raises(ConfigError, match=r"signals.quality.codes .*'halves'.* features.codes"):
-        load_config(None, {"features.codes": ["pooled", "last"]})  # quality's default reads all four
+        load_config(None, {"features.codes": ["pooled", "last"], "signals.quality.codes": ["pooled", "halves"]})
     with pytest.raises(ConfigError, match="features.codes"):
         load_config(None, {"features.codes": ["pooled", "median"]})
-    cfg = load_config(None, {"features.codes": ["pooled"], "signals.cluster.codes": ["pooled"],
-                             "signals.difficulty.codes": ["pooled"], "signals.quality.codes": ["pooled"]})
-    assert cfg.features.codes == ["pooled"]

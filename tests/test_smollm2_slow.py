@@ -28,7 +28,7 @@ def test_sae_and_features_on_smollm2(tmp_path, smollm2_dir, shared_data, ray_clu
     cfg = load_config(None, {
         "run_dir": str(run_dir), "model.name": str(smollm2_dir), "sae.layer": 6, "sae.expansion": 4,
         "sae.training_tokens": 32768, "sae.batch_size_tokens": 1024, "sae.holdout_prompts": 8,
-        "features.block_rows": 25, "features.top_k": 64,
+        "features.block_rows": 25, "features.top_k": 64, "features.codes": ["pooled"],
     })
     s = sae.run(cfg)
     assert s["d_in"] == 576 and s["d_sae"] == 4 * 576 and 0 < s["l0"] <= 32
