@@ -136,6 +136,14 @@ class FeaturesConfig(Section):
     # Rows per output block; a block is the unit of resume.
     block_rows: int = 512
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "last_token" in data:
+            raise ValueError("features.last_token was replaced by features.codes (e.g. [pooled, last]; "
+                             "default [pooled, last, mean, halves])")
+        return data
+
     @field_validator("codes")
     @classmethod
     def _codes(cls, v: list[str]) -> list[str]:
@@ -200,7 +208,7 @@ class QualityConfig(Section):
     # Codes the probe reads; None = all of features.codes: mean + halves lift AUROC 0.937 -> 0.960 on MATH-500.
     codes: list[str] | None = None
     # Held-out AUROC: positives cut into this many folds, every fold scored out-of-fold once.
-    eval_folds: int = 2
+    eval_folds: int = Field(2, ge=2)
     # Keep the top fraction by score, or everything above `threshold` when it is set.
     keep_fraction: float = 0.95
     threshold: float | None = None
@@ -353,18 +361,24 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _signal_codes(self) -> RunConfig:
-        """Unset signal codes follow features.codes; set ones must be among them."""
-        stored = list(self.features.codes)
-        regression = [c for c in ("pooled", "last") if c in stored] or stored
-        for name, default in (("cluster", regression), ("difficulty", regression), ("quality", stored)):
-            section = getattr(self.signals, name)
-            if section.codes is None:
-                section.codes = default
-            missing = [c for c in section.codes if c not in stored]
-            if not section.codes or missing:
-                raise ValueError(f"signals.{name}.codes {section.codes} must be a non-empty subset of "
-                                 f"features.codes {stored} (missing: {missing})")
+        for name in ("cluster", "difficulty", "quality"):
+            signal_codes(self, name)  # raises on a code features.codes lacks
         return self
+
+
+def signal_codes(cfg: RunConfig, signal: str) -> list[str]:
+    """The codes `signals.<signal>` reads: its own list, or when unset pooled + last for the regression and
+    k-means and every stored code for the probe. Each must be among features.codes."""
+    stored = list(cfg.features.codes)
+    own = getattr(cfg.signals, signal).codes
+    if own is None:
+        regression = [c for c in ("pooled", "last") if c in stored] or stored
+        return stored if signal == "quality" else regression
+    missing = [c for c in own if c not in stored]
+    if not own or missing or len(set(own)) != len(own):
+        raise ValueError(f"signals.{signal}.codes {own} must be a non-empty subset of features.codes {stored} "
+                         f"without repeats (missing: {missing})")
+    return list(own)
 
 
 class ConfigError(ValueError):

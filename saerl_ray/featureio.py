@@ -49,6 +49,17 @@ def code_columns(run_dir: str | Path, wanted: list[str]) -> np.ndarray:
     return np.concatenate([np.arange(codes.index(c) * d, (codes.index(c) + 1) * d) for c in wanted])
 
 
+def check_stored(run_dir: str | Path, f) -> None:
+    """The run's features must be what `f` (FeaturesConfig) would compute: new texts (quality negatives)
+    are featurised from the config, and their columns must line up with the stored ones."""
+    summary = json.loads((Path(run_dir) / "features" / "summary.json").read_text())
+    stored = (stored_codes(run_dir)[0], summary.get("pooling"), summary.get("top_k"))
+    wanted = (list(f.codes), f.pooling, f.top_k)
+    if stored != wanted:
+        raise ValueError(f"{Path(run_dir) / 'features'} holds codes/pooling/top_k {stored} but the config asks for "
+                         f"{wanted}; rerun the features stage (`saerl-ray features` with this config)")
+
+
 def keep_columns(X: sp.spmatrix, cols: np.ndarray) -> sp.csr_matrix:
     """X with every column outside `cols` zeroed, same shape: a model fit on it stores column indices
     that are valid in the full matrix, so reloading it needs no knowledge of the codes."""

@@ -56,11 +56,14 @@ def _cluster_map(run_dir: Path, ids: np.ndarray, clusters: np.ndarray) -> str:
     from sklearn.decomposition import TruncatedSVD
     from sklearn.preprocessing import normalize
 
-    from saerl_ray.featureio import load_features
+    from saerl_ray.featureio import code_columns, load_features
 
     rng = np.random.default_rng(0)
     take = np.sort(rng.choice(len(ids), size=min(3000, len(ids)), replace=False))
     _, X, _ = load_features(run_dir, order=list(ids[take]))
+    clustered = json.loads((run_dir / "signals/summary.json").read_text()).get("codes", {}).get("cluster")
+    if clustered:  # the codes k-means saw, not every stored one
+        X = X[:, code_columns(run_dir, clustered)]
     xy = TruncatedSVD(n_components=2, random_state=0).fit_transform(normalize(X))
     fig, ax = plt.subplots(figsize=(6, 5))
     sc = ax.scatter(xy[:, 0], xy[:, 1], c=clusters[take], cmap="tab20", s=6, alpha=0.7)

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 from safetensors.numpy import save_file
 
 from saerl_ray.cluster import clustering_space, kmeans
-from saerl_ray.config import RunConfig, fingerprint
+from saerl_ray.config import RunConfig, fingerprint, signal_codes
 from saerl_ray.difficulty import run_difficulty
-from saerl_ray.featureio import code_columns, keep_columns, load_features
+from saerl_ray.featureio import check_stored, code_columns, keep_columns, load_features
 from saerl_ray.quality import Featurizer, run_quality
 from saerl_ray.raycluster import init_ray
 from saerl_ray.stage import Stage, marker_of
@@ -70,19 +70,21 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     init_ray(cfg.ray)
     tmp = st.begin(keep_partial=False)
     prompts = pq.read_table(Path(cfg.run_dir) / "ingest/prompts.parquet").to_pandas()
+    check_stored(cfg.run_dir, cfg.features)
     _, X, n_tokens = load_features(cfg.run_dir, order=prompts["id"].tolist())
 
     # Each signal reads its own codes (signals.*.codes; docs/decisions.md).
+    codes = {name: signal_codes(cfg, name) for name in ("cluster", "difficulty", "quality")}
     c = sc.cluster
-    Z = clustering_space(X[:, code_columns(cfg.run_dir, c.codes)], c.metric, c.projection, cfg.seed)
+    Z = clustering_space(X[:, code_columns(cfg.run_dir, codes["cluster"])], c.metric, c.projection, cfg.seed)
     km = kmeans(Z, c.k, max_iter=c.max_iter, tol=c.tol, init_sample=c.init_sample,
                 init_trials=c.init_trials, seed=cfg.seed,
                 num_tasks=_num_tasks(c.num_tasks))
     save_file({"centroids": km.centroids}, str(tmp / "centroids.safetensors"))
 
-    X_d = keep_columns(X, code_columns(cfg.run_dir, sc.difficulty.codes))
+    X_d = keep_columns(X, code_columns(cfg.run_dir, codes["difficulty"]))
     difficulty, d_metrics = run_difficulty(prompts, X_d, n_tokens, sc.difficulty, cfg.seed, tmp / "difficulty.json")
-    q_cols = code_columns(cfg.run_dir, sc.quality.codes)
+    q_cols = code_columns(cfg.run_dir, codes["quality"])
     featurize = featurize or default_featurizer(cfg)
     score, keep, q_metrics = run_quality(
         prompts, keep_columns(X, q_cols), sc.quality, cfg.seed, lambda texts: keep_columns(featurize(texts), q_cols),
@@ -97,6 +99,7 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     sizes = np.bincount(km.labels, minlength=c.k)
     summary = {
         "rows": len(prompts), "kept": int(keep.sum()),
+        "codes": codes,
         "cluster": {"k": c.k, "metric": c.metric, "projection": c.projection, "sizes": sizes.tolist(),
                     "inertia": km.inertia, "n_iter": km.n_iter, "converged": km.converged,
                     "reseeded": km.n_reseeded, "dims": int(Z.shape[1])},

@@ -89,7 +89,12 @@ def _load(cfg: RunConfig):
     from saerl_ray.cli import run_pipeline
     from saerl_ray.featureio import load_features
 
-    run_pipeline(cfg, ["ingest", "sae", "features"])  # also starts Ray: the probe's folds run as tasks
+    from saerl_ray.featureio import check_stored
+    from saerl_ray.raycluster import init_ray
+
+    run_pipeline(cfg, ["ingest", "sae", "features"])
+    check_stored(cfg.run_dir, cfg.features)
+    init_ray(cfg.ray)  # the probe's folds run as Ray tasks
     prompts = pq.read_table(Path(cfg.run_dir) / "ingest/prompts.parquet").to_pandas()
     math = prompts[prompts["source"] == "math500"].reset_index(drop=True)
     if len(math) < 100:
@@ -99,13 +104,13 @@ def _load(cfg: RunConfig):
 
 
 def validate(cfg: RunConfig) -> dict:
+    from saerl_ray.config import signal_codes
     from saerl_ray.featureio import code_columns
     from saerl_ray.features import featurize_texts
     from saerl_ray.quality import make_negatives
 
     math, X_all, n_tokens = _load(cfg)
-    sc = cfg.signals
-    q_cols = code_columns(cfg.run_dir, sc.quality.codes)
+    q_cols = code_columns(cfg.run_dir, signal_codes(cfg, "quality"))
     texts = math["prompt"].tolist()
     y = math["difficulty"].to_numpy(float)
     topics = math["topic"].to_numpy()
@@ -128,8 +133,8 @@ def validate(cfg: RunConfig) -> dict:
     D_tfidf = svd.transform(tfidf.transform(texts))
     D_len = np.log(n_tokens.astype(float))[:, None]
     reps = {
-        "sae": (sae_design(X_all[:, code_columns(cfg.run_dir, sc.difficulty.codes)]),
-                sae_design(X_all[:, code_columns(cfg.run_dir, sc.cluster.codes)]), X_all[:, q_cols], X_neg_sae),
+        "sae": (sae_design(X_all[:, code_columns(cfg.run_dir, signal_codes(cfg, "difficulty"))]),
+                sae_design(X_all[:, code_columns(cfg.run_dir, signal_codes(cfg, "cluster"))]), X_all[:, q_cols], X_neg_sae),
         "length": (D_len, D_len, n_tokens.astype(float)[:, None], neg_len[:, None]),
         "tfidf": (D_tfidf, D_tfidf, tfidf.transform(texts), tfidf.transform(neg_texts)),
         "random": (rand[: len(texts)], rand[: len(texts)], np.abs(rand[: len(texts)]), np.abs(rand[len(texts):])),

@@ -3,9 +3,11 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -81,6 +83,10 @@ def test_halves_code_keeps_latents_present_in_both_halves_at_the_weaker_half():
     assert features.halves_code(codes, mask).tolist() == [[0.5, 0.0, 0.0]]
     # A one-token prompt has an empty first half: nothing is in both.
     assert features.halves_code(codes[:, :1], mask[:, :1]).abs().sum() == 0
+    # Halves split the masked tokens, not the positions: with position 0 dropped (the attention sink)
+    # the kept tokens 1, 2, 3 split 1 | 2, 3, so latent 1 (4.0 on token 1, 1.5 on token 3) is in both.
+    codes[0, 3, 1] = 1.5
+    assert features.halves_code(codes, torch.tensor([[False, True, True, True, False]])).tolist() == [[0.0, 1.5, 0.0]]
 
 
 def test_length_buckets_cover_every_row_once_sorted_by_length():
@@ -214,6 +220,24 @@ def test_features_contract_one_sorted_row_per_prompt(featured_run):
     enc = encode_prompts(tok, list(prompts["prompt"]), False, cfg.features.max_tokens)
     assert (n_tokens > 0).all() and (n_tokens <= [int(k.sum()) for k in enc.keep]).all()
     assert summary["tokens"] == int(n_tokens.sum()) and summary["blocks_computed"] == 5
+
+
+def test_each_code_lands_in_its_own_band_whatever_the_order(featured_run):
+    cfg, summary = featured_run
+    prompts = pq.read_table(f"{cfg.run_dir}/ingest/prompts.parquet").column("prompt").to_pylist()[:6]
+    d, sae_dir, f = summary["d_sae"], str(Path(cfg.run_dir) / "sae"), cfg.features
+    bands = {}
+    for codes in (("pooled", "last", "mean", "halves"), ("halves", "mean", "pooled")):
+        c = features.Featurizer(sae_dir, f.pooling, f.top_k, f.max_tokens, 4, codes).encode(prompts)
+        X = sp.csr_matrix((np.concatenate(c.val), np.concatenate(c.idx),
+                           np.cumsum([0] + [len(i) for i in c.idx])), shape=(6, len(codes) * d)).toarray()
+        for k, name in enumerate(codes):
+            bands.setdefault(name, []).append(X[:, k * d:(k + 1) * d])
+    for name in ("pooled", "mean", "halves"):
+        np.testing.assert_allclose(*bands[name], rtol=1e-5)
+    # and the bands differ from each other (a swap would show)
+    assert not np.allclose(bands["mean"][0], bands["halves"][0])
+    assert not np.allclose(bands["mean"][0], bands["pooled"][0])
 
 
 def test_featurize_texts_matches_the_stage(featured_run):

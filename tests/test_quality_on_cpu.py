@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from saerl_ray.difficulty import design
 from saerl_ray.quality import (
-    CORRUPTIONS, OFFDOMAIN_SENTENCES, evaluation_splits, fit_quality_probe, garble, keep_mask, leak,
+    CORRUPTIONS, OFFDOMAIN_SENTENCES, evaluation_splits, pooled_aurocs, fit_quality_probe, garble, keep_mask, leak,
     make_negatives, mismatch, offdomain, probe_scores, score_from_json, shuffle, truncate,
 )
 
@@ -106,6 +107,17 @@ def test_splits_keep_a_prompt_and_its_negatives_in_one_fold_and_test_each_row_on
         assert sorted(test_neg) == sorted(np.flatnonzero(types == name) if name != "overall" else range(120))
     with pytest.raises(ValueError, match="eval_folds must be >= 2"):
         evaluation_splits(types, 60, seed=0, folds=1)
+
+
+def test_pooled_aurocs_is_one_auroc_over_all_folds_scores():
+    rng = np.random.default_rng(0)
+    splits = [("overall", None), ("a", None), ("overall", None), ("a", None)]
+    scores = [(rng.random(5), rng.random(7)) for _ in splits]
+    out = pooled_aurocs(splits, scores)
+    for name, idx in (("overall", [0, 2]), ("a", [1, 3])):
+        pos = np.concatenate([scores[i][0] for i in idx])
+        neg = np.concatenate([scores[i][1] for i in idx])
+        assert out[name] == pytest.approx(roc_auc_score(np.r_[np.ones(10), np.zeros(14)], np.r_[pos, neg]))
 
 
 def planted(n=400, d=40, seed=0):

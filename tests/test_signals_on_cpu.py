@@ -17,9 +17,9 @@ from safetensors.numpy import load_file
 
 from saerl_ray import signals
 from saerl_ray.cluster import clustering_space
-from saerl_ray.config import ConfigError, load_config
+from saerl_ray.config import ConfigError, load_config, signal_codes
 from saerl_ray.difficulty import predict_from_json
-from saerl_ray.featureio import load_features
+from saerl_ray.featureio import code_columns, load_features, stored_codes
 from saerl_ray.ingest import prompt_id
 from saerl_ray.quality import CORRUPTIONS, score_from_json
 from saerl_ray.stage import Stage
@@ -84,7 +84,7 @@ def run_dir(tmp_path_factory, shared_data):
             "idx": pa.array(idx, pa.list_(pa.int32())), "val": pa.array(val, pa.list_(pa.float32())),
         }), tmp / f"part-{1 - part:05d}.parquet")
     (tmp / "summary.json").write_text(json.dumps({"rows": 140, "d_sae": D_SAE, "codes": ["pooled", "last"],
-                                                  "n_columns": 2 * D_SAE}))
+                                                  "n_columns": 2 * D_SAE, "pooling": "max", "top_k": 128}))
     st.commit()
     return run
 
@@ -155,11 +155,34 @@ def test_signals_rerun_is_a_noop_and_config_change_recomputes(run_dir, ray_clust
 
 def test_signal_codes_follow_the_stored_codes_and_must_be_among_them():
     cfg = load_config(None, {})
-    assert cfg.signals.difficulty.codes == cfg.signals.cluster.codes == ["pooled", "last"]
-    assert cfg.signals.quality.codes == cfg.features.codes == ["pooled", "last", "mean", "halves"]
+    assert cfg.signals.quality.codes is None  # unset stays unset: resolved where it is used
+    assert signal_codes(cfg, "difficulty") == signal_codes(cfg, "cluster") == ["pooled", "last"]
+    assert signal_codes(cfg, "quality") == cfg.features.codes == ["pooled", "last", "mean", "halves"]
     cfg = load_config(None, {"features.codes": ["pooled", "mean"]})
-    assert cfg.signals.difficulty.codes == ["pooled"] and cfg.signals.quality.codes == ["pooled", "mean"]
+    assert signal_codes(cfg, "difficulty") == ["pooled"] and signal_codes(cfg, "quality") == ["pooled", "mean"]
     with pytest.raises(ConfigError, match=r"signals.quality.codes .*'halves'.* features.codes"):
         load_config(None, {"features.codes": ["pooled", "last"], "signals.quality.codes": ["pooled", "halves"]})
+    with pytest.raises(ConfigError, match="without repeats"):
+        load_config(None, {"signals.cluster.codes": ["pooled", "pooled"]})
     with pytest.raises(ConfigError, match="features.codes"):
         load_config(None, {"features.codes": ["pooled", "median"]})
+    with pytest.raises(ConfigError, match="replaced by features.codes"):
+        load_config(None, {"features.last_token": True})
+    with pytest.raises(ConfigError, match="eval_folds"):
+        load_config(None, {"signals.quality.eval_folds": 1})
+
+
+def test_signals_refuses_features_computed_with_other_codes(run_dir):
+    # The fixture stores [pooled, last]; negatives featurised with the default four codes would not line up.
+    with pytest.raises(ValueError, match="rerun the features stage"):
+        signals.run(load_config(None, {"run_dir": str(run_dir)}), featurize=two_codes)
+
+
+def test_stored_codes_reads_runs_from_before_codes_existed(tmp_path):
+    (tmp_path / "features").mkdir()
+    for summary, codes in (({"last_token": True}, ["pooled", "last"]), ({"last_token": False}, ["pooled"]), ({}, ["pooled"])):
+        (tmp_path / "features/summary.json").write_text(json.dumps({"d_sae": 8, **summary}))
+        assert stored_codes(tmp_path) == (codes, 8)
+    assert code_columns(tmp_path, ["pooled"]).tolist() == list(range(8))
+    with pytest.raises(ValueError, match=r"code\(s\) \['last'\] not in"):
+        code_columns(tmp_path, ["last"])
