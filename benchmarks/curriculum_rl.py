@@ -198,7 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     for arm in args.arms:
         arm_dir = out / arm
         for stage in upstream:  # same upstream outputs (and markers) for every arm
-            if not (arm_dir / stage).exists():
+            base_marker = (out / "base" / stage / "_DONE.json").read_text()
+            done = arm_dir / stage / "_DONE.json"
+            if not done.exists() or done.read_text() != base_marker:  # absent, or left by an older base
+                shutil.rmtree(arm_dir / stage, ignore_errors=True)
                 shutil.copytree(out / "base" / stage, arm_dir / stage)
         cfg = load_config(None, {**overrides, "run_dir": str(arm_dir), "plan.variant": arm})
         t = time.time()
