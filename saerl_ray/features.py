@@ -100,9 +100,10 @@ def halves_code(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.minimum(pool(codes, first, "max"), pool(codes, second, "max"))
 
 
-def code_of(name: str, codes: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+def code_of(name: str, codes: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """One per-prompt code from the (B, T, d) token codes; `pooled` = their features.pooling, computed once."""
     if name == "pooled":
-        return pool(codes, mask, pooling)
+        return pooled
     if name == "last":
         return last_token_code(codes, mask)
     if name == "mean":
@@ -164,7 +165,7 @@ class Featurizer:
             b_l0 = (pooled > 0).sum(1).numpy().astype(np.int32)
             bands = []
             for name in self.codes:
-                code = pooled if name == "pooled" else code_of(name, tokens, mask, self.pooling)
+                code = code_of(name, tokens, mask, pooled)
                 # pooled codes are dense (hundreds of latents): keep the top_k
                 bands.append(top_k_dense(code, self.top_k) if name in ("pooled", "mean") else code)
             b_idx, b_val = sparse_rows(torch.cat(bands, dim=1))
