@@ -179,7 +179,8 @@ class DifficultyConfig(Section):
     label_file: str | None = None
     # Labelled subset size (the paper uses a small subset; None = all labelled rows).
     n_labelled: int | None = 2000
-    # Codes the regression reads; None = pooled + last: more cost Spearman on MATH-500 (0.509 -> 0.498 adding mean).
+    # Codes the regression reads; None = pooled + halves: over three SAE seeds on MATH-500, Spearman 0.457
+    # mean vs 0.408 for pooled + last (docs/decisions.md).
     codes: list[str] | None = None
     alphas: list[float] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     l1_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
@@ -367,13 +368,15 @@ class RunConfig(Section):
 
 
 def signal_codes(cfg: RunConfig, signal: str) -> list[str]:
-    """The codes `signals.<signal>` reads: its own list, or when unset pooled + last for the regression and
-    k-means and every stored code for the probe. Each must be among features.codes."""
+    """The codes `signals.<signal>` reads: its own list, or when unset pooled + halves for the regression,
+    pooled + last for k-means and every stored code for the probe. Each must be among features.codes."""
     stored = list(cfg.features.codes)
     own = getattr(cfg.signals, signal).codes
     if own is None:
-        regression = [c for c in ("pooled", "last") if c in stored] or stored
-        return stored if signal == "quality" else regression
+        if signal == "quality":
+            return stored
+        second = "halves" if signal == "difficulty" else "last"
+        return [c for c in ("pooled", second) if c in stored] or stored
     missing = [c for c in own if c not in stored]
     if not own or missing or len(set(own)) != len(own):
         raise ValueError(f"signals.{signal}.codes {own} must be a non-empty subset of features.codes {stored} "

@@ -59,8 +59,11 @@ def _num_tasks(requested: int) -> int:
 
 def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     sc = cfg.signals
+    # Each signal reads its own codes (signals.*.codes; docs/decisions.md). Fingerprinted resolved, not
+    # as the config's None: a changed default must recompute the stage.
+    codes = {name: signal_codes(cfg, name) for name in ("cluster", "difficulty", "quality")}
     fp = fingerprint(
-        sc, cfg.seed, marker_of(cfg.run_dir, "ingest"), marker_of(cfg.run_dir, "features"),
+        sc, codes, cfg.seed, marker_of(cfg.run_dir, "ingest"), marker_of(cfg.run_dir, "features"),
         _file_digest(sc.difficulty.label_file),
     )
     st = Stage(cfg.run_dir, "signals", fp)
@@ -73,8 +76,6 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     check_stored(cfg.run_dir, cfg.features)
     _, X, n_tokens = load_features(cfg.run_dir, order=prompts["id"].tolist())
 
-    # Each signal reads its own codes (signals.*.codes; docs/decisions.md).
-    codes = {name: signal_codes(cfg, name) for name in ("cluster", "difficulty", "quality")}
     c = sc.cluster
     Z = clustering_space(X[:, code_columns(cfg.run_dir, codes["cluster"])], c.metric, c.projection, cfg.seed)
     km = kmeans(Z, c.k, max_iter=c.max_iter, tol=c.tol, init_sample=c.init_sample,

@@ -148,6 +148,9 @@ def test_signals_rerun_is_a_noop_and_config_change_recomputes(run_dir, ray_clust
     marker = (run_dir / "signals/_DONE.json").read_text()
     signals.run(cfg, featurize=lambda texts: pytest.fail("a finished stage must not featurize again"))
     assert (run_dir / "signals/_DONE.json").read_text() == marker
+    # The fingerprint holds the resolved codes: spelling out the default is the same run.
+    spelled = config(run_dir, **{"signals.difficulty.codes": signal_codes(cfg, "difficulty")})
+    signals.run(spelled, featurize=lambda texts: pytest.fail("same resolved codes must not recompute"))
     summary = signals.run(config(run_dir, **{"signals.quality.keep_fraction": 0.5}), featurize=two_codes)
     assert (run_dir / "signals/_DONE.json").read_text() != marker
     assert summary["kept"] == 70
@@ -156,7 +159,8 @@ def test_signals_rerun_is_a_noop_and_config_change_recomputes(run_dir, ray_clust
 def test_signal_codes_follow_the_stored_codes_and_must_be_among_them():
     cfg = load_config(None, {})
     assert cfg.signals.quality.codes is None  # unset stays unset: resolved where it is used
-    assert signal_codes(cfg, "difficulty") == signal_codes(cfg, "cluster") == ["pooled", "last"]
+    assert signal_codes(cfg, "difficulty") == ["pooled", "halves"]
+    assert signal_codes(cfg, "cluster") == ["pooled", "last"]
     assert signal_codes(cfg, "quality") == cfg.features.codes == ["pooled", "last", "mean", "halves"]
     cfg = load_config(None, {"features.codes": ["pooled", "mean"]})
     assert signal_codes(cfg, "difficulty") == ["pooled"] and signal_codes(cfg, "quality") == ["pooled", "mean"]
