@@ -202,8 +202,8 @@ class QualityConfig(Section):
         default_factory=lambda: ["truncate", "shuffle", "mismatch", "leak", "offdomain", "garble"]
     )
     # Positives sampled for the probe. Featurising their negatives dominates the signals stage
-    # (~30 texts/s on 2 cores): 1,200 x 3 negatives for the 10-minute `make run` (main-run AUROC 0.986 at
-    # 1,500 and 0.988 at 2,000; `make run` took 10 min 26 s at 1,500 once difficulty read pooled + halves).
+    # (~30 texts/s on 2 cores): 1,200 x 3 negatives, aiming at the 10-minute `make run` (10 min 07 s; 10 min 26 s
+    # at 1,500). Main-run AUROC 0.986 at 1,200 and at 1,500, 0.988 at 2,000.
     n_train: int = 1200
     # Synthetic negatives per positive (round-robin types; each round gives a prompt another type).
     negatives_per_prompt: int = 3
