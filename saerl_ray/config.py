@@ -368,6 +368,10 @@ class RunConfig(Section):
         return self
 
 
+# Codes read when signals.<signal>.codes is unset (the probe reads every stored code); docs/decisions.md.
+DEFAULT_CODES = {"cluster": ("pooled", "last"), "difficulty": ("pooled", "halves")}
+
+
 def signal_codes(cfg: RunConfig, signal: str) -> list[str]:
     """The codes `signals.<signal>` reads: its own list, or when unset pooled + halves for the regression,
     pooled + last for k-means and every stored code for the probe. Each must be among features.codes."""
@@ -376,8 +380,7 @@ def signal_codes(cfg: RunConfig, signal: str) -> list[str]:
     if own is None:
         if signal == "quality":
             return stored
-        second = "halves" if signal == "difficulty" else "last"
-        return [c for c in ("pooled", second) if c in stored] or stored
+        return [c for c in DEFAULT_CODES[signal] if c in stored] or stored
     missing = [c for c in own if c not in stored]
     if not own or missing or len(set(own)) != len(own):
         raise ValueError(f"signals.{signal}.codes {own} must be a non-empty subset of features.codes {stored} "
