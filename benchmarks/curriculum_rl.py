@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "shuffled" not in args.arms:
         sys.exit("the shuffled arm is the baseline: keep it in --arms")
 
-    from saerl_ray.cli import run_pipeline
+    from saerl_ray.pipeline import run_pipeline
     from saerl_ray.config import load_config
 
     out = Path(args.out).resolve()

@@ -49,7 +49,7 @@ def real_prompts(n: int) -> list[str]:
 
 def write_ingest(run_dir: Path, texts: list[str]) -> None:
     st = Stage(run_dir, "ingest", f"bench-{len(texts)}")
-    tmp = st.begin(keep_partial=False)
+    tmp = Path(st.begin(keep_partial=False))
     pq.write_table(pa.table({"id": [f"{i:016x}" for i in range(len(texts))], "prompt": texts,
                              "split": ["train"] * len(texts)}), tmp / "prompts.parquet")
     st.commit({"rows": len(texts)})

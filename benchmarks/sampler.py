@@ -48,7 +48,7 @@ def synthetic_plan(run_dir: Path, n: int, k: int, batch: int, seed: int) -> pa.T
         "cluster": p["cluster"], "difficulty_pred": p["difficulty_pred"], "mixed": p["mixed"],
     }, schema=PLAN_SCHEMA)
     st = Stage(run_dir, "plan", "bench")
-    tmp = st.begin(keep_partial=False)
+    tmp = Path(st.begin(keep_partial=False))
     pq.write_table(table, tmp / "plan.parquet", row_group_size=65536)
     st.commit({"planned": m})
     return table

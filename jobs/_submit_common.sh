@@ -8,3 +8,10 @@ if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then
   export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The python that has saerl_ray installed (the one `make` builds, else whatever is on PATH).
+PY="${SAERL_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
+# stage_config CONFIG [flags...]: put every input where the cluster's nodes can read it and print the
+# staged config's path (under run_dir). A relative run_dir or a missing input fails here, not on a node.
+stage_config() { "$PY" -m saerl_ray.submit "$@"; }
+# A unique, readable submission id: <kind>-<time>-<random>.
+submission_id() { echo "saerl-$1-$(date +%Y%m%d-%H%M%S)-$RANDOM"; }

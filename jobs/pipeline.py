@@ -19,7 +19,8 @@ from pathlib import Path
 # `python jobs/pipeline.py` from a working_dir upload: the package sits next to jobs/, maybe uninstalled.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saerl_ray.cli import PIPELINE, _overrides, build_parser, run_pipeline  # noqa: E402
+from saerl_ray.cli import build_parser, overrides  # noqa: E402
+from saerl_ray.pipeline import PIPELINE, run_pipeline  # noqa: E402
 from saerl_ray.config import ConfigError, load_config  # noqa: E402
 from saerl_ray.raycluster import init_ray  # noqa: E402
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ns = build_parser().parse_args(["run", *rest])
     try:
-        cfg = load_config(ns.config, _overrides(ns))
+        cfg = load_config(ns.config, overrides(ns))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

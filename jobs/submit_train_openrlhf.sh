@@ -5,7 +5,8 @@
 # The driver needs no GPU; OpenRLHF's actors and vLLM engines request theirs from the autoscaler.
 set -euo pipefail
 source "$(dirname "$0")/_submit_common.sh"
-CONFIG="${1:?usage: $0 CONFIG.yaml [dotted flags...]}"; shift
-ray job submit --no-wait --submission-id "saerl-openrlhf-$(date +%Y%m%d-%H%M%S)" \
+[ $# -ge 1 ] || { echo "usage: $0 CONFIG.yaml [dotted flags...]" >&2; exit 2; }
+STAGED="$(stage_config "$@" --train.backend openrlhf)"
+ray job submit --no-wait --submission-id "${SAERL_SUBMISSION_ID:-$(submission_id openrlhf)}" \
   --runtime-env jobs/runtime_env_gpu.yaml --entrypoint-num-cpus 1 \
-  -- python jobs/stage.py train --config "$CONFIG" --train.backend openrlhf "$@"
+  -- python jobs/stage.py train --config "$STAGED"

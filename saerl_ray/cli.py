@@ -11,31 +11,14 @@ Flags override the YAML; values are parsed as YAML (`--eval.benchmarks '[math500
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-import time
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
 from saerl_ray.config import ConfigError, RunConfig, load_config
-
-# stage name -> "module:function"; each function takes a RunConfig and returns a summary dict.
-STAGES: dict[str, str] = {
-    "ingest": "saerl_ray.ingest:run",
-    "sae": "saerl_ray.sae:run",
-    "features": "saerl_ray.features:run",
-    "signals": "saerl_ray.signals:run",
-    "plan": "saerl_ray.plan:run",
-    "report": "saerl_ray.report:run",
-    "label": "saerl_ray.label:run",
-    "train": "saerl_ray.train:run",
-    "eval": "saerl_ray.evaluate:run",
-}
-# What `saerl-ray run` executes, in order.
-PIPELINE = ["ingest", "sae", "features", "signals", "plan", "report"]
-
+from saerl_ray.pipeline import STAGES, call_stage, run_pipeline
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
     out = []
@@ -56,7 +39,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{path}", dest=f"cfg:{path}", metavar="V", default=None)
 
 
-def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+def overrides(ns: argparse.Namespace) -> dict[str, Any]:
     ov: dict[str, Any] = {}
     for k, v in vars(ns).items():
         if k.startswith("cfg:") and v is not None:
@@ -72,20 +55,6 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
             for path in inputs
         ]
     return ov
-
-
-def call_stage(name: str, cfg: RunConfig) -> dict:
-    mod_name, fn = STAGES[name].split(":")
-    return getattr(importlib.import_module(mod_name), fn)(cfg)
-
-
-def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict[str, dict]:
-    results = {}
-    for name in stages or PIPELINE:
-        t = time.time()
-        results[name] = call_stage(name, cfg)
-        print(f"[saerl-ray] {name}: done in {time.time() - t:.1f}s", flush=True)
-    return results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ns = build_parser().parse_args(argv)
     try:
-        cfg = load_config(ns.config, _overrides(ns))
+        cfg = load_config(ns.config, overrides(ns))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

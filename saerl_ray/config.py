@@ -84,8 +84,12 @@ class SAEConfig(Section):
     batch_size_tokens: int = 4096
     # 2e-3 suits these short runs: held-out EV 0.75 vs 0.39 at 4e-4 (same 200k samples, SmolLM2 L12).
     lr: float = 2e-3
-    # Prompts per forward pass while streaming activations.
+    # Prompts per forward pass while streaming activations on CPU (on GPU the token budget decides).
     prompt_batch_size: int = 32
+    max_tokens_per_batch: int | None = Field(None, ge=1, description=(
+        "Padded tokens per lens forward while streaming activations (length-sorted prompts packed up to "
+        "this budget). None: on CPU prompt_batch_size prompts decide (the measured default), on GPU "
+        "16,384 tokens. Must be >= max_tokens_per_prompt."))
     # Token activations kept in the shuffle buffer (memory = buffer * d_model * 4 bytes).
     buffer_tokens: int = 65536
     max_tokens_per_prompt: int = 256
@@ -97,6 +101,10 @@ class SAEConfig(Section):
     holdout_prompts: int = 200
     # Lens compute dtype (SAE activations and features); bf16 ran 2-4x faster, pooled codes cos 0.99 vs fp32.
     lens_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    hf_cache: str | None = Field(None, description=(
+        "Hugging Face hub cache folder holding the pretrained release (source=pretrained), e.g. on shared "
+        "storage that every node mounts; None: the HF_HUB_CACHE / HF_HOME of the environment. Nothing is "
+        "downloaded when HF_HUB_OFFLINE=1."))
 
     @model_validator(mode="after")
     def _source_fields(self) -> SAEConfig:
@@ -104,12 +112,19 @@ class SAEConfig(Section):
             raise ValueError("sae.source=pretrained needs sae.release and sae.sae_id")
         if self.source == "disk" and not self.path:
             raise ValueError("sae.source=disk needs sae.path")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_tokens_per_prompt:
+            raise ValueError(f"sae.max_tokens_per_batch={self.max_tokens_per_batch} is below "
+                             f"sae.max_tokens_per_prompt={self.max_tokens_per_prompt}: a long prompt would not fit")
         return self
 
 
 class FeaturesConfig(Section):
-    # Prompts per forward pass inside an actor (after length bucketing).
+    # Prompts per forward pass inside a CPU actor (after length bucketing); on GPU the token budget decides.
     batch_size: int = 32
+    max_tokens_per_batch: int | None = Field(None, ge=1, description=(
+        "Padded tokens per lens forward (length-sorted prompts packed up to this budget). None: on CPU "
+        "batch_size prompts decide (the measured default); on GPU 16,384 tokens, lowered to what fits half "
+        "the free GPU memory next to the SAE's dense codes. Must be >= max_tokens."))
     # Actor pool size; on GPU one actor per GPU.
     num_actors: int = 2
     # Fractional CPUs: whole-CPU actors on a 2-CPU cluster starve the read task (Ray Data deadlock).
@@ -150,6 +165,13 @@ class FeaturesConfig(Section):
         if not v or len(set(v)) != len(v):
             raise ValueError(f"features.codes must be a non-empty list without repeats, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> FeaturesConfig:
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_tokens:
+            raise ValueError(f"features.max_tokens_per_batch={self.max_tokens_per_batch} is below "
+                             f"features.max_tokens={self.max_tokens}: a long prompt would not fit")
+        return self
 
 
 class ClusterConfig(Section):
@@ -416,10 +438,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     origin = "defaults"
     if path is not None:
         origin = str(path)
+        from saerl_ray import storage  # a config may sit beside its run, in object storage
+
         try:
-            text = Path(path).read_text()
+            text = storage.read_text(path)
         except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

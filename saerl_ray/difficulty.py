@@ -16,7 +16,6 @@ stands in, flagged as a fallback everywhere.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from saerl_ray import storage
 from saerl_ray.config import DifficultyConfig
 
 # Below this many labelled rows a 5-fold CV plus holdout is noise: fall back and say so.
@@ -81,7 +81,7 @@ def linear_score(model: dict, X: sp.csr_matrix) -> np.ndarray:
 
 def predict_from_json(path: str | Path, X: sp.csr_matrix) -> np.ndarray:
     """Reload `signals/difficulty.json` and predict difficulty for CSR codes X."""
-    model = json.loads(Path(path).read_text())
+    model = storage.read_json(path)
     if model.get("fallback"):
         raise ValueError(f"{path} is the no-label fallback (token-count rank); it has no linear model")
     return linear_score(model, X).astype(np.float32)
@@ -90,10 +90,15 @@ def predict_from_json(path: str | Path, X: sp.csr_matrix) -> np.ndarray:
 # ---------------------------------------------------------------- labels
 def read_pass_rates(path: str | Path) -> pd.DataFrame:
     """A file of measured pass rates: columns id, pass_rate in [0, 1]."""
-    p = Path(path)
-    if not p.exists():
+    p = str(path)
+    if not storage.exists(p):
         raise FileNotFoundError(f"signals.difficulty.label_file {p} does not exist")
-    df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_json(p, lines=True, dtype={"id": str})
+    if p.endswith(".parquet"):
+        df = storage.read_parquet(p).to_pandas()
+    else:
+        df = pd.DataFrame([r for _, r in storage.iter_jsonl(p)])
+        if "id" in df.columns:
+            df["id"] = df["id"].astype(str)
     for col in ("id", "pass_rate"):
         if col not in df.columns:
             raise ValueError(f"{p}: missing column {col!r} (need id, pass_rate)")
@@ -202,7 +207,7 @@ def length_fallback(n_tokens: np.ndarray) -> np.ndarray:
 
 def run_difficulty(
     prompts: pd.DataFrame, X: sp.csr_matrix, n_tokens: np.ndarray, cfg: DifficultyConfig, seed: int,
-    out_path: Path, use_ray: bool = True,
+    out_path: str, use_ray: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Stage body: labels -> subset -> fit -> predict every prompt; writes difficulty.json."""
     y_all, label_source = difficulty_labels(prompts, cfg)
@@ -213,7 +218,7 @@ def run_difficulty(
         pred = length_fallback(n_tokens).astype(np.float32)
         why = f"{len(pool)} usable labelled prompts from {label_source} (need >= {MIN_LABELLED}, not constant)"
         summary = {"fallback": True, "method": "n_tokens rank", "reason": why, "label_source": label_source}
-        out_path.write_text(json.dumps(summary, indent=2))
+        storage.write_json(out_path, summary)
         print(f"[signals] WARNING difficulty: NO LABELS ({why}); using the token-count rank as difficulty")
         return pred, summary
     rng = np.random.default_rng(seed)
@@ -227,5 +232,5 @@ def run_difficulty(
         sel = ood & labelled
         metrics["ood"] = {**_corr(pred[sel], y_all[sel]), "source": cfg.ood_source, "n": int(sel.sum())}
     metrics.update(fallback=False, label_source=label_source)
-    out_path.write_text(json.dumps({**model, "metrics": metrics}, indent=2))
+    storage.write_json(out_path, {**model, "metrics": metrics})
     return pred, metrics

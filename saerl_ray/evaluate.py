@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from saerl_ray import storage
 from saerl_ray.config import RunConfig, fingerprint
 from saerl_ray.ingest import last_boxed
 from saerl_ray.reward import extract_answer, format_messages, gold_text, math_reward
@@ -76,27 +77,24 @@ def load_benchmark(data_dir: str | Path, name: str, limit: int | None = None) ->
     if name not in BENCHMARKS:
         raise EvalDataError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
-    path = Path(data_dir) / spec.file
-    if not path.exists():
+    path = storage.join(data_dir, spec.file)
+    if not storage.exists(path):
         raise EvalDataError(f"benchmark {name}: file {path} not found (set --eval.data_dir)")
     rows = []
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path} row {i}: not valid JSON ({e.msg})") from None
-            prompt = next((record[k] for k in spec.prompt_fields if record.get(k)), None)
-            if not isinstance(prompt, str):
-                raise EvalDataError(f"{path} row {i}: no text in field(s) {list(spec.prompt_fields)}")
-            answer = spec.answer(record)
-            if not answer or not str(answer).strip():
-                raise EvalDataError(f"{path} row {i}: no gold answer for benchmark {name}")
-            rows.append({"row": i, "prompt": prompt, "answer": gold_text(str(answer))})
+    try:
+        records = list(storage.iter_jsonl(path))
+    except ValueError as e:
+        raise EvalDataError(str(e)) from None
+    for i, record in records:
+        if limit is not None and len(rows) >= limit:
+            break
+        prompt = next((record[k] for k in spec.prompt_fields if record.get(k)), None)
+        if not isinstance(prompt, str):
+            raise EvalDataError(f"{path} row {i}: no text in field(s) {list(spec.prompt_fields)}")
+        answer = spec.answer(record)
+        if not answer or not str(answer).strip():
+            raise EvalDataError(f"{path} row {i}: no gold answer for benchmark {name}")
+        rows.append({"row": i, "prompt": prompt, "answer": gold_text(str(answer))})
     return rows
 
 
@@ -211,10 +209,8 @@ def run(cfg: RunConfig) -> dict:
         rows = load_benchmark(cfg.eval.data_dir, b, cfg.eval.limit)
         records += evaluate_benchmark(model, tok, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, b)
     results = {"model": name, **summarise(records, cfg.eval.benchmarks), "seconds": time.time() - t0}
-    with (tmp / "completions.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    (tmp / "results.json").write_text(json.dumps(results, indent=2))
+    storage.write_text(storage.join(tmp, "completions.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    storage.write_json(storage.join(tmp, "results.json"), results)
     st.commit(results)
     print_table(results, f"eval: {os.path.basename(str(name).rstrip('/'))}")
     print(

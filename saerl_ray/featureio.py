@@ -6,20 +6,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
+
+from saerl_ray import storage
 
 
 def read_feature_table(features_dir: str | Path) -> pa.Table:
-    files = sorted(Path(features_dir).glob("part-*.parquet"))
+    files = [f for f in storage.list_dir(features_dir, suffix=".parquet") if f.startswith("part-")]
     if not files:
         raise FileNotFoundError(f"no part-*.parquet in {features_dir}; run `saerl-ray features` first")
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    return pa.concat_tables([storage.read_parquet(storage.join(features_dir, f)) for f in files])
 
 
 def table_to_csr(table: pa.Table, d_sae: int) -> sp.csr_matrix:
@@ -34,7 +34,7 @@ def table_to_csr(table: pa.Table, d_sae: int) -> sp.csr_matrix:
 
 def stored_codes(run_dir: str | Path) -> tuple[list[str], int]:
     """(features.codes as stored, d_sae). Runs from before `codes` existed: pooled (+ last)."""
-    summary = json.loads((Path(run_dir) / "features" / "summary.json").read_text())
+    summary = storage.read_json(storage.join(run_dir, "features", "summary.json"))
     codes = summary.get("codes") or ["pooled"] + (["last"] if summary.get("last_token") else [])
     return list(codes), int(summary["d_sae"])
 
@@ -44,7 +44,7 @@ def code_columns(run_dir: str | Path, wanted: list[str]) -> np.ndarray:
     codes, d = stored_codes(run_dir)
     missing = [c for c in wanted if c not in codes]
     if missing:
-        raise ValueError(f"code(s) {missing} not in {Path(run_dir) / 'features'} (stored: {codes}); "
+        raise ValueError(f"code(s) {missing} not in {storage.join(run_dir, 'features')} (stored: {codes}); "
                          "add them to features.codes and rerun the features stage")
     return np.concatenate([np.arange(codes.index(c) * d, (codes.index(c) + 1) * d) for c in wanted])
 
@@ -52,11 +52,11 @@ def code_columns(run_dir: str | Path, wanted: list[str]) -> np.ndarray:
 def check_stored(run_dir: str | Path, f) -> None:
     """The run's features must be what `f` (FeaturesConfig) would compute: new texts (quality negatives)
     are featurised from the config, and their columns must line up with the stored ones."""
-    summary = json.loads((Path(run_dir) / "features" / "summary.json").read_text())
+    summary = storage.read_json(storage.join(run_dir, "features", "summary.json"))
     stored = (stored_codes(run_dir)[0], summary.get("pooling"), summary.get("top_k"))
     wanted = (list(f.codes), f.pooling, f.top_k)
     if stored != wanted:
-        raise ValueError(f"{Path(run_dir) / 'features'} holds codes/pooling/top_k {stored} but the config asks for "
+        raise ValueError(f"{storage.join(run_dir, 'features')} holds codes/pooling/top_k {stored} but the config asks for "
                          f"{wanted}; rerun the features stage (`saerl-ray features` with this config)")
 
 
@@ -72,8 +72,8 @@ def keep_columns(X: sp.spmatrix, cols: np.ndarray) -> sp.csr_matrix:
 
 def load_features(run_dir: str | Path, order: list[str] | None = None):
     """(ids, csr, n_tokens). With `order`, rows follow that id list (ids missing there are an error)."""
-    fdir = Path(run_dir) / "features"
-    summary = json.loads((fdir / "summary.json").read_text())
+    fdir = storage.join(run_dir, "features")
+    summary = storage.read_json(storage.join(fdir, "summary.json"))
     table = read_feature_table(fdir)
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     X = table_to_csr(table, summary.get("n_columns", summary["d_sae"]))  # one d_sae-wide band per features.codes

@@ -8,9 +8,10 @@ Reads `<run_dir>/ingest/prompts.parquet` and the committed SAE + lens in `<run_d
 `summary.json`. Each actor loads the model truncated at the hook layer and the SAE once.
 
 Resume: the prompts are cut into blocks of `block_rows` rows up front; one Ray Data row = one
-block, and the actor that finishes a block writes its part file atomically (`.partial` then
-rename) into `features.tmp/`. A killed run leaves only whole part files there; the rerun (same
-fingerprint) computes only the blocks that have none.
+block, and the actor that finishes a block writes its part file in one atomic write (a local rename
+or a single object-store PUT; `saerl_ray.storage`) into `features/`, whose `_DONE.json` comes last. A
+killed run leaves only whole part files; the rerun (same fingerprint) computes only the blocks that
+have none. `run_dir` may be an object-store URI: each actor's node fetches the SAE folder once.
 
 Columns: one d_sae-wide band per entry of `features.codes`, in that order (code i = columns
 i*d_sae..(i+1)*d_sae-1): `pooled` (top-k of the pooled code: topic, difficulty), `last` (the last prompt
@@ -24,18 +25,18 @@ In-process (no Ray) codes for new texts, with the same lens/pooling/top-k:
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 
+from saerl_ray import storage
 from saerl_ray.config import FeaturesConfig, RunConfig, fingerprint
+from saerl_ray.device import Placement, auto_tokens_per_batch, batch_limits, current_placement
 from saerl_ray.lens import encode_prompts, iter_residuals, load_lens_model
 from saerl_ray.models import load_tokenizer
 from saerl_ray.sae import load_sae, read_lens
@@ -56,14 +57,14 @@ def pool(codes: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     A prompt with no pooled token gets the zero vector."""
     m = mask.unsqueeze(-1)
     # where, not multiply: padded positions of an all-pad row can hold NaN (fully masked attention).
-    x = torch.where(m, codes, torch.zeros((), dtype=codes.dtype))
+    x = torch.where(m, codes, codes.new_zeros(()))
     n = mask.sum(1, keepdim=True).clamp(min=1).to(codes.dtype)
     if how == "mean":
         return x.sum(1) / n
     if how == "sum":
         return x.sum(1)
     if how == "max":
-        return torch.where(m, codes, torch.full((), -torch.inf, dtype=codes.dtype)).amax(1).clamp(min=0)
+        return torch.where(m, codes, codes.new_full((), -torch.inf)).amax(1).clamp(min=0)
     if how == "binary":
         return (x > 0).to(codes.dtype).sum(1) / n
     raise ValueError(f"unknown pooling {how!r} (mean, sum, max, binary)")
@@ -85,10 +86,10 @@ def n_columns(d_sae: int, codes: list[str]) -> int:
 
 def last_token_code(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T, d) token codes + (B, T) mask -> (B, d): the code of each row's last masked token (0 if none)."""
-    pos = torch.arange(mask.shape[1]).expand_as(mask)
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask, pos, -1).amax(1)
-    out = codes[torch.arange(codes.shape[0]), last.clamp(min=0)]
-    return torch.where((last >= 0).unsqueeze(1), out, torch.zeros((), dtype=codes.dtype))
+    out = codes[torch.arange(codes.shape[0], device=codes.device), last.clamp(min=0)]
+    return torch.where((last >= 0).unsqueeze(1), out, codes.new_zeros(()))
 
 
 def halves_code(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -115,11 +116,11 @@ def code_of(name: str, codes: torch.Tensor, mask: torch.Tensor, pooled: torch.Te
 
 def sparse_rows(x: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(B, n) -> per row: the columns of its positive entries (ascending) and their values."""
-    x = x.float()
+    # Selected on x's device: only the non-zeros (a few hundred per row) cross to host memory.
     rows, cols = torch.nonzero(x > 0, as_tuple=True)
     counts = torch.bincount(rows, minlength=x.shape[0]).tolist()
-    cols_np = cols.numpy().astype(np.int32)
-    vals_np = x[rows, cols].numpy().astype(np.float32)
+    cols_np = cols.cpu().numpy().astype(np.int32)
+    vals_np = x[rows, cols].float().cpu().numpy().astype(np.float32)
     bounds = np.cumsum([0] + counts)
     return ([cols_np[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
             [vals_np[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
@@ -133,11 +134,23 @@ class Codes:
     val: list[np.ndarray]
 
 
+# Dense (tokens, d_sae) tensors alive at once in `Featurizer.encode`: the SAE's pre-activations and
+# codes, and the masked copy each pooling makes; sizes the GPU token budget next to a wide SAE.
+CODE_COPIES = 4
+
+
 class Featurizer:
-    """Lens model + SAE loaded once; texts -> sparse pooled codes (the core the actor wraps)."""
+    """Lens model + SAE loaded once; texts -> sparse pooled codes (the core the actor wraps).
+
+    Placement (default: what this process holds, saerl_ray.device): on CPU the lens runs in the lens
+    dtype and the SAE in float32, `batch_size` prompts per forward (plus `max_tokens_per_batch` padded
+    tokens when set); on GPU the lens goes onto the held GPUs (split by bytes over several), the SAE
+    runs in bf16 on cuda:0, and forwards are sized by the token budget alone (default: 16,384 or what
+    fits half the free memory next to the SAE's dense codes)."""
 
     def __init__(self, sae_dir: str, pooling: str, top_k: int, max_tokens: int, batch_size: int,
-                 codes: tuple[str, ...] = ("pooled",)):
+                 codes: tuple[str, ...] = ("pooled",), max_tokens_per_batch: int | None = None,
+                 placement: Placement | None = None):
         bad = [c for c in codes if c not in CODES]
         if bad:
             raise ValueError(f"unknown code {bad[0]!r}; features.codes must be among {CODES}")
@@ -147,8 +160,15 @@ class Featurizer:
         self.n_columns = n_columns(self.d_sae, list(codes))
         self.pooling, self.top_k, self.max_tokens, self.batch_size = pooling, top_k, max_tokens, batch_size
         self.tok = load_tokenizer(self.lens.model, self.lens.trust_remote_code)
-        self.model = load_lens_model(self.lens)
-        self.sae = load_sae(sae_dir)
+        self.placement = placement or current_placement()
+        self.device = self.placement.device
+        self.model = load_lens_model(self.lens, self.placement)
+        self.sae = load_sae(sae_dir, device=self.device, dtype="bfloat16" if self.placement.is_cuda else None)
+        self.max_rows, self.max_batch_tokens = batch_limits(self.placement, batch_size, max_tokens_per_batch)
+        if self.placement.is_cuda and max_tokens_per_batch is None:
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            per_token = CODE_COPIES * self.d_sae * self.sae.W_enc.element_size()
+            self.max_batch_tokens = auto_tokens_per_batch(free, per_token, max_tokens, cap=self.max_batch_tokens)
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> Codes:
@@ -158,11 +178,12 @@ class Featurizer:
         val: list[np.ndarray] = [np.zeros(0, np.float32)] * n
         l0 = np.zeros(n, np.int32)
         n_tokens = np.zeros(n, np.int32)
-        for rows, acts, mask in iter_residuals(self.model, self.lens.layer, enc, self.batch_size,
-                                               self.tok.pad_token_id):
-            tokens = self.sae.encode(acts.float())
+        for rows, acts, mask in iter_residuals(self.model, self.lens.layer, enc, self.max_rows,
+                                               self.tok.pad_token_id, self.max_batch_tokens, self.device):
+            tokens = self.sae.encode(acts.to(self.sae.W_enc.dtype))
             pooled = pool(tokens, mask, self.pooling)
-            b_l0 = (pooled > 0).sum(1).numpy().astype(np.int32)
+            b_l0 = (pooled > 0).sum(1).cpu().numpy().astype(np.int32)
+            b_tokens = mask.sum(1).cpu().numpy()
             bands = []
             for name in self.codes:
                 code = code_of(name, tokens, mask, pooled)
@@ -171,7 +192,7 @@ class Featurizer:
             b_idx, b_val = sparse_rows(torch.cat(bands, dim=1))
             for j, i in enumerate(rows):  # scatter back: bucketing sorted the rows by length
                 idx[i], val[i], l0[i] = b_idx[j], b_val[j], b_l0[j]
-                n_tokens[i] = int(mask[j].sum())
+                n_tokens[i] = int(b_tokens[j])
         return Codes(n_tokens, l0, idx, val)
 
 
@@ -185,48 +206,50 @@ def codes_table(ids: list[str], c: Codes) -> pa.Table:
     }, schema=SCHEMA)
 
 
-def part_path(out_dir: str | Path, block: int) -> Path:
-    return Path(out_dir) / f"part-{block:05d}.parquet"
-
-
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """A part file exists whole or not at all: that is what makes a killed run resumable."""
-    partial = path.with_name(path.name + ".partial")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
+def part_path(out_dir: str | Path, block: int) -> str:
+    return storage.join(out_dir, f"part-{block:05d}.parquet")
 
 
 class FeatureExtractor:
     """Ray Data actor: one input row = one block of prompts; writes that block's part file."""
 
     def __init__(self, sae_dir: str, out_dir: str, pooling: str, top_k: int, max_tokens: int,
-                 batch_size: int, threads: int, codes: tuple[str, ...] = ("pooled",)):
+                 batch_size: int, threads: int, codes: tuple[str, ...] = ("pooled",), sae_marker: str = "",
+                 max_tokens_per_batch: int | None = None):
         # One thread per actor: actors, not threads, share the cores (matmuls at this size scale badly).
         torch.set_num_threads(threads)
         self.out_dir = out_dir
-        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes)
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
+        # The SAE folder may sit in object storage: each node fetches it once into its local cache.
+        sae_dir = str(storage.local_dir(sae_dir, version=sae_marker))
+        # The GPUs Ray assigned this actor (num_gpus_per_actor), or the CPU.
+        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes, max_tokens_per_batch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         blocks, n_rows, n_tok, secs = [], [], [], []
         for block, ids, prompts in zip(batch["block"], batch["ids"], batch["prompts"]):
             t = time.perf_counter()
             codes = self.featurizer.encode(list(prompts))
-            write_atomic(codes_table(list(ids), codes), part_path(self.out_dir, int(block)))
+            # A part file exists whole or not at all (storage writes are atomic): a killed run resumes.
+            storage.write_parquet(codes_table(list(ids), codes), part_path(self.out_dir, int(block)))
             blocks.append(int(block))
             n_rows.append(len(ids))
             n_tok.append(int(codes.n_tokens.sum()))
             secs.append(time.perf_counter() - t)
         return {"block": np.asarray(blocks), "rows": np.asarray(n_rows), "tokens": np.asarray(n_tok),
-                "seconds": np.asarray(secs)}
+                "seconds": np.asarray(secs), "node": np.asarray([self.node] * len(blocks))}
 
 
-def missing_blocks(n_rows: int, block_rows: int, out_dir: Path) -> list[int]:
+def missing_blocks(n_rows: int, block_rows: int, out_dir: str) -> list[int]:
     n_blocks = -(-n_rows // block_rows)
-    return [b for b in range(n_blocks) if not part_path(out_dir, b).exists()]
+    have = set(storage.list_dir(out_dir, suffix=".parquet"))
+    return [b for b in range(n_blocks) if storage.name(part_path(out_dir, b)) not in have]
 
 
-def extract_blocks(ids: list[str], prompts: list[str], blocks: list[int], sae_dir: Path, out_dir: Path,
-                   f: FeaturesConfig) -> list[dict]:
+def extract_blocks(ids: list[str], prompts: list[str], blocks: list[int], sae_dir: str, out_dir: str,
+                   f: FeaturesConfig, sae_marker: str = "") -> list[dict]:
     """Run the actor pool over the given blocks; returns one record per block computed."""
     import ray
 
@@ -238,7 +261,8 @@ def extract_blocks(ids: list[str], prompts: list[str], blocks: list[int], sae_di
         FeatureExtractor,
         fn_constructor_kwargs=dict(sae_dir=str(sae_dir), out_dir=str(out_dir), pooling=f.pooling,
                                    top_k=f.top_k, max_tokens=f.max_tokens, batch_size=f.batch_size,
-                                   threads=f.threads_per_actor, codes=tuple(f.codes)),
+                                   threads=f.threads_per_actor, codes=tuple(f.codes),
+                                   sae_marker=sae_marker, max_tokens_per_batch=f.max_tokens_per_batch),
         batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(f.num_actors, len(blocks))),
         num_cpus=f.num_cpus_per_actor, num_gpus=f.num_gpus_per_actor or None,
@@ -246,10 +270,10 @@ def extract_blocks(ids: list[str], prompts: list[str], blocks: list[int], sae_di
     return ds.take_all()
 
 
-def read_prompts(path: Path) -> tuple[list[str], list[str]]:
-    if not path.exists():
+def read_prompts(path: str) -> tuple[list[str], list[str]]:
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} missing: run `saerl-ray ingest` first")
-    t = pq.read_table(path, columns=["id", "prompt"])
+    t = storage.read_parquet(path, columns=["id", "prompt"])
     return t.column("id").to_pylist(), t.column("prompt").to_pylist()
 
 
@@ -257,20 +281,19 @@ def run(cfg: RunConfig) -> dict:
     from saerl_ray.raycluster import init_ray
 
     f = cfg.features
-    run_dir = Path(cfg.run_dir)
-    st = Stage(run_dir, "features", fingerprint(f, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae")))
+    run_dir = storage.resolve(cfg.run_dir)
+    sae_marker = marker_of(run_dir, "sae")
+    st = Stage(run_dir, "features", fingerprint(f, marker_of(run_dir, "ingest"), sae_marker))
     if st.done():
         return st.summary()
-    ids, prompts = read_prompts(run_dir / "ingest" / "prompts.parquet")
-    _, lens = read_lens(run_dir / "sae")
+    ids, prompts = read_prompts(storage.join(run_dir, "ingest", "prompts.parquet"))
+    _, lens = read_lens(storage.join(run_dir, "sae"))
     tmp = st.begin(keep_partial=True)
-    for stale in tmp.glob("*.partial"):  # a write the kill interrupted; its block is recomputed
-        stale.unlink()
     todo = missing_blocks(len(ids), f.block_rows, tmp)
     n_blocks = -(-len(ids) // f.block_rows)
     init_ray(cfg.ray)
     t = time.perf_counter()
-    done = extract_blocks(ids, prompts, todo, run_dir / "sae", tmp, f)
+    done = extract_blocks(ids, prompts, todo, storage.join(run_dir, "sae"), tmp, f, sae_marker)
     wall = time.perf_counter() - t
     if missing_blocks(len(ids), f.block_rows, tmp):
         raise RuntimeError(f"features: blocks {missing_blocks(len(ids), f.block_rows, tmp)} have no part file in {tmp}")
@@ -279,8 +302,10 @@ def run(cfg: RunConfig) -> dict:
         "rows": len(ids), "d_sae": int(lens["d_sae"]), "pooling": f.pooling, "top_k": f.top_k,
         "codes": list(f.codes), "n_columns": n_columns(int(lens["d_sae"]), f.codes),
         "prompts_per_s": computed_rows / wall if done else None,
-        "tokens": sum(int(pq.read_table(part_path(tmp, b), columns=["n_tokens"]).column(0).to_numpy().sum())
+        "tokens": sum(int(storage.read_parquet(part_path(tmp, b), columns=["n_tokens"]).column(0).to_numpy().sum())
                       for b in range(n_blocks)),
+        # Which node computed each block of this run (resumed blocks keep no record): proof of spread.
+        "block_nodes": {str(int(r["block"])): str(r["node"]) for r in done},
         "blocks": n_blocks, "blocks_computed": len(done), "blocks_resumed": n_blocks - len(todo),
         "seconds": wall, "layer": int(lens["layer"]),
     }
@@ -293,17 +318,18 @@ def run(cfg: RunConfig) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _featurizer(sae_dir: str, marker: str, pooling: str, top_k: int, max_tokens: int, batch_size: int,
-                codes: tuple[str, ...]) -> Featurizer:
+                codes: tuple[str, ...], max_tokens_per_batch: int | None = None) -> Featurizer:
     del marker  # part of the cache key only: a recommitted SAE must not reuse the old one
-    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes)
+    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes, max_tokens_per_batch)
 
 
 def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig) -> sp.csr_matrix:
     """In-process SAE codes for new texts: same lens, pooling and top-k as the features stage."""
     f = cfg.features
-    sae_dir = Path(run_dir) / "sae"
-    fz = _featurizer(str(sae_dir), marker_of(run_dir, "sae"), f.pooling, f.top_k, f.max_tokens, f.batch_size,
-                     tuple(f.codes))
+    marker = marker_of(run_dir, "sae")
+    sae_dir = storage.local_dir(storage.join(storage.resolve(run_dir), "sae"), version=marker)
+    fz = _featurizer(str(sae_dir), marker, f.pooling, f.top_k, f.max_tokens, f.batch_size,
+                     tuple(f.codes), f.max_tokens_per_batch)
     c = fz.encode(list(texts))
     indptr = np.concatenate([[0], np.cumsum([len(x) for x in c.idx])]).astype(np.int64)
     cols = np.concatenate(c.idx) if texts else np.zeros(0, np.int32)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from saerl_ray import storage
 from saerl_ray.config import InputSpec, RunConfig, fingerprint
 from saerl_ray.stage import Stage
 
@@ -76,9 +77,7 @@ class RawRow:
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     try:
-        if "://" in path:
-            return pafs.FileSystem.from_uri(path)
-        return pafs.LocalFileSystem(), str(Path(path).resolve())
+        return storage.filesystem(path)
     except Exception as e:  # pyarrow raises several types for bad URIs / missing credentials
         raise IngestError(f"cannot open input {path}: {e}") from e
 
@@ -326,8 +325,10 @@ def run(cfg: RunConfig) -> dict:
     # Inputs are hashed by path + size + mtime (local) so an edited file re-ingests.
     stats = []
     for spec in cfg.ingest.inputs:
-        p = Path(spec.path)
-        stats.append([spec.path, p.stat().st_size, p.stat().st_mtime] if p.exists() else [spec.path])
+        try:
+            stats.append([spec.path, *storage.stat(spec.path)])
+        except (FileNotFoundError, OSError):  # a folder, or missing: read_rows says which
+            stats.append([spec.path])
     st = Stage(cfg.run_dir, "ingest", fingerprint(cfg.ingest, stats))
     if st.done():
         return st.summary()
@@ -336,8 +337,8 @@ def run(cfg: RunConfig) -> dict:
     if not accepted:
         raise IngestError(f"every row was rejected ({len(rejected)} rows); see reasons: "
                           f"{Counter(reason_kind(r['reason']) for r in rejected).most_common(3)}")
-    pq.write_table(pa.Table.from_pylist(accepted, schema=PROMPT_SCHEMA), tmp / "prompts.parquet")
-    pq.write_table(pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA), tmp / "rejected.parquet")
+    storage.write_parquet(pa.Table.from_pylist(accepted, schema=PROMPT_SCHEMA), storage.join(tmp, "prompts.parquet"))
+    storage.write_parquet(pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA), storage.join(tmp, "rejected.parquet"))
     total = {k: sum(c[k] for c in counts.values()) for k in ("rows", "accepted", "rejected")}
     summary = {"inputs": counts, **total}
     st.commit(summary)

@@ -11,22 +11,20 @@ the rest.
 
 Generation: vLLM when a GPU and vllm are present (one `LLM.generate` with `n=k`), else batched HF
 `generate` with `num_return_sequences=k` on CPU. Work is committed per chunk of `label.batch_size`
-prompts into `label.tmp/chunks/`, so a killed run resumes where it stopped; each chunk has its own
+prompts into `label/chunks/`, so a killed run resumes where it stopped; each chunk has its own
 seed, so a resumed run produces the same labels as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from saerl_ray import storage
 from saerl_ray.config import RunConfig, fingerprint
 from saerl_ray.reward import math_reward
 from saerl_ray.stage import Stage, marker_of
@@ -120,12 +118,12 @@ def run(cfg: RunConfig) -> dict:
         return st.summary()
     if lc.k < 1 or lc.n_prompts < 1 or lc.batch_size < 1:
         raise ValueError(f"label: k, n_prompts and batch_size must be >= 1 (got {lc.k}, {lc.n_prompts}, {lc.batch_size})")
-    rows = choose_subset(pq.read_table(Path(cfg.run_dir) / "ingest/prompts.parquet"), lc.split, lc.n_prompts, cfg.seed)
-    chunks_dir = st.begin() / "chunks"
-    chunks_dir.mkdir(exist_ok=True)
+    rows = choose_subset(storage.read_parquet(storage.join(cfg.run_dir, "ingest", "prompts.parquet")), lc.split, lc.n_prompts, cfg.seed)
+    chunks_dir = storage.join(st.begin(), "chunks")
     t0 = time.time()
     starts = list(range(0, len(rows), lc.batch_size))
-    todo = [s for s in starts if not (chunks_dir / f"chunk-{s // lc.batch_size:05d}.parquet").exists()]
+    have = set(storage.list_dir(chunks_dir))
+    todo = [s for s in starts if f"chunk-{s // lc.batch_size:05d}.parquet" not in have]
     backend = "vllm" if use_vllm() else "hf"
     if todo:
         sampler = (VLLMSampler if backend == "vllm" else HFSampler)(model_name, cfg.model.dtype, cfg.model.trust_remote_code)
@@ -134,15 +132,14 @@ def run(cfg: RunConfig) -> dict:
         for s in todo:
             i = s // lc.batch_size
             table = label_chunk(sampler, rows[s : s + lc.batch_size], lc.k, lc.temperature, lc.max_new_tokens, cfg.seed * 100_003 + i)
-            # Write-then-rename: a chunk file exists only when complete.
-            part = chunks_dir / f"chunk-{i:05d}.parquet.partial"
-            pq.write_table(table, part)
-            part.rename(chunks_dir / f"chunk-{i:05d}.parquet")
+            # Atomic write: a chunk file exists only when complete.
+            storage.write_parquet(table, storage.join(chunks_dir, f"chunk-{i:05d}.parquet"))
             bar.update(table.num_rows)
         bar.close()
-    table = pa.concat_tables([pq.read_table(chunks_dir / f"chunk-{s // lc.batch_size:05d}.parquet") for s in starts])
-    pq.write_table(table, st.tmp / "pass_rates.parquet")
-    shutil.rmtree(chunks_dir)
+    table = pa.concat_tables([storage.read_parquet(storage.join(chunks_dir, f"chunk-{s // lc.batch_size:05d}.parquet"))
+                              for s in starts])
+    storage.write_parquet(table, storage.join(st.out, "pass_rates.parquet"))
+    storage.delete(chunks_dir)
     rates = np.asarray(table.column("pass_rate").to_numpy(), dtype=float)
     summary = {
         "rows": table.num_rows, "k": lc.k, "model": model_name, "backend": backend,

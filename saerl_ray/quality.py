@@ -21,7 +21,6 @@ AUROC on held-out prompts, and leaving one corruption type out (train on the oth
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
+from saerl_ray import storage
 from saerl_ray.config import QualityConfig
 from saerl_ray.difficulty import design, linear_json, linear_score, select_columns
 
@@ -185,7 +185,7 @@ def probe_scores(model: dict, X: sp.csr_matrix) -> np.ndarray:
 
 def score_from_json(path: str | Path, X: sp.csr_matrix) -> np.ndarray:
     """Reload `signals/quality.json` and score CSR codes X (P(good))."""
-    return probe_scores(json.loads(Path(path).read_text()), X).astype(np.float32)
+    return probe_scores(storage.read_json(path), X).astype(np.float32)
 
 
 def heldout_scores(
@@ -295,7 +295,7 @@ def labelled_rows(prompts: pd.DataFrame, column: str | None) -> np.ndarray | Non
 
 def run_quality(
     prompts: pd.DataFrame, X: sp.csr_matrix, cfg: QualityConfig, seed: int, featurize: Featurizer | None,
-    out_path: Path, use_ray: bool = True,
+    out_path: str, use_ray: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Stage body: labels or synthetic negatives -> probe -> score every prompt -> keep flags."""
     rng = np.random.default_rng(seed)
@@ -326,5 +326,5 @@ def run_quality(
     scores = probe_scores(model, X).astype(np.float32)
     keep, cut = keep_mask(scores, cfg.keep_fraction, cfg.threshold)
     metrics.update(label_source=label_source, threshold=cut, kept=int(keep.sum()), dropped=int((~keep).sum()))
-    out_path.write_text(json.dumps({**model, "threshold": cut, "metrics": metrics}, indent=2))
+    storage.write_json(out_path, {**model, "threshold": cut, "metrics": metrics})
     return scores, keep, metrics

@@ -1,14 +1,55 @@
-"""Starting or joining Ray the same way from the CLI, jobs and tests."""
+"""Starting or joining Ray the same way from the CLI, jobs and tests.
+
+    init_ray(cfg.ray)   # no address: a private local cluster; under `ray job submit`: the job's cluster
+
+Joining never hangs silently: with no address configured we start a *new* local cluster
+(`address="local"`), never the one a stale `ray_current_cluster` file names (a head that died leaves
+that file behind and a bare `ray.init()` waits on it forever); a configured address that does not
+answer within `connect_timeout_s` is an error naming it.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import time
+from urllib.parse import urlparse
 
 from saerl_ray.config import RayConfig
 
 
-def init_ray(cfg: RayConfig | None = None) -> None:
-    """Join the cluster this process belongs to, or start a local one. Idempotent."""
+class RayUnreachable(ConnectionError):
+    """The configured Ray address did not answer: the message names it and what to check."""
+
+
+def _gcs_host_port(address: str) -> tuple[str, int] | None:
+    """host:port of a GCS address; None for forms we cannot probe ("auto", ray:// client, http job API)."""
+    if address == "auto" or "://" in address:
+        return None
+    u = urlparse(f"//{address}")
+    return (u.hostname, u.port) if u.hostname and u.port else None
+
+
+def wait_reachable(address: str, timeout_s: float) -> None:
+    target = _gcs_host_port(address)
+    if target is None:
+        return
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(target, timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            if time.time() >= deadline:
+                raise RayUnreachable(
+                    f"Ray at {address} did not answer within {timeout_s:.0f}s ({e}). Is the head running "
+                    "(`ray status --address ...`)? Unset ray.address / RAY_ADDRESS to start a local cluster."
+                ) from None
+            time.sleep(1)
+
+
+def init_ray(cfg: RayConfig | None = None, connect_timeout_s: float = 60) -> None:
+    """Join the cluster this process belongs to, or start a private local one. Idempotent."""
     import ray
 
     if ray.is_initialized():
@@ -23,8 +64,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         log_to_driver=True,
     )
     if address:
+        wait_reachable(address, connect_timeout_s)
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host, **kwargs)
+        ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("CI") is None

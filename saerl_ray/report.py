@@ -10,14 +10,14 @@ filtered examples, the curriculum over batch index, validation and evaluation ta
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
-import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from saerl_ray import storage
 from saerl_ray.config import RunConfig, fingerprint
 from saerl_ray.stage import Stage, marker_of
 
@@ -50,7 +50,7 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def _cluster_map(run_dir: Path, ids: np.ndarray, clusters: np.ndarray) -> str:
+def _cluster_map(run_dir: str, ids: np.ndarray, clusters: np.ndarray) -> str:
     """2-D map of the clustering space: TruncatedSVD of the L2-normalised codes, a sample of points."""
     import matplotlib.pyplot as plt
     from sklearn.decomposition import TruncatedSVD
@@ -61,7 +61,7 @@ def _cluster_map(run_dir: Path, ids: np.ndarray, clusters: np.ndarray) -> str:
     rng = np.random.default_rng(0)
     take = np.sort(rng.choice(len(ids), size=min(3000, len(ids)), replace=False))
     _, X, _ = load_features(run_dir, order=list(ids[take]))
-    clustered = json.loads((run_dir / "signals/summary.json").read_text()).get("codes", {}).get("cluster")
+    clustered = storage.read_json(storage.join(run_dir, "signals", "summary.json")).get("codes", {}).get("cluster")
     if clustered:  # the codes k-means saw, not every stored one
         X = X[:, code_columns(run_dir, clustered)]
     xy = TruncatedSVD(n_components=2, random_state=0).fit_transform(normalize(X))
@@ -124,15 +124,19 @@ def build_report(run_dir: str | Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    run_dir = Path(run_dir)
-    prompts = pq.read_table(run_dir / "ingest/prompts.parquet").to_pandas()
-    sig = pq.read_table(run_dir / "signals/assignments.parquet").to_pandas()
-    plan = pq.read_table(run_dir / "plan/plan.parquet").to_pandas()
-    ingest_s = json.loads((run_dir / "ingest/summary.json").read_text())
-    sig_s = json.loads((run_dir / "signals/summary.json").read_text())
-    feat_s = json.loads((run_dir / "features/summary.json").read_text())
-    sae_s_path = run_dir / "sae/summary.json"
-    sae_s = json.loads(sae_s_path.read_text()) if sae_s_path.exists() else {}
+    run_dir = storage.resolve(run_dir)
+
+    def table(*parts: str):
+        return storage.read_parquet(storage.join(run_dir, *parts)).to_pandas()
+
+    def summary(stage: str) -> dict:
+        path = storage.join(run_dir, stage, "summary.json")
+        return storage.read_json(path) if storage.exists(path) else {}
+
+    prompts = table("ingest", "prompts.parquet")
+    sig = table("signals", "assignments.parquet")
+    plan = table("plan", "plan.parquet")
+    ingest_s, sig_s, feat_s, sae_s = summary("ingest"), summary("signals"), summary("features"), summary("sae")
     df = prompts.merge(sig, on="id", how="inner")
     clusters = df["cluster"].to_numpy()
 
@@ -158,12 +162,12 @@ def build_report(run_dir: str | Path) -> str:
     low = df[~df["keep"]].sort_values("quality_score").head(15)
     parts.append("<h3>Filtered prompts (lowest scores)</h3>" + _table(
         [{"score": r.quality_score, "source": r.source, "prompt": r.prompt[:300]} for r in low.itertuples()]))
-    parts.append("<h2>Curriculum plan</h2>" + _table([_flat(json.loads((run_dir / "plan/summary.json").read_text()))]))
+    parts.append("<h2>Curriculum plan</h2>" + _table([_flat(summary("plan"))]))
     parts.append(_curriculum_plot(plan))
-    for name, title in (("validate/results.json", "Validation (MATH-500)"), ("eval/results.json", "Evaluation")):
-        p = run_dir / name
-        if p.exists():
-            parts.append(f"<h2>{title}</h2>" + _results_table(json.loads(p.read_text())))
+    for name, title in (("validate", "Validation (MATH-500)"), ("eval", "Evaluation")):
+        p = storage.join(run_dir, name, "results.json")
+        if storage.exists(p):
+            parts.append(f"<h2>{title}</h2>" + _results_table(storage.read_json(p)))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;margin:.5em 0;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}img{max-width:100%}")
@@ -191,15 +195,16 @@ def _results_table(res: dict) -> str:
 
 def run(cfg: RunConfig) -> dict:
     upstream = [marker_of(cfg.run_dir, s) for s in ("ingest", "features", "signals", "plan")]
-    extra = [str((Path(cfg.run_dir) / p).stat().st_mtime) for p in ("validate/results.json", "eval/results.json")
-             if (Path(cfg.run_dir) / p).exists()]
+    # validate/eval results are shown when present: their contents are inputs too.
+    extra = [hashlib.sha256(storage.read_bytes(p)).hexdigest()[:16]
+             for p in (storage.join(cfg.run_dir, s, "results.json") for s in ("validate", "eval")) if storage.exists(p)]
     st = Stage(cfg.run_dir, "report", fingerprint(upstream, extra))
     if st.done():
         return st.summary()
     tmp = st.begin(keep_partial=False)
     page = build_report(cfg.run_dir)
-    (tmp / "report.html").write_text(page)
-    summary = {"path": str(st.out / "report.html"), "bytes": len(page)}
+    storage.write_text(storage.join(tmp, "report.html"), page)
+    summary = {"path": storage.join(st.out, "report.html"), "bytes": len(page)}
     st.commit(summary)
     print(f"[report] {summary['path']} ({len(page) / 1e6:.1f} MB)")
     return summary

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
+from saerl_ray import storage
 from saerl_ray.cluster import clustering_space, kmeans
 from saerl_ray.config import RunConfig, fingerprint, signal_codes
 from saerl_ray.difficulty import run_difficulty
@@ -37,8 +36,7 @@ def _file_digest(path: str | None) -> str | None:
     """A label file is an input: editing it must rerun the stage."""
     if not path:
         return None
-    p = Path(path)
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.exists() else f"missing:{p}"
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16] if storage.exists(path) else f"missing:{path}"
 
 
 def default_featurizer(cfg: RunConfig) -> Featurizer:
@@ -72,7 +70,7 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     t0 = time.time()
     init_ray(cfg.ray)
     tmp = st.begin(keep_partial=False)
-    prompts = pq.read_table(Path(cfg.run_dir) / "ingest/prompts.parquet").to_pandas()
+    prompts = storage.read_parquet(storage.join(cfg.run_dir, "ingest", "prompts.parquet")).to_pandas()
     check_stored(cfg.run_dir, cfg.features)
     _, X, n_tokens = load_features(cfg.run_dir, order=prompts["id"].tolist())
 
@@ -81,21 +79,22 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     km = kmeans(Z, c.k, max_iter=c.max_iter, tol=c.tol, init_sample=c.init_sample,
                 init_trials=c.init_trials, seed=cfg.seed,
                 num_tasks=_num_tasks(c.num_tasks))
-    save_file({"centroids": km.centroids}, str(tmp / "centroids.safetensors"))
+    storage.write_bytes(storage.join(tmp, "centroids.safetensors"), save({"centroids": km.centroids}))
 
     X_d = keep_columns(X, code_columns(cfg.run_dir, codes["difficulty"]))
-    difficulty, d_metrics = run_difficulty(prompts, X_d, n_tokens, sc.difficulty, cfg.seed, tmp / "difficulty.json")
+    difficulty, d_metrics = run_difficulty(prompts, X_d, n_tokens, sc.difficulty, cfg.seed,
+                                          storage.join(tmp, "difficulty.json"))
     q_cols = code_columns(cfg.run_dir, codes["quality"])
     featurize = featurize or default_featurizer(cfg)
     score, keep, q_metrics = run_quality(
         prompts, keep_columns(X, q_cols), sc.quality, cfg.seed, lambda texts: keep_columns(featurize(texts), q_cols),
-        tmp / "quality.json",
+        storage.join(tmp, "quality.json"),
     )
     table = pa.table({
         "id": prompts["id"].astype(str).tolist(), "cluster": km.labels, "cluster_dist": km.dist,
         "difficulty_pred": difficulty.astype(np.float32), "quality_score": score, "keep": keep,
     }, schema=ASSIGNMENTS_SCHEMA)
-    pq.write_table(table, tmp / "assignments.parquet")
+    storage.write_parquet(table, storage.join(tmp, "assignments.parquet"))
 
     sizes = np.bincount(km.labels, minlength=c.k)
     summary = {

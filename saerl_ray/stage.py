@@ -1,81 +1,86 @@
-"""Stage bookkeeping: every stage writes into `<run_dir>/<stage>.tmp`, then renames it to
-`<run_dir>/<stage>` with a `_DONE.json` marker holding the stage's fingerprint (config + inputs).
+"""Stage bookkeeping that stays correct where there is no atomic rename (object stores).
 
-A rerun with the same fingerprint is a no-op; a changed fingerprint recomputes the stage, and the
-stages that read it see a new input marker and recompute too. Inside a stage, finer-grained resume
-(feature blocks) lives in the stage's own `.tmp` dir, which survives a kill.
+A stage writes its files straight into `<run_dir>/<stage>/` and its `_DONE.json` marker (holding the
+stage's fingerprint: config + input markers) LAST. A reader trusts a stage only when the marker exists
+and its fingerprint matches; `begin()` deletes an old marker before anything else, so a writer killed
+at any point leaves nothing a reader would trust. Finished sub-units of a killed run (feature blocks,
+label chunks) are kept for the rerun when `_PARTIAL.json` says they were made with the same
+fingerprint; otherwise the folder is emptied first.
 
     from saerl_ray.stage import Stage
     st = Stage(run_dir, "features", fp)
     if not st.done():
-        ...write files into st.tmp...
+        out = st.begin()                     # a path string: local dir or URI prefix
+        storage.write_parquet(table, storage.join(out, "part-00000.parquet"))
         st.commit(summary)
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from saerl_ray import storage
+
 MARKER = "_DONE.json"
+PARTIAL = "_PARTIAL.json"
+
+
+class StageNotReady(FileNotFoundError):
+    """An upstream stage has not finished: the message says which command to run."""
 
 
 class Stage:
     def __init__(self, run_dir: str | Path, name: str, fingerprint: str):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.resolve(run_dir)
         self.name = name
         self.fingerprint = fingerprint
-        self.out = self.run_dir / name
-        self.tmp = self.run_dir / f"{name}.tmp"
+        self.out = storage.join(self.run_dir, name)
+
+    def marker(self) -> dict[str, Any] | None:
+        path = storage.join(self.out, MARKER)
+        return storage.read_json(path) if storage.exists(path) else None
 
     def done(self) -> bool:
-        m = self.out / MARKER
-        if not m.exists():
-            return False
-        return json.loads(m.read_text()).get("fingerprint") == self.fingerprint
+        m = self.marker()
+        return m is not None and m.get("fingerprint") == self.fingerprint
 
-    def begin(self, keep_partial: bool = True) -> Path:
-        """Prepare the temp dir. Partial work from a killed run with the same fingerprint is kept."""
-        stamp = self.tmp / "_FINGERPRINT"
-        if self.tmp.exists() and (
-            not keep_partial or not stamp.exists() or stamp.read_text() != self.fingerprint
-        ):
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(self.fingerprint)
-        return self.tmp
+    def begin(self, keep_partial: bool = True) -> str:
+        """Open the stage folder for writing; returns it. The old marker goes first."""
+        storage.delete(storage.join(self.out, MARKER))
+        stamp = storage.join(self.out, PARTIAL)
+        same = storage.exists(stamp) and storage.read_json(stamp).get("fingerprint") == self.fingerprint
+        if not (keep_partial and same):
+            storage.delete(self.out)
+            storage.write_json(stamp, {"fingerprint": self.fingerprint, "stage": self.name, "time": time.time()})
+        for torn in storage.list_dir(self.out, suffix="", recursive=True):
+            if storage.PARTIAL_TAG in torn:  # a local write the kill interrupted; its unit is redone
+                storage.delete(storage.join(self.out, torn))
+        if not storage.is_uri(self.out):
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+        return self.out
 
-    def commit(self, summary: dict[str, Any] | None = None) -> Path:
-        (self.tmp / "_FINGERPRINT").unlink(missing_ok=True)
+    def commit(self, summary: dict[str, Any] | None = None) -> str:
         if summary is not None:
-            (self.tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (self.tmp / MARKER).write_text(
-            json.dumps({"fingerprint": self.fingerprint, "stage": self.name, "time": time.time()})
+            storage.write_json(storage.join(self.out, "summary.json"), summary)
+        storage.delete(storage.join(self.out, PARTIAL))
+        storage.write_json(
+            storage.join(self.out, MARKER),
+            {"fingerprint": self.fingerprint, "stage": self.name, "time": time.time()},
         )
-        # Rename is atomic on one filesystem; the old output is moved aside first, then dropped.
-        old = self.run_dir / f"{self.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if self.out.exists():
-            self.out.rename(old)
-        self.tmp.rename(self.out)
-        if old.exists():
-            shutil.rmtree(old)
         return self.out
 
     def summary(self) -> dict[str, Any]:
-        p = self.out / "summary.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+        p = storage.join(self.out, "summary.json")
+        return storage.read_json(p) if storage.exists(p) else {}
 
 
 def marker_of(run_dir: str | Path, name: str) -> str:
     """The fingerprint a finished upstream stage committed; downstream stages hash it as an input."""
-    m = Path(run_dir) / name / MARKER
-    if not m.exists():
-        raise FileNotFoundError(
-            f"stage {name!r} has not finished in {run_dir} (no {m}); run `saerl-ray {name}` first"
+    m = Stage(run_dir, name, "").marker()
+    if m is None:
+        raise StageNotReady(
+            f"stage {name!r} has not finished in {run_dir} (no {name}/{MARKER}); run `saerl-ray {name}` first"
         )
-    return json.loads(m.read_text())["fingerprint"]
+    return m["fingerprint"]

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 import torch
 
+from saerl_ray import storage
 from saerl_ray.config import RunConfig, fingerprint
 from saerl_ray.reward import format_messages, math_reward
 from saerl_ray.stage import Stage, marker_of
@@ -120,13 +121,7 @@ def read_heldout(path: str | None) -> list[dict]:
     if not path:
         return []
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {i}: not valid JSON ({e.msg})") from None
+    for i, row in storage.iter_jsonl(path):
         if not isinstance(row, dict) or not row.get("prompt") or not str(row.get("answer", "")).strip():
             raise ValueError(f"{path} line {i}: need non-empty 'prompt' and 'answer'")
         rows.append({"prompt": row["prompt"], "answer": str(row["answer"])})
@@ -238,25 +233,28 @@ def _trainer_classes():
     class CurriculumCallback(TrainerCallback):
         """Rank 0: per-step metrics line; sampler state saved into every checkpoint folder."""
 
-        def __init__(self, reward: CurriculumReward, metrics_path: Path, rank: int, heldout: list[dict], heldout_every: int):
+        def __init__(self, reward: CurriculumReward, metrics_path: str, rank: int, heldout: list[dict], heldout_every: int):
             self.reward, self.metrics_path, self.rank = reward, metrics_path, rank
             self.heldout, self.heldout_every = heldout, heldout_every
             self.t0 = time.time()
+            # Object stores cannot append: the whole (small) file is rewritten per line, after a resume too.
+            self.text = storage.read_text(metrics_path) if rank == 0 and storage.exists(metrics_path) else ""
+
+        def _append(self, line: dict) -> None:
+            self.text += json.dumps(line, default=float) + "\n"
+            storage.write_text(self.metrics_path, self.text)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.rank != 0 or not logs or "loss" not in logs:
                 return
-            line = {"step": state.global_step, "time": time.time() - self.t0, **logs, **self.reward.last_served}
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(line, default=float) + "\n")
+            self._append({"step": state.global_step, "time": time.time() - self.t0, **logs, **self.reward.last_served})
 
         def _heldout(self, args, state, model, processing_class) -> None:
             every = self.heldout_every
             if self.rank != 0 or not self.heldout or not every or state.global_step % every:
                 return
             acc = heldout_accuracy(model, processing_class, self.heldout, args.max_completion_length)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, "heldout_accuracy": acc, "heldout_n": len(self.heldout)}) + "\n")
+            self._append({"step": state.global_step, "heldout_accuracy": acc, "heldout_n": len(self.heldout)})
 
         def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
             if state.global_step == 0:  # the curve starts at the untrained policy
@@ -341,7 +339,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_dataset=placeholder,
         stream=stream,
         callbacks=[
-            callback_cls(reward, Path(config["metrics_path"]), rank, read_heldout(tc.heldout_file), tc.heldout_every),
+            callback_cls(reward, config["metrics_path"], rank, read_heldout(tc.heldout_file), tc.heldout_every),
             RayTrainReportCallback(),
         ],
     )
@@ -354,8 +352,10 @@ def train_loop_per_worker(config: dict) -> None:
             ray.get(sampler.load_state_dict.remote(json.loads((local / SAMPLER_STATE).read_text())))
     trainer.train(resume_from_checkpoint=resume)
     if rank == 0:
-        trainer.save_model(config["model_dir"])
-        tok.save_pretrained(config["model_dir"])
+        local_model = Path(config["scratch_dir"]) / "final-model"
+        trainer.save_model(str(local_model))
+        tok.save_pretrained(str(local_model))
+        storage.copy_tree(local_model, config["model_dir"])
         ray.get(sampler.checkpoint.remote())
 
 
@@ -374,19 +374,19 @@ def _no_rows() -> Iterator[dict]:
 # ---------------------------------------------------------------- driver
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: str) -> list[dict]:
     """metrics.jsonl lines; after a resume, a step logged twice keeps its last line."""
-    if not path.exists():
+    if not storage.exists(path):
         return []
     latest: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
-        x = json.loads(line)
+    for _, x in storage.iter_jsonl(path):
         latest[(x["step"], "heldout_accuracy" in x)] = x
     return sorted(latest.values(), key=lambda x: (x["step"], "loss" in x))
 
 
-def fit(cfg: RunConfig, sampler, out_dir: Path, policy: str, prompts_per_step: int, scratch: Path) -> None:
-    """Run `train_loop_per_worker` on `train.num_workers` Ray Train workers; outputs land in `out_dir`.
+def fit(cfg: RunConfig, sampler, out_dir: str, policy: str, prompts_per_step: int, scratch: Path) -> None:
+    """Run `train_loop_per_worker` on `train.num_workers` Ray Train workers; outputs land in `out_dir`
+    (a local path or an object-store URI; `scratch` is each worker node's local HF output dir).
 
     Ray Train keeps its checkpoints under `out_dir/ray`: a rerun with the same `out_dir` resumes."""
     import ray.train
@@ -402,9 +402,10 @@ def fit(cfg: RunConfig, sampler, out_dir: Path, policy: str, prompts_per_step: i
         "policy": policy,
         "prompts_per_step": prompts_per_step,
         "scratch_dir": str(scratch),
-        "metrics_path": str((out_dir / "metrics.jsonl").resolve()),
-        "model_dir": str((out_dir / "model").resolve()),
+        "metrics_path": storage.join(out_dir, "metrics.jsonl"),
+        "model_dir": storage.join(out_dir, "model"),
     }
+    ray_fs, ray_path = storage.filesystem(storage.join(out_dir, "ray"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -413,7 +414,7 @@ def fit(cfg: RunConfig, sampler, out_dir: Path, policy: str, prompts_per_step: i
             resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name="grpo", storage_path=str((out_dir / "ray").resolve()),
+            name="grpo", storage_path=ray_path, storage_filesystem=ray_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -447,7 +448,7 @@ def run(cfg: RunConfig) -> dict:
     fit(cfg, sampler, tmp, policy, prompts_per_step, scratch=scratch)
     # HF's local checkpoint copies; Ray Train already holds the ones that matter under train/ray.
     shutil.rmtree(scratch, ignore_errors=True)
-    lines = read_metrics(tmp / "metrics.jsonl")
+    lines = read_metrics(storage.join(tmp, "metrics.jsonl"))
     steps = [x for x in lines if "loss" in x]
     curve = [(x["step"], x["heldout_accuracy"]) for x in lines if "heldout_accuracy" in x]
     stats = ray.get(sampler.stats.remote())

@@ -22,10 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from scipy.stats import spearmanr
 from sklearn.cluster import KMeans
@@ -37,6 +35,7 @@ from sklearn.model_selection import KFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
 
+from saerl_ray import storage
 from saerl_ray.config import RunConfig
 
 METRICS = ("difficulty_spearman", "topic_nmi", "quality_auroc", "quality_auroc_loto")
@@ -86,16 +85,14 @@ def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, n
 
 
 def _load(cfg: RunConfig):
-    from saerl_ray.cli import run_pipeline
-    from saerl_ray.featureio import load_features
-
-    from saerl_ray.featureio import check_stored
+    from saerl_ray.featureio import check_stored, load_features
+    from saerl_ray.pipeline import run_pipeline
     from saerl_ray.raycluster import init_ray
 
     run_pipeline(cfg, ["ingest", "sae", "features"])
     check_stored(cfg.run_dir, cfg.features)
     init_ray(cfg.ray)  # the probe's folds run as Ray tasks
-    prompts = pq.read_table(Path(cfg.run_dir) / "ingest/prompts.parquet").to_pandas()
+    prompts = storage.read_parquet(storage.join(cfg.run_dir, "ingest", "prompts.parquet")).to_pandas()
     math = prompts[prompts["source"] == "math500"].reset_index(drop=True)
     if len(math) < 100:
         raise ValueError(f"validate needs MATH-500 in the run (source 'math500'); {cfg.run_dir} has {len(math)} rows")
@@ -172,9 +169,7 @@ def main(cfg: RunConfig, as_json: bool = False) -> int:
             res = validate(cfg)
     else:
         res = validate(cfg)
-    out = Path(cfg.run_dir) / "validate"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=2))
+    storage.write_json(storage.join(cfg.run_dir, "validate", "results.json"), res)
     if as_json:
         print(json.dumps(res))
     else:

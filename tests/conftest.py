@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from saerl_ray.testing import S3Server
+
+# The S3 endpoint is fixed before any Ray cluster starts, so every Ray worker inherits it.
+S3 = S3Server()
+os.environ.update(S3.env())
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -48,3 +54,20 @@ def smollm2_dir() -> Path:
     if not (d / "config.json").exists():
         pytest.skip("SmolLM2 not cached: run `saerl-ray models pull smollm2` (make test-slow does)")
     return d
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on a free localhost port, for the whole session."""
+    S3.start()
+    S3.create_bucket("saerl-test")
+    yield S3
+    S3.stop()
+
+
+@pytest.fixture
+def s3_run_dir(s3_server, request) -> str:
+    """A fresh `s3://saerl-test/<test>-<n>` prefix on the session's S3 server."""
+    import uuid
+
+    return f"s3://saerl-test/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:6]}"

@@ -17,6 +17,7 @@ from saerl_ray.config import fingerprint, load_config
 from saerl_ray.featureio import load_features
 from saerl_ray.lens import Lens, drop_massive, encode_prompts, iter_residuals, length_buckets, load_lens_model, pad_right, residuals
 from saerl_ray.models import load_model, load_tokenizer
+from saerl_ray import storage
 from saerl_ray.stage import Stage, marker_of
 
 # --- pure functions ---------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def _config(run_dir, model_dir, **extra):
 def _ingest(run_dir, shared_data, n=36):
     rows = [json.loads(line) for line in open(shared_data / "math500.jsonl")][:n]
     st = Stage(run_dir, "ingest", "test-ingest")
-    tmp = st.begin()
+    tmp = Path(st.begin())
     pq.write_table(pa.table({
         "id": [f"{i:016x}" for i in range(n)], "prompt": [r["problem"] for r in rows],
         "split": ["train"] * n,
@@ -259,19 +260,19 @@ def test_features_resume_computes_only_missing_blocks(featured_run, tmp_path, ti
     # What a run killed after two blocks leaves behind: whole part files, plus a torn `.partial`.
     ids, prompts = features.read_prompts(run_dir / "ingest/prompts.parquet")
     st = Stage(run_dir, "features", fingerprint(cfg.features, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae")))
-    tmp = st.begin()
+    tmp = Path(st.begin())
     fz = features.Featurizer(str(run_dir / "sae"), cfg.features.pooling, cfg.features.top_k, cfg.features.max_tokens, 4,
                              tuple(cfg.features.codes))
     for b in (0, 3):
         sl = slice(b * 8, (b + 1) * 8)
-        features.write_atomic(features.codes_table(ids[sl], fz.encode(prompts[sl])), features.part_path(tmp, b))
-    (tmp / "part-00001.parquet.partial").write_bytes(b"torn write")
+        storage.write_parquet(features.codes_table(ids[sl], fz.encode(prompts[sl])), features.part_path(tmp, b))
+    (tmp / "part-00001.parquet.partial-0badf00d").write_bytes(b"torn write")
     before = {b: os.stat(features.part_path(tmp, b)).st_mtime_ns for b in (0, 3)}
     summary = features.run(cfg)
     assert summary["blocks_resumed"] == 2 and summary["blocks_computed"] == 3
     out = run_dir / "features"
     assert {b: os.stat(features.part_path(out, b)).st_mtime_ns for b in (0, 3)} == before
-    assert not list(out.glob("*.partial"))
+    assert not list(out.glob("*.partial*"))
     got, ref = features_rows(run_dir), features_rows(ref_cfg.run_dir)
     assert got["id"] == ref["id"] and got["idx"] == ref["idx"]
     np.testing.assert_allclose(np.concatenate(got["val"]), np.concatenate(ref["val"]), rtol=1e-4)

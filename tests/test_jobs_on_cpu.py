@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from saerl_ray.cli import PIPELINE
+from saerl_ray.pipeline import PIPELINE
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")

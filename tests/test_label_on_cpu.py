@@ -2,7 +2,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import saerl_ray.label as label
-from saerl_ray.cli import call_stage
+from saerl_ray.pipeline import call_stage
 from saerl_ray.config import load_config
 
 
@@ -58,7 +58,7 @@ def test_label_resumes_from_finished_chunks_after_a_crash(tmp_path, tiny_model_d
     monkeypatch.setattr(label, "label_chunk", crash_on_second)
     with pytest.raises(RuntimeError, match="killed"):
         call_stage("label", cfg)
-    assert len(list((tmp_path / "run/label.tmp/chunks").glob("*.parquet"))) == 1
+    assert len(list((tmp_path / "run/label/chunks").glob("*.parquet"))) == 1
     calls.clear()
     monkeypatch.setattr(label, "label_chunk", lambda *a: (calls.append([r["id"] for r in a[1]]), real_chunk(*a))[1])
     call_stage("label", cfg)

@@ -9,6 +9,8 @@ scripted: only vLLM's token generation (`ScriptedEngine` below; it needs a GPU i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncio
 import hashlib
 import json
@@ -32,7 +34,7 @@ def write_plan(run_dir, shared_data):
     """A plan over real MATH-500 rows: 3 clusters of 8, cluster-first batches of 4."""
     rows = [json.loads(line) for line in (shared_data / "math500.jsonl").read_text().splitlines()[:N_PROMPTS]]
     st = Stage(run_dir, "plan", "test-plan")
-    tmp = st.begin(keep_partial=False)
+    tmp = Path(st.begin(keep_partial=False))
     table = pa.table({
         "position": pa.array(range(N_PROMPTS), pa.int64()),
         "batch": pa.array([i // BATCH for i in range(N_PROMPTS)], pa.int64()),

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from saerl_ray import validate
 
-from saerl_ray.cli import run_pipeline
+from saerl_ray.pipeline import run_pipeline
 from saerl_ray.config import load_config
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 
 import numpy as np
@@ -160,7 +162,7 @@ def test_bad_input_names_the_problem():
 def write_upstream(run_dir, n=100, drop_signal_for: int | None = None):
     ids, clusters, difficulty, keep, lengths = inputs(n, seed=3)
     st = Stage(run_dir, "ingest", "fp-ingest")
-    tmp = st.begin(keep_partial=False)
+    tmp = Path(st.begin(keep_partial=False))
     split = ["train"] * (n - 5) + ["test"] * 5
     pq.write_table(pa.table({
         "id": list(ids), "prompt": [f"problem {i}" for i in range(n)], "answer": [str(i) for i in range(n)],
@@ -170,7 +172,7 @@ def write_upstream(run_dir, n=100, drop_signal_for: int | None = None):
     }), tmp / "prompts.parquet")
     st.commit({"rows": n})
     st = Stage(run_dir, "signals", "fp-signals")
-    tmp = st.begin(keep_partial=False)
+    tmp = Path(st.begin(keep_partial=False))
     rows = [i for i in range(n)[::-1] if i != drop_signal_for]  # signals in another order than prompts
     pq.write_table(pa.table({
         "id": [ids[i] for i in rows], "cluster": pa.array(clusters[rows], pa.int32()),

@@ -1,5 +1,6 @@
 """sae stage on a tiny random model: a real sae-lens TopK SAE trained on streamed lens activations."""
 
+from pathlib import Path
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ from saerl_ray.stage import Stage
 def _ingest(run_dir, shared_data, n=40, split="train"):
     rows = [json.loads(line) for line in open(shared_data / "math500.jsonl")][:n]
     st = Stage(run_dir, "ingest", f"test-ingest-{split}")
-    tmp = st.begin()
+    tmp = Path(st.begin())
     pq.write_table(pa.table({
         "id": [f"{i:016x}" for i in range(n)], "prompt": [r["problem"] for r in rows], "split": [split] * n,
     }), tmp / "prompts.parquet")

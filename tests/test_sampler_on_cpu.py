@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import time
 from collections import Counter
@@ -229,7 +231,7 @@ def test_checkpoint_writes_state_and_decisions(tmp_path):
 
 def write_plan_stage(run_dir, table):
     st = Stage(run_dir, "plan", "test-plan")
-    tmp = st.begin(keep_partial=False)
+    tmp = Path(st.begin(keep_partial=False))
     pq.write_table(table, tmp / "plan.parquet")
     st.commit({"planned": table.num_rows})
 

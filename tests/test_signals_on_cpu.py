@@ -3,6 +3,7 @@ reproduce the stored columns, idempotent reruns. Prompts are real (MATH-500 + GS
 cheap deterministic stand-in for the SAE (hashed character trigrams, top-k, mean-pooled), written in
 the features stage's file format."""
 
+from pathlib import Path
 import json
 import math
 import zlib
@@ -68,12 +69,12 @@ def run_dir(tmp_path_factory, shared_data):
     prompts.insert(0, "id", [prompt_id(p) for p in prompts["prompt"]])
     prompts["n_chars"] = prompts["prompt"].str.len().astype("int32")
     st = Stage(run, "ingest", "ingest-fp")
-    pq.write_table(pa.Table.from_pandas(prompts, preserve_index=False), st.begin() / "prompts.parquet")
+    pq.write_table(pa.Table.from_pandas(prompts, preserve_index=False), Path(st.begin()) / "prompts.parquet")
     st.commit({"rows": len(prompts)})
 
     X = two_codes(prompts["prompt"].tolist())
     st = Stage(run, "features", "features-fp")
-    tmp = st.begin()
+    tmp = Path(st.begin())
     for part, (a, b) in enumerate([(0, 70), (70, 140)]):  # two blocks, written in reverse order
         block = X[a:b]
         idx = [block.indices[block.indptr[i] : block.indptr[i + 1]].astype(np.int32) for i in range(b - a)]

@@ -1,5 +1,6 @@
 """sae + features on the real SmolLM2-135M-Instruct with ~50 real prompts (slow: `make test-slow`)."""
 
+from pathlib import Path
 import json
 
 import numpy as np
@@ -21,7 +22,7 @@ def test_sae_and_features_on_smollm2(tmp_path, smollm2_dir, shared_data, ray_clu
     texts = gsm + math
     run_dir = tmp_path / "run"
     st = Stage(run_dir, "ingest", "slow")
-    tmp = st.begin()
+    tmp = Path(st.begin())
     pq.write_table(pa.table({"id": [f"{i:016x}" for i in range(len(texts))], "prompt": texts,
                              "split": ["train"] * len(texts)}), tmp / "prompts.parquet")
     st.commit({})

@@ -1,3 +1,4 @@
+from pathlib import Path
 import json
 
 import pyarrow as pa
@@ -69,7 +70,7 @@ def write_plan(run_dir, shared_data, n=12, batch_size=2):
         "mixed": [False] * n,
     })
     st = Stage(run_dir, "plan", "handmade-plan")
-    pq.write_table(table, st.begin() / "plan.parquet")
+    pq.write_table(table, Path(st.begin()) / "plan.parquet")
     st.commit({"rows": n})
     return table
 

@@ -1,0 +1,118 @@
+"""The storage layer and the stage commit protocol, on a local dir and on a real S3 server (moto)."""
+
+import time
+
+import pyarrow as pa
+import pytest
+
+from saerl_ray import storage
+from saerl_ray.stage import MARKER, Stage, StageNotReady, marker_of
+from saerl_ray.testing import OutageProxy
+
+
+@pytest.fixture(params=["local", "s3"])
+def base(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return request.getfixturevalue("s3_run_dir")
+
+
+def test_round_trips_and_listing(base):
+    storage.write_json(storage.join(base, "a", "x.json"), {"k": [1, 2]})
+    storage.write_text(storage.join(base, "a", "b", "y.txt"), "héllo")
+    t = pa.table({"id": ["p", "q"], "v": [1.5, 2.5]})
+    storage.write_parquet(t, storage.join(base, "a", "t.parquet"))
+    assert storage.read_json(storage.join(base, "a", "x.json")) == {"k": [1, 2]}
+    assert storage.read_text(storage.join(base, "a", "b", "y.txt")) == "héllo"
+    assert storage.read_parquet(storage.join(base, "a", "t.parquet"), columns=["v"]).column(0).to_pylist() == [1.5, 2.5]
+    assert storage.parquet_columns(storage.join(base, "a", "t.parquet")) == ["id", "v"]
+    assert storage.list_dir(storage.join(base, "a")) == ["t.parquet", "x.json"]
+    assert storage.list_dir(storage.join(base, "a"), recursive=True) == ["b/y.txt", "t.parquet", "x.json"]
+    assert storage.list_dir(storage.join(base, "a"), suffix=".json") == ["x.json"]
+    assert storage.list_dir(storage.join(base, "nothing")) == []
+    assert storage.is_dir(storage.join(base, "a")) and not storage.exists(storage.join(base, "a", "zz"))
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(base, "a", "zz"))
+    storage.delete(storage.join(base, "a"))
+    assert storage.list_dir(storage.join(base, "a"), recursive=True) == []
+    storage.delete(storage.join(base, "a"))  # deleting what is gone is fine
+
+
+def test_jsonl_reader_names_line_and_skips_bom(base):
+    p = storage.join(base, "rows.jsonl")
+    storage.write_bytes(p, '\ufeff{"a": 1}\n\n{"a": 2}\n'.encode())
+    assert list(storage.iter_jsonl(p)) == [(0, {"a": 1}), (2, {"a": 2})]
+    storage.write_text(p, '{"a": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="line 1"):
+        list(storage.iter_jsonl(p))
+
+
+def test_copy_tree_and_local_dir_fetch_once(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAERL_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "w.bin").write_bytes(b"\x00\x01")
+    dst = storage.join(base, "models", "m")
+    assert storage.copy_tree(src, dst) == 2
+    local = storage.local_dir(dst, version="v1")
+    assert (local / "sub" / "w.bin").read_bytes() == b"\x00\x01"
+    if storage.is_uri(base):
+        assert str(local).startswith(str(tmp_path / "cache"))
+        storage.write_bytes(storage.join(dst, "config.json"), b'{"changed": 1}')
+        assert (storage.local_dir(dst, version="v1") / "config.json").read_text() == "{}"  # cached copy
+        assert (storage.local_dir(dst, version="v2") / "config.json").read_text() == '{"changed": 1}'
+
+
+def test_stage_protocol_marker_last_and_killed_writer_untrusted(base):
+    st = Stage(base, "features", "fp1")
+    out = st.begin()
+    storage.write_text(storage.join(out, "part-00000.parquet"), "block 0")
+    # killed here: no marker, nothing downstream may trust the stage
+    assert not st.done()
+    with pytest.raises(StageNotReady, match="saerl-ray features"):
+        marker_of(base, "features")
+    # a rerun with the same fingerprint keeps the finished block
+    out = Stage(base, "features", "fp1").begin(keep_partial=True)
+    assert storage.list_dir(out) == ["_PARTIAL.json", "part-00000.parquet"]
+    st.commit({"rows": 1})
+    assert st.done() and marker_of(base, "features") == "fp1"
+    assert storage.read_json(storage.join(out, "summary.json")) == {"rows": 1}
+    assert "_PARTIAL.json" not in storage.list_dir(out)
+    # a new fingerprint: the old marker is gone before anything else, old files too
+    st2 = Stage(base, "features", "fp2")
+    assert not st2.done()
+    out = st2.begin(keep_partial=True)
+    assert MARKER not in storage.list_dir(out) and "part-00000.parquet" not in storage.list_dir(out)
+    with pytest.raises(StageNotReady):
+        marker_of(base, "features")
+
+
+def test_unreachable_s3_retries_then_succeeds(s3_server, s3_run_dir, monkeypatch):
+    """Fault (d): the store is unreachable for a few seconds during a write; the retry loop rides it out."""
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.25)
+    with OutageProxy(s3_server.port) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        path = storage.join(s3_run_dir, "x.json")
+        storage.write_json(path, {"before": True})
+        proxy.down(seconds=2)
+        t = time.time()
+        storage.write_json(path, {"ok": True})
+        assert time.time() - t >= 1.5  # it did wait for the store to come back
+        assert storage.read_json(path) == {"ok": True}
+
+
+def test_unreachable_s3_fails_clearly_and_leaves_no_marker(s3_server, s3_run_dir, monkeypatch):
+    monkeypatch.setattr(storage, "RETRIES", 3)
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.1)
+    with OutageProxy(s3_server.port) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        st = Stage(s3_run_dir, "plan", "fp")
+        out = st.begin()
+        storage.write_text(storage.join(out, "plan.parquet"), "x")
+        proxy.down(seconds=30)
+        with pytest.raises(storage.StorageError, match=r"s3://saerl-test/.*summary.json.*3 attempts"):
+            st.commit({"rows": 1})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    assert not Stage(s3_run_dir, "plan", "fp").done()
+    assert storage.list_dir(storage.join(s3_run_dir, "plan")) == ["_PARTIAL.json", "plan.parquet"]
