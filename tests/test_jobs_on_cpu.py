@@ -62,7 +62,9 @@ def ray_head():
     # Short path: Ray's unix sockets live under the temp dir and have a ~100-char limit.
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rjob")
     dash, gcs = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # A busy 2-core box can take longer than Ray's 30 s for the dashboard's modules to start.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
@@ -71,7 +73,8 @@ def ray_head():
          # The session's other local cluster holds the default agent ports (52365, ...): a second
          # agent on them never starts and the Job API answers "No available agent" forever.
          "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
+         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+         "--ray-client-server-port", str(free_port())],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     from ray.job_submission import JobSubmissionClient
