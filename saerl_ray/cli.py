@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from saerl_ray.config import ConfigError, RunConfig, load_config
+from saerl_ray.config import RunConfig, UserError, load_config
+from saerl_ray.storage import StorageError
 from saerl_ray.pipeline import STAGES, call_stage, run_pipeline
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     vp = sub.add_parser("validate", help="MATH-500 validation table (difficulty, topics, quality)")
     _add_config_flags(vp)
     vp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    for sp in sub.choices.values():
+        if sp.prog.split()[-1] != "models":
+            sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
@@ -85,10 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ns = build_parser().parse_args(argv)
     try:
-        cfg = load_config(ns.config, overrides(ns))
-    except ConfigError as e:
+        return _run(ns)
+    except (UserError, FileNotFoundError, StorageError) as e:
+        if ns.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _run(ns: argparse.Namespace) -> int:
+    cfg = load_config(ns.config, overrides(ns))
     if ns.cmd == "validate":
         from saerl_ray import validate
 

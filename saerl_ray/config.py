@@ -30,6 +30,8 @@ class RayConfig(Section):
     # Keep the dashboard on loopback: a public dashboard executes arbitrary code.
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = False
+    # Seconds to wait for a configured address to answer before failing with a clear error.
+    connect_timeout_s: float = 60.0
 
 
 class ModelConfig(Section):
@@ -64,6 +66,9 @@ class IngestConfig(Section):
     dedup: bool = True
     # Prompts longer than this many characters are rejected (a guard against pasted documents).
     max_chars: int = 8000
+    # Reject rows with no gold answer (`missing_answer`): an RL prompt without one cannot be rewarded.
+    # Set false to keep them for label-free uses (features, clusters only).
+    require_answer: bool = True
 
 
 class SAEConfig(Section):
@@ -410,7 +415,12 @@ def signal_codes(cfg: RunConfig, signal: str) -> list[str]:
     return list(own)
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of the errors a user can fix (bad config, input, missing stage output, unreachable Ray or
+    storage): the CLI prints their message as one `error:` line and exits 2, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the file and the field."""
 
 

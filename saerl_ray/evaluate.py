@@ -24,13 +24,14 @@ from typing import Callable
 import torch
 
 from saerl_ray import storage
-from saerl_ray.config import RunConfig, fingerprint
+from saerl_ray.config import RunConfig, UserError, fingerprint
+from saerl_ray.device import input_device
 from saerl_ray.ingest import last_boxed
 from saerl_ray.reward import extract_answer, format_messages, gold_text, math_reward
 from saerl_ray.stage import Stage
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """A benchmark file is missing or a row lacks the field we need; the message names file/row/field."""
 
 
@@ -137,6 +138,7 @@ def generate(
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(input_device(model))
         gen = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **kwargs)
         texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for j, i in enumerate(idx):
@@ -191,7 +193,7 @@ def _model_stamp(path: str) -> float | None:
 
 
 def run(cfg: RunConfig) -> dict:
-    from saerl_ray.models import load_model, load_tokenizer, resolve
+    from saerl_ray.models import load_for_generation, load_tokenizer, resolve
 
     name = cfg.eval.model or cfg.model.name
     path = resolve(name)
@@ -203,7 +205,8 @@ def run(cfg: RunConfig) -> dict:
     tmp = st.begin(keep_partial=False)
     t0 = time.time()
     tok = load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    # bf16 on the driver's GPU(s) when it holds any, model.dtype on CPU.
+    model = load_for_generation(name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     records: list[dict] = []
     for b in cfg.eval.benchmarks:
         rows = load_benchmark(cfg.eval.data_dir, b, cfg.eval.limit)

@@ -282,8 +282,9 @@ def run(cfg: RunConfig) -> dict:
 
     f = cfg.features
     run_dir = storage.resolve(cfg.run_dir)
+    ingest_marker = marker_of(run_dir, "ingest")
     sae_marker = marker_of(run_dir, "sae")
-    st = Stage(run_dir, "features", fingerprint(f, marker_of(run_dir, "ingest"), sae_marker))
+    st = Stage(run_dir, "features", fingerprint(f, ingest_marker, sae_marker))
     if st.done():
         return st.summary()
     ids, prompts = read_prompts(storage.join(run_dir, "ingest", "prompts.parquet"))

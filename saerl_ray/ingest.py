@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from saerl_ray import storage
-from saerl_ray.config import InputSpec, RunConfig, fingerprint
+from saerl_ray.config import InputSpec, RunConfig, UserError, fingerprint
 from saerl_ray.stage import Stage
 
 # Our field -> candidate source columns (first present wins). `answer_from` post-processes answers.
@@ -55,7 +55,7 @@ REJECT_SCHEMA = pa.schema([
 ])
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """An input cannot be read at all (missing, unreadable, unknown format); names the file."""
 
 
@@ -98,6 +98,8 @@ def _list_files(fs: pafs.FileSystem, path: str, shown: str) -> list[str]:
 
 
 def _jsonl_rows(data: bytes, name: str) -> Iterator[RawRow]:
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not part of the first row
+        data = data[3:]
     lines = data.split(b"\n")
     if lines and lines[-1].strip() == b"":
         lines = lines[:-1]
@@ -242,7 +244,7 @@ def prompt_id(prompt: str) -> str:
     return hashlib.sha1(normalise_text(prompt).encode()).hexdigest()[:16]
 
 
-def normalise_record(record: Any, spec: InputSpec, max_chars: int) -> dict[str, Any]:
+def normalise_record(record: Any, spec: InputSpec, max_chars: int, require_answer: bool = False) -> dict[str, Any]:
     """One raw record -> our row (without id/source/split/row). Raises RowError with the reason."""
     if not isinstance(record, dict):
         raise RowError(f"not_an_object ({type(record).__name__})")
@@ -267,6 +269,8 @@ def normalise_record(record: Any, spec: InputSpec, max_chars: int) -> dict[str, 
     elif answer is not None and not isinstance(answer, str):
         raise RowError(f"wrong_type:{acol} ({type(answer).__name__})")
     answer = _answer_post(preset.get("answer_from"), answer) if answer else ""
+    if require_answer and not answer.strip():
+        raise RowError(f"missing_answer (no value in {mapping['answer'] or 'any answer column'})")
     _, topic = _pick(record, mapping["topic"])
     return {
         "prompt": prompt.strip(),
@@ -280,7 +284,7 @@ def normalise_record(record: Any, spec: InputSpec, max_chars: int) -> dict[str, 
 # ---------------------------------------------------------------- stage
 
 
-def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000):
+def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000, require_answer: bool = False):
     """Pure core: returns (accepted rows, rejected rows, per-input counts)."""
     accepted: list[dict] = []
     rejected: list[dict] = []
@@ -297,7 +301,7 @@ def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000):
             row = None
             if reason is None:
                 try:
-                    row = normalise_record(raw.record, spec, max_chars)
+                    row = normalise_record(raw.record, spec, max_chars, require_answer)
                 except RowError as e:
                     reason = str(e)
             if row is not None:
@@ -333,7 +337,10 @@ def run(cfg: RunConfig) -> dict:
     if st.done():
         return st.summary()
     tmp = st.begin(keep_partial=False)
-    accepted, rejected, counts = ingest(cfg.ingest.inputs, cfg.ingest.dedup, cfg.ingest.max_chars)
+    ic = cfg.ingest
+    accepted, rejected, counts = ingest(ic.inputs, ic.dedup, ic.max_chars, ic.require_answer)
+    if not rejected and not accepted:
+        raise IngestError(f"no rows in {', '.join(s.path for s in ic.inputs)}: the input is empty")
     if not accepted:
         raise IngestError(f"every row was rejected ({len(rejected)} rows); see reasons: "
                           f"{Counter(reason_kind(r['reason']) for r in rejected).most_common(3)}")

@@ -15,10 +15,10 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from saerl_ray.config import RayConfig
+from saerl_ray.config import RayConfig, UserError
 
 
-class RayUnreachable(ConnectionError):
+class RayUnreachable(UserError, ConnectionError):
     """The configured Ray address did not answer: the message names it and what to check."""
 
 
@@ -48,7 +48,7 @@ def wait_reachable(address: str, timeout_s: float) -> None:
             time.sleep(1)
 
 
-def init_ray(cfg: RayConfig | None = None, connect_timeout_s: float = 60) -> None:
+def init_ray(cfg: RayConfig | None = None) -> None:
     """Join the cluster this process belongs to, or start a private local one. Idempotent."""
     import ray
 
@@ -64,7 +64,7 @@ def init_ray(cfg: RayConfig | None = None, connect_timeout_s: float = 60) -> Non
         log_to_driver=True,
     )
     if address:
-        wait_reachable(address, connect_timeout_s)
+        wait_reachable(address, cfg.connect_timeout_s)
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host, **kwargs)

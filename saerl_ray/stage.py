@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from saerl_ray import storage
+from saerl_ray.config import UserError
 
 MARKER = "_DONE.json"
 PARTIAL = "_PARTIAL.json"
 
 
-class StageNotReady(FileNotFoundError):
+class StageNotReady(UserError, FileNotFoundError):
     """An upstream stage has not finished: the message says which command to run."""
 
 

@@ -22,10 +22,10 @@ from typing import Any
 import yaml
 
 from saerl_ray import storage
-from saerl_ray.config import ConfigError, RunConfig
+from saerl_ray.config import ConfigError, RunConfig, UserError
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError, ValueError):
     """The run cannot work as a cluster job as configured; the message says what to change."""
 
 
