@@ -71,3 +71,34 @@ def test_validate_json_is_the_only_stdout(tmp_path, tiny_model_dir, shared_data,
         assert 0 <= res["quality_auroc"][rep] <= 1 and set(res["quality_auroc_by_type"][rep]) == set(cfg.signals.quality.corruptions)
     assert res["n"] == {"prompts": 100, "negatives": 100 * cfg.signals.quality.negatives_per_prompt}
     assert json.loads((tmp_path / "run/validate/results.json").read_text()) == res
+
+
+def test_cli_run_with_s3_run_dir_writes_only_to_the_bucket(tmp_path, tiny_model_dir, shared_data, s3_server):
+    """`saerl-ray run --run_dir s3://...` from an empty working dir: every stage lands in the bucket."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from saerl_ray import storage
+
+    run_dir = f"s3://saerl-test/cli-run-{os.getpid()}"
+    cfg = tiny_run_config(run_dir, tiny_model_dir, shared_data).model_dump(mode="json")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, **s3_server.env(), "CI": "1", "SAERL_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "saerl_ray.cli", "run", "-c", str(tmp_path / "cfg" / "run.yaml"),
+                          "--ray.num_cpus", "2"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in ("ingest", "sae", "features", "signals", "plan", "report"):
+        assert storage.exists(storage.join(run_dir, stage, "_DONE.json")), stage
+    assert list(work.iterdir()) == []  # nothing under the working directory
+    sig = storage.read_parquet(storage.join(run_dir, "signals", "assignments.parquet"))
+    plan = storage.read_parquet(storage.join(run_dir, "plan", "plan.parquet"))
+    kept = {i for i, k in zip(sig.column("id").to_pylist(), sig.column("keep").to_pylist()) if k}
+    assert sorted(plan.column("id").to_pylist()) == sorted(kept)
+    assert "data:image/png;base64" in storage.read_text(storage.join(run_dir, "report", "report.html"))
