@@ -51,15 +51,14 @@ def use_vllm() -> bool:
 
 
 class HFSampler:
-    """k sampled completions per prompt with HF `generate` (CPU or a single GPU)."""
+    """k sampled completions per prompt with HF `generate` (CPU, or the GPUs this process holds)."""
 
     def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
-        from saerl_ray.models import load_model, load_tokenizer
+        from saerl_ray.models import load_for_generation, load_tokenizer
 
         self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
-        self.model = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
-        if torch.cuda.is_available():
-            self.model.to("cuda")
+        # bf16 on the process's GPU(s) when it holds any (vLLM absent), `dtype` on CPU.
+        self.model = load_for_generation(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
 
     def __call__(self, problems: list[str], k: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[str]]:
         from saerl_ray.evaluate import generate, render_prompts

@@ -9,6 +9,8 @@ both see exactly the same tokens through exactly the same truncated model.
     batch = encode_prompts(tok, ["What is 2+3?"], chat_template=False, max_tokens=512)
     for rows, acts, mask in iter_residuals(model, lens.layer, batch, batch_size=32):
         ...  # acts: (b, T, d_model) at the output of decoder block `layer`; mask: pooled tokens
+    # on a GPU: load_lens_model(lens, current_placement()) and iter_residuals(..., batch_size=None,
+    # max_tokens_per_batch=16384, device="cuda:0") (saerl_ray.device.batch_limits picks these)
 
 The hook is the output of HF module `model.layers.{layer}` (residual stream after that block,
 before the final norm). The model is built with only `layer + 1` blocks and run through its base
@@ -23,7 +25,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from saerl_ray.models import DTYPES, decoder_layers, hook_name, load_model
+from saerl_ray.device import Placement, input_device, model_device_map
+from saerl_ray.models import DTYPES, decoder_layers, hook_name, load_model, model_config
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,15 @@ class EncodedPrompts:
         return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
 
 
-def load_lens_model(lens: Lens):
-    """The model truncated to `layer + 1` decoder blocks (blocks above the hook are never built)."""
+def load_lens_model(lens: Lens, placement: Placement | None = None):
+    """The model truncated to `layer + 1` decoder blocks (blocks above the hook are never built), on
+    the placement's GPUs (split over several by parameter bytes) or, by default, the CPU."""
     if lens.dtype not in DTYPES:
         raise ValueError(f"lens dtype {lens.dtype!r} not in {sorted(DTYPES)}")
+    config = model_config(lens.model, lens.trust_remote_code, num_layers=lens.layer + 1)
+    device_map = model_device_map(placement or Placement(), config)
     return load_model(lens.model, dtype=lens.dtype, trust_remote_code=lens.trust_remote_code,
-                      num_layers=lens.layer + 1)
+                      device_map=device_map, config=config)
 
 
 def _template_span(tok, text: str) -> tuple[str, int]:
@@ -105,13 +111,35 @@ def encode_prompts(tok, texts: list[str], chat_template: bool, max_tokens: int) 
     return EncodedPrompts(ids_out, keep_out)
 
 
-def length_buckets(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+def length_buckets(lengths: np.ndarray, batch_size: int | None,
+                   max_tokens_per_batch: int | None = None) -> list[np.ndarray]:
     """Row indices grouped into sub-batches of similar length (sorted), so padding stays small.
-    Callers scatter results back by these indices, which restores the input order."""
-    if batch_size < 1:
+    Callers scatter results back by these indices, which restores the input order.
+
+    A batch holds at most `batch_size` rows (None: no row cap) and, with `max_tokens_per_batch`, at
+    most that many padded tokens (rows x its longest row); a row longer than the budget alone is a
+    batch of its own. Sorted ascending, each row added sets the batch's length, so the greedy fill
+    never has to look back."""
+    if batch_size is None and max_tokens_per_batch is None:
+        raise ValueError("length_buckets needs batch_size or max_tokens_per_batch")
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+        raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    if max_tokens_per_batch is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    buckets, current = [], []
+    for i in order:
+        grown = (len(current) + 1) * max(1, int(lengths[i]))
+        if current and (len(current) == batch_size or grown > max_tokens_per_batch):
+            buckets.append(np.asarray(current, dtype=order.dtype))
+            current = []
+        current.append(i)
+    if current:
+        buckets.append(np.asarray(current, dtype=order.dtype))
+    return buckets
 
 
 def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,20 +183,27 @@ def drop_massive(acts: torch.Tensor, mask: torch.Tensor, factor: float = MASSIVE
     """Mask without the tokens whose norm is > factor x the median norm of their prompt's pooled
     tokens. Per prompt, so a prompt's code never depends on which prompts share its batch."""
     norms = acts.float().norm(dim=-1)
-    med = torch.where(mask, norms, torch.full((), torch.nan)).nanmedian(dim=1, keepdim=True).values
+    med = torch.where(mask, norms, norms.new_full((), torch.nan)).nanmedian(dim=1, keepdim=True).values
     return mask & ~(norms > factor * med)
 
 
 def iter_residuals(
-    model, layer: int, prompts: EncodedPrompts, batch_size: int, pad_id: int = 0
+    model, layer: int, prompts: EncodedPrompts, batch_size: int | None, pad_id: int = 0,
+    max_tokens_per_batch: int | None = None, device: str | torch.device | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Yield (row indices, activations (b, T, d), pooled-token mask (b, T)) per length bucket;
-    the mask is the prompt text minus massive-activation tokens."""
+    """Yield (row indices, activations (b, T, d), pooled-token mask (b, T)) per length bucket
+    (`length_buckets`: at most `batch_size` rows and `max_tokens_per_batch` padded tokens); the mask
+    is the prompt text minus massive-activation tokens. Activations and mask are on `device` (default:
+    where the hook layer ran; a model split over GPUs ends on its last one)."""
     lengths = prompts.lengths()
-    for rows in length_buckets(lengths, batch_size):
+    first = input_device(model)
+    for rows in length_buckets(lengths, batch_size, max_tokens_per_batch):
         ids, att = pad_right([prompts.ids[i] for i in rows], pad_id)
         mask = torch.zeros_like(att, dtype=torch.bool)
         for j, i in enumerate(rows):
             mask[j, : len(prompts.keep[i])] = torch.from_numpy(prompts.keep[i])
-        acts = residuals(model, layer, ids, att)
+        acts = residuals(model, layer, ids.to(first), att.to(first))
+        if device is not None:
+            acts = acts.to(device)
+        mask = mask.to(acts.device)
         yield rows, acts, drop_massive(acts, mask)

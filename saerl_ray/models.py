@@ -14,7 +14,6 @@ that. Later loads read safetensors in ~0.1 s instead of ~24 s.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -165,6 +164,17 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     finally:
         hf_logging.set_verbosity(previous)
     return model.eval()
+
+
+def load_for_generation(name: str, dtype: str = "float32", trust_remote_code: bool = False, placement=None):
+    """The whole model where this process computes (saerl_ray.device): in `dtype` on the CPU, in bf16 on
+    its GPU, split by parameter bytes over several GPUs when it holds more than one."""
+    from saerl_ray.device import current_placement, generation_dtype, model_device_map
+
+    placement = placement or current_placement()
+    config = model_config(name, trust_remote_code)
+    return load_model(name, dtype=generation_dtype(dtype, placement), trust_remote_code=trust_remote_code,
+                      device_map=model_device_map(placement, config), config=config)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

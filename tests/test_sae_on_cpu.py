@@ -44,6 +44,8 @@ def test_sae_stage_trains_a_loadable_sae_with_held_out_metrics(tmp_path, tiny_mo
     lens = json.loads((run_dir / "sae/lens.json").read_text())
     assert lens["layer"] == 1 and lens["hook_name"] == "model.layers.1" and lens["d_sae"] == 256
     assert lens["model"] == str(tiny_model_dir) and lens["k"] == 8 and lens["chat_template"] is False
+    # The SAE's own cfg.json names its hook, so a copy of it used at another layer is refused.
+    assert lens["sae_hook_name"] == "model.layers.1"
     # TopK: at most k latents per token; the SAE reconstructs better than the mean does.
     assert 0 < summary["l0"] <= 8
     assert 0 < summary["explained_variance"] <= 1 and summary["mse"] > 0
