@@ -2,11 +2,12 @@
 # Submit the whole data pipeline (ingest -> report) to a running Ray cluster.
 #   jobs/submit_pipeline.sh configs/gsm8k_math500.yaml --run_dir s3://bucket/runs/main [--features.num_actors 8 ...]
 # run_dir must be an object-store URI or a path every node mounts; local inputs are staged there first.
+# SAERL_DRIVER_GPUS=1 puts the driver (which trains the SAE and runs label/eval) on a GPU node.
 # Then: ray job logs -f <id>   ray job status <id>   ray job stop <id>
 set -euo pipefail
 source "$(dirname "$0")/_submit_common.sh"
 [ $# -ge 1 ] || { echo "usage: $0 CONFIG.yaml [dotted flags...]" >&2; exit 2; }
 STAGED="$(stage_config "$@")"
 ray job submit --no-wait --submission-id "${SAERL_SUBMISSION_ID:-$(submission_id pipeline)}" \
-  --runtime-env jobs/runtime_env_core.yaml --entrypoint-num-cpus 1 \
+  --runtime-env jobs/runtime_env_core.yaml --entrypoint-num-cpus 1 --entrypoint-num-gpus "${SAERL_DRIVER_GPUS:-0}" \
   -- python jobs/pipeline.py --config "$STAGED"

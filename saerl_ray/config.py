@@ -278,15 +278,17 @@ class SamplerConfig(Section):
     mode: Literal["static", "online"] = "online"
     # A prompt whose whole group was correct is postponed this many batches.
     postpone_batches: int = 8
-    # A prompt all-wrong this many times is retired for the epoch.
+    # A prompt all-wrong this many times in a row is retired for the rest of the run.
     retire_after: int = 3
     # Cluster pass rate above which the sampler advances faster through that cluster.
     fast_pass_rate: float = 0.8
     # Cluster pass rate drop (vs its best) that triggers a revisit.
     revisit_drop: float = 0.2
-    # Write <run_dir>/sampler/state.json every this many batches, skipped while one is in flight (0 = on demand).
+    # Compact the sampler's call log into <run_dir>/sampler/state.json every this many batches, skipped
+    # while one is in flight (0 = on demand). Every call is durable anyway; this bounds restore time.
     checkpoint_every: int = 10
-    # ... and at most once per this many seconds: a tight serving loop must not spend its p99 on snapshots.
+    # ... and at most once per this many seconds: a tight serving loop must not spend its p99 on
+    # snapshots (raise it on an object store, where a base of a large run is tens of MB per write).
     checkpoint_min_seconds: float = 2.0
     # Weight of the newest group in a cluster's pass-rate EMA (0.2 ~ the last five groups matter).
     ema_alpha: float = 0.2
