@@ -109,16 +109,19 @@ def cluster(s3_server):
     c.add_worker("w2", {"gpu_node": 1})  # stands for a GPU node
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # the dashboard takes a minute or more on a busy 2-core box
     while True:
         try:
             os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
             client = JobSubmissionClient(f"http://127.0.0.1:{c.dash}")
             break
         except Exception:
-            if time.time() > deadline:
+            if time.time() > deadline or c.procs["head"].poll() is not None:
+                logs = Path(c.temp_dir) / "session_latest" / "logs"
+                tail = "".join(f.read_text()[-800:] for f in sorted(logs.glob("dashboard*.err"))) if logs.exists() else ""
+                state = {k: p.poll() for k, p in c.procs.items()}
                 c.stop()
-                pytest.fail(f"multi-node head did not come up (logs in {c.temp_dir})")
+                pytest.fail(f"multi-node head did not come up (processes {state}): {tail}")
             time.sleep(1)
     c.client = client
     yield c
