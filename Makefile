@@ -29,6 +29,13 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory deps-check
+
+# pyproject's core + gpu sets must resolve together on the registry (pip dry run; docker/deps.py says what
+# is checked), so a broken pin fails here, not on a cluster. Skips only when the registry is unreachable.
+.PHONY: deps-check
+deps-check: venv
+	$(BIN)/python docker/deps.py check
 
 test-slow: venv
 	$(BIN)/saerl-ray models pull smollm2
@@ -64,5 +71,9 @@ $(OSTAMP): pyproject.toml
 	$(OBIN)/pip install -q -e '.[dev]'
 	touch $(OSTAMP)
 
+# Every `openrlhf` test runs on SmolLM2, so pull it first; SAERL_REQUIRE_OPENRLHF turns a test that
+# still cannot run (model missing) into a failure instead of a skip that CI would not notice.
 test-openrlhf: $(OSTAMP)
-	PYTHONPATH=$(OSTUBS) DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 $(OBIN)/python -m pytest -q -m openrlhf
+	$(OBIN)/saerl-ray models pull smollm2
+	SAERL_REQUIRE_OPENRLHF=1 PYTHONPATH=$(OSTUBS) DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 \
+	  $(OBIN)/python -m pytest -q -rs -m openrlhf

@@ -9,11 +9,12 @@ scripted: only vLLM's token generation (`ScriptedEngine` below; it needs a GPU i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import asyncio
 import hashlib
 import json
+import os
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -26,6 +27,8 @@ from saerl_ray.stage import Stage
 
 # Tests that import OpenRLHF run only in .venv-openrlhf; the rest run in the core env too.
 needs_openrlhf = pytest.mark.openrlhf
+# Set by `make test-openrlhf` and CI: a test here that cannot run is a failure, not a quiet skip.
+REQUIRE = os.environ.get("SAERL_REQUIRE_OPENRLHF") == "1"
 
 N_PROMPTS, BATCH, GROUP = 24, 4, 4
 
@@ -51,12 +54,48 @@ def write_plan(run_dir, shared_data):
     return table
 
 
-def make_cfg(tmp_path, policy_dir, algo="grpo", mode="static", steps=4, extra=()):
+def make_cfg(tmp_path, policy_dir, algo="grpo", mode="static", steps=4, extra=(), **train):
     return load_config(None, {
         "run_dir": str(tmp_path / "run"), "model.name": str(policy_dir), "plan.batch_size": BATCH,
         "sampler.mode": mode, "train.backend": "openrlhf", "train.algo": algo, "train.steps": steps,
         "train.num_generations": GROUP, "train.max_new_tokens": 64, "train.extra_args": list(extra),
+        **{f"train.{k}": v for k, v in train.items()},
     })
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """conftest's fixture, but a missing model fails the run where SAERL_REQUIRE_OPENRLHF=1."""
+    from saerl_ray.models import packaged_dir
+
+    d = packaged_dir("smollm2")
+    if not (d / "config.json").exists():
+        why = "SmolLM2 not cached: run `saerl-ray models pull smollm2` (make test-openrlhf does)"
+        if REQUIRE:
+            pytest.fail(why + " [SAERL_REQUIRE_OPENRLHF=1]")
+        pytest.skip(why)
+    return d
+
+
+@pytest.fixture
+def reward_state(monkeypatch):
+    """The reward file's process-wide report state, emptied, with size/time flushes off unless a test
+    turns them on: what reaches the sampler is then exactly what the code under test sent."""
+    from saerl_ray.integrations import openrlhf_reward as rf
+
+    def clear():
+        with rf._lock:
+            rf._partial.clear()
+            rf._ready.clear()
+            rf._inflight.clear()
+            rf._samplers.clear()
+            rf._stats.update(calls=0, accepted=0, dropped=0, retries=0, dropped_ids=[])
+
+    clear()
+    monkeypatch.setattr(rf, "FLUSH_GROUPS", 10**9)
+    monkeypatch.setattr(rf, "FLUSH_SECONDS", 10.0**9)
+    yield rf
+    clear()
 
 
 @pytest.fixture
@@ -185,6 +224,13 @@ class ScriptedEngine:
         self.wake_up = self._remote(lambda *a, **k: None)
         self.sleep = self._remote(lambda *a, **k: None)
         self.generate_responses = self._remote(self._generate_responses)
+        # Ray's built-in actor method: fn(actor instance, *args). The executor lives in this process.
+        self.ray_calls = 0
+        self.__ray_call__ = self._remote(self._ray_call)
+
+    def _ray_call(self, fn, *args, **kwargs):
+        self.ray_calls += 1
+        return fn(self, *args, **kwargs)
 
     @staticmethod
     def _remote(fn):
@@ -282,6 +328,83 @@ def test_install_trainer_builds_the_ray_actor_with_our_loader(run):
         ppo_trainer.PPOTrainer = original
 
 
+@needs_openrlhf
+def test_train_fields_reach_openrlhfs_parsed_args(tmp_path, smollm2_dir):
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    cfg = make_cfg(tmp_path, smollm2_dir, lr_scheduler="linear", kl_coef=0.05, temperature=0.7,
+                   prompts_per_step=6, save_every=3, resume=False, learning_rate=3e-6,
+                   heldout_file=str(heldout), heldout_every=2)
+    a = launch.parse_flags(launch.build_flags(cfg, tmp_path / "p.parquet", str(smollm2_dir)))
+    assert a.actor.lr_scheduler == "linear" and a.actor.lr_warmup_ratio == 0 and a.actor.adam.lr == 3e-6
+    assert a.algo.kl.init_coef == 0.05 and a.algo.kl.use_loss and a.algo.kl.estimator == "k3"
+    assert a.rollout.temperature == 0.7
+    assert a.rollout.batch_size == 6 and a.train.batch_size == 6 * GROUP  # prompts_per_step, not plan.batch_size
+    assert a.ckpt.save_steps == 3 and a.ckpt.load_enable is False
+    assert a.eval.dataset == str(launch.out_dir(cfg) / "heldout.parquet") and a.eval.steps == 2
+    assert a.eval.temperature == 0 and a.eval.n_samples_per_prompt == 1
+
+    # Defaults: flat LR, no KL (so no reference model), resume on, no checkpoints when save_every is 0.
+    d = launch.parse_flags(launch.build_flags(make_cfg(tmp_path, smollm2_dir, save_every=0), tmp_path / "p", "x"))
+    assert d.actor.lr_scheduler == "constant" and d.algo.kl.init_coef == 0.0 and d.rollout.temperature == 1.0
+    assert d.rollout.batch_size == BATCH and d.ckpt.load_enable is True and d.ckpt.save_steps == -1
+    assert d.eval.dataset is None
+
+
+@needs_openrlhf
+def test_fit_flushes_every_engines_last_reports_even_when_training_fails(run, reward_state, monkeypatch, tmp_path):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    r = run(algo="grpo", mode="online", steps=2)
+    reports_file = tmp_path / "reports.json"
+    monkeypatch.setenv("SAERL_REPORTS_FILE", str(reports_file))
+    trainer = make_trainer(r.args)
+    executor = SingleTurnAgentExecutor(remote_rm_url=r.args.reward.remote_url)
+    assert executor.reward_func is reward_state.reward_func  # OpenRLHF's by-path load shares one state
+    engine = ScriptedEngine(executor, trainer.tokenizer)
+    gen = trainer.samples_generator
+    gen.vllm_engines = trainer.vllm_engines = [engine]
+    # fit(): the first rollout batch is generated and scored for real, then train_step fails (no
+    # DeepSpeed actors on CPU). Size/time flushes are off, so only fit()'s final flush can report.
+    with pytest.raises(Exception):  # noqa: B017 - whichever error a model-less train_step hits
+        trainer.fit()
+    assert engine.ray_calls == 1
+    assert reported(r.sampler, BATCH, timeout=0) == BATCH
+    assert trainer.reward_reports["accepted"] == BATCH and trainer.reward_reports["dropped"] == 0
+    assert json.loads(reports_file.read_text())["accepted"] == BATCH
+
+
+@needs_openrlhf
+def test_run_commits_an_openrlhf_stage_and_reruns_only_on_a_new_config(tmp_path, shared_data, ray_cluster, monkeypatch):
+    """launch.run end to end except OpenRLHF's GPU training (its CLI module is not executed; the
+    flags it would get are parsed by its real parser afterwards)."""
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+
+    cfg = make_cfg(tmp_path, tmp_path, steps=3)
+    write_plan(cfg.run_dir, shared_data)
+    argv = []
+    monkeypatch.setattr(launch.runpy, "run_module", lambda *a, **k: argv.append(list(launch.sys.argv[1:])))
+    monkeypatch.setattr(ppo_trainer, "PPOTrainer", ppo_trainer.PPOTrainer)  # install_trainer replaces it
+    summary = launch.run(cfg)
+    out = tmp_path / "run" / "openrlhf"
+    marker = json.loads((out / "_DONE.json").read_text())
+    assert marker["fingerprint"] == launch.stage_fingerprint(cfg, str(tmp_path)) and marker["stage"] == "openrlhf"
+    assert summary["prompts"] == 3 * BATCH and (out / "prompts.parquet").exists()
+    assert json.loads((out / "summary.json").read_text())["prompts"] == 3 * BATCH
+    assert len(argv) == 1
+    monkeypatch.undo()
+    args = launch.parse_flags(argv[0])
+    assert args.data.prompt_dataset == str(out / "prompts.parquet") and args.ckpt.path == str(out / "ckpt")
+
+    monkeypatch.setattr(launch.runpy, "run_module", lambda *a, **k: argv.append(list(launch.sys.argv[1:])))
+    monkeypatch.setattr(ppo_trainer, "PPOTrainer", ppo_trainer.PPOTrainer)
+    assert launch.run(cfg)["prompts"] == 3 * BATCH and len(argv) == 1  # same config: the stage is done
+    launch.run(make_cfg(tmp_path, tmp_path, steps=3, resume=False))  # resume says how, not what: still done
+    assert len(argv) == 1
+    launch.run(make_cfg(tmp_path, tmp_path, steps=3, kl_coef=0.01))  # a new KL weight trains again
+    assert len(argv) == 2 and launch.flag_value(argv[1], "--algo.kl.init_coef", "") == "0.01"
+
+
 # --- core env (no OpenRLHF needed): the launcher's flag mapping and prompt file, the reward file ---
 
 
@@ -308,9 +431,8 @@ def test_prompt_file_is_in_plan_order_with_json_labels(tmp_path, shared_data):
     assert all(r["prompt"].startswith(p) for r, p in zip(rows, plan.column("prompt").to_pylist()))
 
 
-def test_reward_func_scores_groups_and_never_raises():
-    from saerl_ray.integrations import openrlhf_reward as rf
-
+def test_reward_func_scores_groups_and_never_raises(reward_state):
+    rf = reward_state
     label = json.dumps({"id": "p1", "answer": "\\frac{1}{2}", "cluster": 0, "sampler": "s", "n": 2})
     out = rf.reward_func(["Q? so \\boxed{0.5}", "Q? it is 7"], ["Q?", "Q?"], [label, label])
     assert out["scores"].tolist() == [1.0, 0.0] and out["rewards"].tolist() == [1.0, 0.0]
@@ -320,4 +442,155 @@ def test_reward_func_scores_groups_and_never_raises():
     # Plain-string labels (eval sets) are answers; garbage labels score 0 instead of raising.
     assert rf.reward_func(["Q? \\boxed{3}"], ["Q?"], ["3"])["scores"].tolist() == [1.0]
     assert rf.reward_func(["Q? \\boxed{3}"], ["Q?"], ['{"id": 1, "n": "x"}'])["scores"].tolist() == [0.0]
+    assert rf.reward_func(["Q? \\boxed{3}"], ["Q?"], ['{"answer": "3"}'])["scores"].tolist() == [1.0]
+    assert not rf._ready and not rf._partial  # none of those names a sampler: nothing to report
     assert rf.response_text("PROMPT answer", "PROMPT") == " answer"
+
+
+# --- reward reports against the real CurriculumSampler actor (core env: no OpenRLHF import) ---
+
+
+@pytest.fixture
+def sampler_run(tmp_path, shared_data, ray_cluster):
+    """A plan and its CurriculumSampler actor; labels as the launcher writes them."""
+    from saerl_ray.sampler import get_or_create_sampler
+
+    cfg = make_cfg(tmp_path, tmp_path, mode="online")
+    plan = write_plan(cfg.run_dir, shared_data)
+    sampler = get_or_create_sampler(cfg)
+    name = launch.actor_name(sampler)
+
+    def label(i, n=1):
+        return json.dumps({"id": i, "answer": "7", "cluster": 0, "sampler": name, "n": n})
+
+    return SimpleNamespace(sampler=sampler, name=name, ids=plan.column("id").to_pylist(), label=label)
+
+
+def sampler_reported(sampler) -> int:
+    import ray
+
+    return ray.get(sampler.stats.remote())["reported"]
+
+
+def test_last_groups_reach_the_sampler_through_the_final_flush(sampler_run, reward_state):
+    rf, s = reward_state, sampler_run
+    for i in s.ids[:3]:  # three complete groups of two
+        rf.reward_func(["Q \\boxed{7}", "Q 8"], ["Q", "Q"], [s.label(i, n=2)] * 2)
+    rf.reward_func(["Q \\boxed{7}"], ["Q"], [s.label(s.ids[3], n=2)])  # one of its two samples only
+    time.sleep(3 * rf.TICK_SECONDS)  # the timer runs, but no size or time flush is due
+    assert sampler_reported(s.sampler) == 0
+    assert rf.stats()["waiting"] == 3 and rf.stats()["partial"] == 1
+    out = rf.final_flush(timeout=60)
+    # The end of the run: the complete groups and the incomplete one, answered before it returns.
+    assert sampler_reported(s.sampler) == 4
+    assert (out["accepted"], out["dropped"], out["in_flight"], out["waiting"], out["partial"]) == (4, 0, 0, 0, 0)
+
+
+def test_timer_sends_an_idle_engines_groups(sampler_run, reward_state, monkeypatch):
+    rf, s = reward_state, sampler_run
+    rf.reward_func(["Q \\boxed{7}", "Q 8"], ["Q", "Q"], [s.label(s.ids[0], n=2)] * 2)
+    assert rf.stats()["waiting"] == 1  # reward_func itself sent nothing: no flush was due
+    # No reward_func call follows (the engine went idle); only the timer thread can send it now.
+    monkeypatch.setattr(rf, "FLUSH_SECONDS", 0.2)
+    deadline = time.time() + 30
+    while sampler_reported(s.sampler) < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    assert sampler_reported(s.sampler) == 1 and rf.stats()["waiting"] == 0
+
+
+def test_unknown_ids_lose_only_their_own_groups(sampler_run, reward_state, caplog):
+    rf, s = reward_state, sampler_run
+    ids = [s.ids[0], "not-in-plan-1", s.ids[1], s.ids[2], "not-in-plan-2", s.ids[3]]
+    rf.reward_func(["Q \\boxed{7}"] * len(ids), ["Q"] * len(ids), [s.label(i) for i in ids])
+    with caplog.at_level("ERROR", logger="saerl_ray.openrlhf_reward"):
+        out = rf.final_flush(timeout=60)
+    # One report of six groups: the four known ones reach the sampler, the unknown two are named.
+    assert sampler_reported(s.sampler) == 4
+    assert out["accepted"] == 4 and out["dropped"] == 2
+    assert sorted(out["dropped_ids"]) == ["not-in-plan-1", "not-in-plan-2"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("not-in-plan-1" in m for m in errors) and any("not-in-plan-2" in m for m in errors)
+
+
+def test_whole_batch_refusals_are_retried_without_the_named_id(reward_state, ray_cluster):
+    """A sampler that raises on the first unknown id (the report() contract before issue 15)."""
+    import ray
+
+    @ray.remote
+    class Strict:
+        def __init__(self):
+            self.taken = []
+
+        def report(self, ids, rewards):
+            for i in ids:
+                if i.startswith("bad"):
+                    raise ValueError(f"report: id {i!r} is not in the plan")
+            self.taken += ids
+            return len(ids)
+
+        def taken_ids(self):
+            return self.taken
+
+    rf = reward_state
+    name = f"strict-{os.getpid()}-{time.time_ns()}"
+    actor = Strict.options(name=name, namespace=rf.SAMPLER_NAMESPACE).remote()
+    ids = ["a", "bad'1", "b", "c", "bad2", "d"]  # a quote inside an id survives the repr round trip
+    labels = [json.dumps({"id": i, "answer": "1", "sampler": name, "n": 1}) for i in ids]
+    rf.reward_func(["\\boxed{1}"] * len(ids), [""] * len(ids), labels)
+    out = rf.final_flush(timeout=60)
+    assert ray.get(actor.taken_ids.remote()) == ["a", "b", "c", "d"]
+    assert (out["accepted"], out["dropped"], out["retries"]) == (4, 2, 2)
+    assert sorted(out["dropped_ids"]) == ["bad'1", "bad2"]
+    ray.kill(actor)
+
+
+def test_refusal_without_an_id_is_isolated_by_halving(reward_state, ray_cluster):
+    """A refusal that names no id (any other report() failure) is narrowed down by splitting."""
+    import ray
+
+    @ray.remote
+    class Picky:
+        def __init__(self):
+            self.taken = []
+
+        def report(self, ids, rewards):
+            if "poison" in ids:
+                raise RuntimeError("report refused")
+            self.taken += ids
+            return len(ids)
+
+        def taken_ids(self):
+            return self.taken
+
+    rf = reward_state
+    name = f"picky-{os.getpid()}-{time.time_ns()}"
+    actor = Picky.options(name=name, namespace=rf.SAMPLER_NAMESPACE).remote()
+    ids = [f"p{k}" for k in range(6)] + ["poison"] + ["p6"]
+    labels = [json.dumps({"id": i, "answer": "1", "sampler": name, "n": 1}) for i in ids]
+    rf.reward_func(["\\boxed{1}"] * len(ids), [""] * len(ids), labels)
+    out = rf.final_flush(timeout=60)
+    assert sorted(ray.get(actor.taken_ids.remote())) == sorted(i for i in ids if i != "poison")
+    assert out["accepted"] == 7 and out["dropped_ids"] == ["poison"] and out["retries"] > 0
+    ray.kill(actor)
+
+
+def test_report_answering_unknown_ids_is_counted_not_raised(reward_state, ray_cluster):
+    """report() answering {"accepted", "unknown", "invalid"}: skipped groups are counted, nothing is resent."""
+    import ray
+
+    @ray.remote
+    class Lenient:
+        def report(self, ids, rewards):
+            unknown = [i for i in ids if i.startswith("x")]
+            invalid = [i for i in ids if i.startswith("v")]
+            return {"accepted": len(ids) - len(unknown) - len(invalid), "unknown": unknown, "invalid": invalid}
+
+    rf = reward_state
+    name = f"lenient-{os.getpid()}-{time.time_ns()}"
+    actor = Lenient.options(name=name, namespace=rf.SAMPLER_NAMESPACE).remote()
+    ids = ["a", "x1", "b", "v1"]
+    rf.reward_func(["\\boxed{1}"] * 4, [""] * 4, [json.dumps({"id": i, "answer": "1", "sampler": name}) for i in ids])
+    out = rf.final_flush(timeout=60)
+    assert (out["accepted"], out["dropped"], sorted(out["dropped_ids"]), out["retries"], out["calls"]) == (
+        2, 2, ["v1", "x1"], 0, 1)
+    ray.kill(actor)

@@ -12,8 +12,24 @@ What it does, in order:
    whose runtime_env we cannot extend, so the label is how it learns the sampler actor and group size;
 3. maps RunConfig to OpenRLHF's dotted flags (GRPO or DAPO preset; `train.extra_args` appended last,
    untouched, so they win), replaces `openrlhf.trainer.ppo_trainer.PPOTrainer` with
-   `ray.remote(SaerlPPOTrainer)` and runs OpenRLHF's own CLI module (`train_ppo_ray`) as `__main__`.
+   `ray.remote(SaerlPPOTrainer)` and runs OpenRLHF's own CLI module (`train_ppo_ray`) as `__main__`;
+4. commits `<run_dir>/openrlhf/` as a stage (`_DONE.json`): a rerun with the same config is a no-op.
 OpenRLHF is imported only inside `run` / `parse_flags`; building flags needs nothing but the config.
+
+How `train.*` reaches OpenRLHF 0.11.2 (`check_config` refuses what has no faithful mapping, naming the field):
+    steps             -> prompts per episode = steps x prompts_per_step (the curriculum loader's length)
+    prompts_per_step  -> --rollout.batch_size (None: plan.batch_size); --train.batch_size = it x num_generations
+    num_generations   -> --rollout.n_samples_per_prompt        max_new_tokens -> --rollout.max_new_tokens
+    temperature       -> --rollout.temperature (> 0: a greedy group has no spread to normalise)
+    learning_rate     -> --actor.adam.lr
+    lr_scheduler      -> --actor.lr_scheduler constant|linear|cosine, --actor.lr_warmup_ratio 0 (as the TRL backend)
+    kl_coef           -> --algo.kl.init_coef (GRPO: k3 KL loss; 0 builds no reference model). DAPO has no KL
+                         term, so a DAPO run with kl_coef > 0 is refused rather than silently dropped.
+    save_every        -> --ckpt.save_steps (0: -1, never)
+    resume            -> --ckpt.load_enable; false also empties openrlhf/ (its checkpoints) first
+    heldout_file/_every -> --eval.dataset <openrlhf/heldout.parquet> --eval.steps, greedy, 1 sample
+    num_workers       -> GPUs: actor, reference and vLLM engines, colocated (hybrid engine)
+    use_gpu, cpus_per_worker: TRL/Ray Train placement only; OpenRLHF always places its own GPU actors.
 """
 
 from __future__ import annotations
@@ -29,7 +45,7 @@ from unittest import mock
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saerl_ray.config import RunConfig
+from saerl_ray.config import ConfigError, RunConfig, fingerprint
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 REWARD_FILE = Path(__file__).with_name("openrlhf_reward.py")
@@ -40,10 +56,16 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 OPENRLHF_ENV = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 # The async trainer builds its own loader in another actor; only the sync/hybrid trainer is patched.
 UNSUPPORTED = ("--train.async_enable", "--data.prompt_dataset", "--data.label_key")
+STAGE = "openrlhf"
+# train.lr_scheduler -> the transformers scheduler name OpenRLHF passes to get_scheduler.
+LR_SCHEDULERS = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
+# The trainer actor writes its end-of-run reward flush counts here (read into the stage summary).
+REPORTS_FILE = "reward_reports.json"
 
 
 def out_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir) / "openrlhf"
+    # Absolute: OpenRLHF's trainer actor and vLLM engines open these paths from other working dirs.
+    return Path(cfg.run_dir).resolve() / STAGE
 
 
 def write_prompt_file(cfg: RunConfig, sampler_actor: str, group_size: int) -> Path:
@@ -70,12 +92,13 @@ def write_prompt_file(cfg: RunConfig, sampler_actor: str, group_size: int) -> Pa
     return path
 
 
-def algo_flags(algo: str, max_new_tokens: int) -> list[str]:
+def algo_flags(algo: str, max_new_tokens: int, kl_coef: float = 0.0) -> list[str]:
     """GRPO / DAPO presets in OpenRLHF 0.11's dotted dialect (see anchors.md §1.6)."""
     if algo == "grpo":
         return [
             "--algo.advantage.estimator", "group_norm",
-            "--algo.kl.use_loss", "--algo.kl.estimator", "k3", "--algo.kl.init_coef", "1e-3",
+            # GRPO's KL as a k3 loss term; its weight is train.kl_coef (0: no reference model is built).
+            "--algo.kl.use_loss", "--algo.kl.estimator", "k3", "--algo.kl.init_coef", repr(float(kl_coef)),
         ]
     if algo == "dapo":
         return [
@@ -86,20 +109,80 @@ def algo_flags(algo: str, max_new_tokens: int) -> list[str]:
             "--reward.overlong_buffer_len", str(max(1, max_new_tokens // 4)),
             "--reward.overlong_penalty_factor", "1.0",
             "--actor.loss_agg_mode", "token-mean",
-            # DAPO drops the KL term, so no reference model is built.
+            # DAPO drops the KL term, so no reference model is built (check_config refuses kl_coef > 0).
             "--algo.kl.init_coef", "0",
         ]
-    raise ValueError(f"train.algo must be grpo or dapo, got {algo!r}")
+    raise ConfigError(f"train.algo must be grpo or dapo, got {algo!r}")
+
+
+def prompts_per_step(cfg: RunConfig) -> int:
+    return cfg.train.prompts_per_step or cfg.plan.batch_size
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse `train.*` values the OpenRLHF backend cannot honour; each error names its field."""
+    t = cfg.train
+    errors = []
+    for flag in UNSUPPORTED:
+        if flag in t.extra_args:
+            errors.append(f"train.extra_args: {flag} is not supported with the curriculum trainer")
+    if t.prompts_per_step is not None and t.prompts_per_step < 1:
+        errors.append(f"train.prompts_per_step must be >= 1 (or null for plan.batch_size), got {t.prompts_per_step}")
+    if not t.temperature > 0:
+        errors.append(f"train.temperature must be > 0 with the OpenRLHF backend, got {t.temperature}: "
+                      "greedy groups are identical, so every group-normalised advantage is 0")
+    if t.kl_coef < 0:
+        errors.append(f"train.kl_coef must be >= 0, got {t.kl_coef}")
+    elif t.algo == "dapo" and t.kl_coef > 0:
+        errors.append(f"train.kl_coef={t.kl_coef} with train.algo=dapo: DAPO has no KL term; "
+                      "set train.kl_coef: 0 or use train.algo: grpo")
+    if t.lr_scheduler not in LR_SCHEDULERS:
+        errors.append(f"train.lr_scheduler={t.lr_scheduler!r} has no OpenRLHF mapping ({sorted(LR_SCHEDULERS)})")
+    if t.save_every < 0:
+        errors.append(f"train.save_every must be >= 0 (0 = no checkpoints), got {t.save_every}")
+    if t.heldout_every < 0:
+        errors.append(f"train.heldout_every must be >= 0, got {t.heldout_every}")
+    elif t.heldout_every and not t.heldout_file:
+        errors.append(f"train.heldout_every={t.heldout_every} needs train.heldout_file")
+    if t.steps < 1:
+        errors.append(f"train.steps must be >= 1, got {t.steps}")
+    from saerl_ray import storage
+
+    if storage.is_uri(cfg.run_dir):
+        errors.append(f"run_dir={cfg.run_dir!r}: train.backend=openrlhf writes DeepSpeed checkpoints and the "
+                      "model with local file I/O; use a filesystem path (a shared volume on a cluster)")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def write_heldout_file(cfg: RunConfig) -> Path | None:
+    """`train.heldout_file` as OpenRLHF's eval dataset: same prompt/label columns as the training file;
+    labels carry no sampler, so the reward file scores them without reporting."""
+    t = cfg.train
+    if not (t.heldout_file and t.heldout_every):
+        return None
+    from saerl_ray.trl_backend import read_heldout
+
+    rows = read_heldout(t.heldout_file)
+    if not rows:
+        raise ConfigError(f"train.heldout_file {t.heldout_file}: no rows")
+    table = pa.table({
+        "prompt": [f"{r['prompt']}\n{INSTRUCTION}" for r in rows],
+        "label": [json.dumps({"answer": r["answer"]}) for r in rows],
+        "datasource": ["heldout"] * len(rows),
+    })
+    path = out_dir(cfg) / "heldout.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
 
 
 def build_flags(cfg: RunConfig, prompt_file: Path, policy: str) -> list[str]:
     """RunConfig -> OpenRLHF CLI flags; `train.extra_args` last so any of them can be overridden."""
-    for flag in UNSUPPORTED:
-        if flag in cfg.train.extra_args:
-            raise ValueError(f"train.extra_args: {flag} is not supported with the curriculum trainer")
+    check_config(cfg)
     t, out = cfg.train, out_dir(cfg)
     gpus = max(1, t.num_workers)
-    rollout = cfg.plan.batch_size
+    rollout = prompts_per_step(cfg)
     flags = [
         "--actor.model_name_or_path", policy,
         "--data.prompt_dataset", str(prompt_file),
@@ -111,11 +194,13 @@ def build_flags(cfg: RunConfig, prompt_file: Path, policy: str) -> list[str]:
         "--rollout.max_new_tokens", str(t.max_new_tokens),
         "--rollout.batch_size", str(rollout),
         "--rollout.n_samples_per_prompt", str(t.num_generations),
+        "--rollout.temperature", repr(float(t.temperature)),
         # One policy update per rollout batch (on-policy GRPO/DAPO).
         "--train.batch_size", str(rollout * t.num_generations),
         "--train.max_epochs", "1", "--train.num_episodes", "1",
         "--train.seed", str(cfg.seed),
-        "--actor.adam.lr", str(t.learning_rate),
+        "--actor.adam.lr", repr(float(t.learning_rate)),
+        "--actor.lr_scheduler", LR_SCHEDULERS[t.lr_scheduler], "--actor.lr_warmup_ratio", "0",
         # Hybrid engine: vLLM and DeepSpeed share every GPU and sleep in turn.
         "--actor.num_nodes", "1", "--actor.num_gpus_per_node", str(gpus),
         "--ref.num_nodes", "1", "--ref.num_gpus_per_node", str(gpus),
@@ -126,10 +211,16 @@ def build_flags(cfg: RunConfig, prompt_file: Path, policy: str) -> list[str]:
         "--reward.remote_url", str(REWARD_FILE),
         "--ckpt.output_dir", str(out / "model"),
         "--ckpt.path", str(out / "ckpt"),
-        "--ckpt.save_steps", str(cfg.sampler.checkpoint_every), "--ckpt.load_enable",
+        # OpenRLHF: -1 = never (0 would be a modulo by zero).
+        "--ckpt.save_steps", str(t.save_every or -1),
+        *(["--ckpt.load_enable"] if t.resume else []),
         "--logger.tensorboard_dir", str(out / "tensorboard"),
     ]
-    return flags + algo_flags(t.algo, t.max_new_tokens) + list(t.extra_args)
+    if t.heldout_file and t.heldout_every:
+        # Greedy, one sample per prompt: the same held-out accuracy the TRL backend logs.
+        flags += ["--eval.dataset", str(out / "heldout.parquet"), "--eval.steps", str(t.heldout_every),
+                  "--eval.temperature", "0", "--eval.n_samples_per_prompt", "1"]
+    return flags + algo_flags(t.algo, t.max_new_tokens, t.kl_coef) + list(t.extra_args)
 
 
 def flag_value(flags: list[str], name: str, default: str) -> str:
@@ -141,9 +232,12 @@ def flag_value(flags: list[str], name: str, default: str) -> str:
     return value
 
 
-def trainer_env(sampler_actor: str, main_prompts: int) -> dict[str, str]:
+def trainer_env(sampler_actor: str, main_prompts: int, reports_file: str | Path | None = None) -> dict[str, str]:
     """Env vars for the trainer actor (given via `.options(runtime_env=...)` when it is created)."""
-    return {"SAERL_SAMPLER_ACTOR": sampler_actor, "SAERL_NUM_PROMPTS": str(main_prompts)}
+    env = {"SAERL_SAMPLER_ACTOR": sampler_actor, "SAERL_NUM_PROMPTS": str(main_prompts)}
+    if reports_file is not None:
+        env["SAERL_REPORTS_FILE"] = str(reports_file)
+    return env
 
 
 def actor_name(handle: Any) -> str:
@@ -197,13 +291,34 @@ def install_trainer(env: dict[str, str]) -> None:
     ppo_trainer.PPOTrainer = ray.remote(SaerlPPOTrainer).options(runtime_env={"env_vars": env})
 
 
+def stage_fingerprint(cfg: RunConfig, policy: str) -> str:
+    """What decides a rerun: the train section (except `resume`, which says how, not what), the
+    sampler's rules, the policy, the seed, the plan it reads, and the resolved step size."""
+    from saerl_ray.stage import marker_of
+
+    train = cfg.train.model_dump(mode="json", exclude={"resume"})
+    return fingerprint(train, cfg.sampler, cfg.seed, policy, prompts_per_step(cfg), marker_of(cfg.run_dir, "plan"))
+
+
 def run(cfg: RunConfig) -> dict:
     """`saerl-ray train --backend openrlhf`: start the sampler, write prompts, run OpenRLHF."""
+    import time
+
     import ray
 
     from saerl_ray.models import resolve
     from saerl_ray.sampler import get_or_create_sampler
+    from saerl_ray.stage import Stage
 
+    t0 = time.time()
+    check_config(cfg)  # before Ray, the sampler or any file: a bad field costs nothing
+    policy = str(resolve(cfg.train.policy or cfg.model.name))
+    st = Stage(cfg.run_dir, STAGE, stage_fingerprint(cfg, policy))
+    if st.done():
+        print(f"[saerl-ray] openrlhf: {st.out} is done for this config; nothing to do", flush=True)
+        return st.summary()
+    # An interrupted run with the same config keeps its checkpoints when train.resume is on.
+    out = Path(st.begin(keep_partial=cfg.train.resume))
     # A job's runtime_env and this driver's ray.init both set env_vars; let the driver's win.
     os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     if not ray.is_initialized():
@@ -211,19 +326,27 @@ def run(cfg: RunConfig) -> dict:
         ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
     sampler = get_or_create_sampler(cfg)
     name = actor_name(sampler)
-    policy = str(resolve(cfg.train.policy or cfg.model.name))
-    flags = build_flags(cfg, out_dir(cfg) / "prompts.parquet", policy)
+    flags = build_flags(cfg, out / "prompts.parquet", policy)
     group = int(flag_value(flags, "--rollout.n_samples_per_prompt", "1"))
     write_prompt_file(cfg, name, group)
-    main_prompts = cfg.train.steps * int(flag_value(flags, "--rollout.batch_size", str(cfg.plan.batch_size)))
-    install_trainer(trainer_env(name, main_prompts))
+    write_heldout_file(cfg)
+    step_prompts = int(flag_value(flags, "--rollout.batch_size", str(prompts_per_step(cfg))))
+    main_prompts = cfg.train.steps * step_prompts
+    reports_file = out / REPORTS_FILE
+    reports_file.unlink(missing_ok=True)
+    install_trainer(trainer_env(name, main_prompts, reports_file))
     print(f"[saerl-ray] openrlhf: {cfg.train.algo} on {policy}, {main_prompts} prompts, flags: {' '.join(flags)}", flush=True)
     with mock.patch.object(sys, "argv", [CLI_MODULE, *flags]):
         runpy.run_module(CLI_MODULE, run_name="__main__", alter_sys=False)
     stats = ray.get(sampler.stats.remote())
     ray.get(sampler.checkpoint.remote())
-    summary = {"backend": "openrlhf", "algo": cfg.train.algo, "prompts": main_prompts, "sampler": stats,
-               "model_dir": str(out_dir(cfg) / "model")}
-    (out_dir(cfg) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    reports = json.loads(reports_file.read_text()) if reports_file.exists() else None
+    if reports is None or reports.get("dropped"):
+        print(f"[saerl-ray] openrlhf: WARNING reward reports to the sampler incomplete: {reports}", flush=True)
+    summary = {"backend": "openrlhf", "algo": cfg.train.algo, "steps": cfg.train.steps,
+               "prompts_per_step": step_prompts, "prompts": main_prompts, "policy": policy, "sampler": stats,
+               "reward_reports": reports, "model_dir": str(out / "model"), "flags": flags,
+               "seconds": time.time() - t0}
+    st.commit(summary)
     print(f"[saerl-ray] openrlhf: done, model in {summary['model_dir']}", flush=True)
     return summary

@@ -15,11 +15,17 @@ more prompt from the same loader iterator, right after turning that group's resp
 experiences. The trainer marks each `generate_samples` call as a new round; pulls beyond the round's
 `rollout.batch_size` are therefore replacements, and the last processed response's label names the
 rejected prompt, so the sampler serves a same-cluster replacement (`replacement(cluster, 1)`).
+
+Reward reports: the reward file batches them inside each vLLM engine; at the end of `fit()` the
+trainer runs its final flush in every engine (`__ray_call__`) and waits, so the last groups of the
+run reach the sampler before the launcher reads its stats, and writes the counts to
+SAERL_REPORTS_FILE for the stage summary.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +35,12 @@ from torch.utils.data import Sampler
 
 from openrlhf.trainer.ppo_trainer import PPOTrainer
 
-SAMPLER_NAMESPACE = "saerl"
+from saerl_ray.sampler import SAMPLER_NAMESPACE
+
+# Seconds an engine may spend sending its last reports and retrying refused ones.
+FINAL_FLUSH_SECONDS = 120.0
+
+log = logging.getLogger("saerl_ray.openrlhf_trainer")
 
 
 def label_cluster(label: Any) -> int | None:
@@ -49,8 +60,8 @@ class CurriculumPromptSampler(Sampler[int]):
 
     One remote call per round (`next_batch(round_size)`), one per DAPO replacement. `__len__` is the
     number of main prompts per episode, so OpenRLHF's step arithmetic stays consistent. The state
-    saved by OpenRLHF's checkpoint (`StatefulDataLoader` stores it) carries the actor's own state, so
-    a resume puts the actor back where the checkpoint was, even if it ran ahead before a crash.
+    saved by OpenRLHF's checkpoint (`StatefulDataLoader` stores it) carries the actor's cursor, so a
+    resume serves again exactly what the actor served after that checkpoint (docs/sampler_api.md).
     """
 
     def __init__(self, actor: Any, num_prompts: int, round_size: int):
@@ -112,11 +123,14 @@ class CurriculumPromptSampler(Sampler[int]):
 
     # --- checkpointing (torchdata Stateful protocol) ---
     def state_dict(self) -> dict[str, Any]:
+        # fit() asks for this every step and keeps it only at a checkpoint, so it must be cheap: the
+        # actor's cursor (its history id + the last serving call), not its state. The state itself is
+        # durable in <run_dir>/sampler, which is what the cursor refers to.
         return {
             "served": self.served,
             "buffer": list(self.buffer),
             "replacements": self.replacements,
-            "actor": ray.get(self.actor.state_dict.remote()),
+            "sampler": ray.get(self.actor.cursor.remote()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -124,8 +138,41 @@ class CurriculumPromptSampler(Sampler[int]):
         self.buffer = [int(p) for p in state["buffer"]]
         self.replacements = int(state.get("replacements", 0))
         self.round_left = None
-        if state.get("actor") is not None:
-            ray.get(self.actor.load_state_dict.remote(state["actor"]))
+        # The actor serves again, first and in order, what it served after this checkpoint.
+        if state.get("sampler") is not None:
+            ray.get(self.actor.resume.remote({"cursor": state["sampler"]}))
+        elif state.get("actor") is not None:  # checkpoints written before cursors carried the full state
+            ray.get(self.actor.resume.remote(state["actor"]))
+
+
+def flush_engine_reports(engines: Any, timeout: float = FINAL_FLUSH_SECONDS) -> dict[str, Any]:
+    """Run the reward file's final flush inside every rollout engine; summed counts over engines."""
+    from saerl_ray.integrations.openrlhf_reward import flush_in_actor
+
+    engines = list(engines or [])
+    total: dict[str, Any] = {"engines": len(engines), "failed_engines": 0, "dropped_ids": []}
+    refs = []
+    for engine in engines:  # all engines flush at once; then wait for each
+        try:
+            refs.append(engine.__ray_call__.remote(flush_in_actor, timeout))
+        except Exception:
+            log.exception("could not ask a rollout engine for its final reward flush")
+            total["failed_engines"] += 1
+    for ref in refs:
+        try:
+            got = ray.get(ref, timeout=timeout + 30)
+        except Exception:
+            # Its unsent groups are lost with it; say so instead of failing a finished training run.
+            log.exception("final reward flush failed in one rollout engine")
+            total["failed_engines"] += 1
+            continue
+        for k, v in got.items():
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+        total["dropped_ids"] += got.get("dropped_ids", [])
+    if total.get("dropped") or total.get("in_flight") or total["failed_engines"]:
+        log.error("reward reports incomplete at the end of training: %s", total)
+    return total
 
 
 def curriculum_loader(strategy: Any, dataset: Any, sampler: CurriculumPromptSampler) -> Any:
@@ -162,6 +209,21 @@ class SaerlPPOTrainer(PPOTrainer.__ray_actor_class__):
             len(self.curriculum) * args.rollout.n_samples_per_prompt // args.train.batch_size
             * args.train.num_episodes * args.train.max_epochs
         )
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            # Even a failed run reports the groups it scored: the sampler's state is checkpointed after.
+            # Nothing here may raise over fit()'s own outcome.
+            try:
+                self.reward_reports = flush_engine_reports(self.vllm_engines)
+                path = os.environ.get("SAERL_REPORTS_FILE")
+                if path:
+                    with open(path, "w") as f:
+                        json.dump(self.reward_reports, f)
+            except Exception:
+                log.exception("final reward flush failed")
 
     def _watch_generator(self, gen: Any) -> None:
         """Mark rounds and remember the last response's label (see the module docstring)."""
