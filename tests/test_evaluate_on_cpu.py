@@ -58,12 +58,16 @@ def test_eval_stage_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, shared_da
     assert cli_main(args) == 0
     results = json.loads((run_dir / "eval/results.json").read_text())
     assert list(results["benchmarks"]) == list(BENCHMARKS)
-    for v in results["benchmarks"].values():
-        assert v["n"] == 2 and 0 <= v["correct"] <= 2 and v["accuracy"] == v["correct"] / 2
+    completions = [json.loads(l) for l in (run_dir / "eval/completions.jsonl").read_text().splitlines()]
+    assert len(completions) == 2 * len(BENCHMARKS)
+    for name, v in results["benchmarks"].items():
+        mine = [c for c in completions if c["benchmark"] == name]
+        # the summary counts exactly the graded completions of that benchmark, first two rows in file order
+        assert [c["row"] for c in mine] == [0, 1]
+        assert v["n"] == 2 and v["correct"] == sum(c["reward"] == 1.0 for c in mine)
+        assert v["accuracy"] == v["correct"] / 2
     accs = [v["accuracy"] for v in results["benchmarks"].values()]
     assert results["average"] == pytest.approx(sum(accs) / len(accs))
-    lines = (run_dir / "eval/completions.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * len(BENCHMARKS)
     assert "average" in capsys.readouterr().out
     # Same config, same model: a no-op that returns the committed summary.
     stamp = (run_dir / "eval/_DONE.json").read_text()

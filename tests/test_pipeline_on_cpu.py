@@ -55,7 +55,8 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, shared_data, ray_cluster)
     run_pipeline(cfg2)
     assert (run / "plan/_DONE.json").read_text() != markers["plan"]
     assert (run / "features/_DONE.json").read_text() == markers["features"]
-    assert json.loads((run / "plan/summary.json").read_text())
+    plan_summary = json.loads((run / "plan/summary.json").read_text())
+    assert plan_summary["mixing_ratio"] == 0.25 and plan_summary["planned"] == len(kept)
 
 
 def test_validate_json_is_the_only_stdout(tmp_path, tiny_model_dir, shared_data, ray_cluster, capsys):

@@ -78,7 +78,6 @@ def write_plan(run_dir, shared_data, n=12, batch_size=2):
 def test_grpo_two_steps_on_two_ray_train_workers_reports_to_the_sampler(
     tmp_path, tiny_model_dir, shared_data, ray_cluster
 ):
-    pytest.importorskip("saerl_ray.sampler", reason="saerl_ray.sampler (another helper's module) not landed yet")
     import ray
 
     from saerl_ray.sampler import get_or_create_sampler
@@ -107,7 +106,6 @@ def test_grpo_two_steps_on_two_ray_train_workers_reports_to_the_sampler(
 
 @pytest.mark.slow
 def test_resume_continues_model_and_sampler_from_the_last_checkpoint(tmp_path, tiny_model_dir, shared_data, ray_cluster):
-    pytest.importorskip("saerl_ray.sampler", reason="saerl_ray.sampler (another helper's module) not landed yet")
     import ray
 
     from saerl_ray.sampler import get_or_create_sampler
@@ -133,7 +131,6 @@ def test_resume_continues_model_and_sampler_from_the_last_checkpoint(tmp_path, t
 
 @pytest.mark.slow
 def test_grpo_on_smollm2_from_a_real_plan(tmp_path, smollm2_dir, shared_data, ray_cluster, monkeypatch):
-    pytest.importorskip("saerl_ray.sampler", reason="saerl_ray.sampler (another helper's module) not landed yet")
     run_dir = tmp_path / "run"
     write_plan(run_dir, shared_data, n=16, batch_size=2)
     heldout = tmp_path / "heldout.jsonl"
