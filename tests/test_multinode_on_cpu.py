@@ -261,3 +261,34 @@ def test_driver_killed_mid_features_then_resubmitted_reuses_blocks(reference, cl
     assert summary["blocks_resumed"] >= len(kept) - 2  # blocks being written at the kill may be redone
     assert summary["blocks_resumed"] + summary["blocks_computed"] == summary["blocks"]
     assert_same_result(run_dir, reference)
+
+
+def test_node_hosting_the_sampler_dies_mid_epoch(cluster, tmp_path):
+    """Fault (c): the node with the detached CurriculumSampler dies mid-epoch; the actor comes back
+    on another node from the state in the bucket and the epochs complete: 0 lost, 0 served twice."""
+    from test_sampler_on_cpu import plan_table, write_plan_stage
+
+    run_dir = f"s3://saerl-test/mn-sampler-{secrets.token_hex(3)}"
+    write_plan_stage(run_dir, plan_table(n_clusters=4, per_cluster=12, ratio=0.25))
+    job = cluster.client.submit_job(
+        entrypoint=f"python tests/drills/sampler_node_loss.py {run_dir}", submission_id="mn-sampler",
+        runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}},
+        entrypoint_resources={"head": 1},  # the trainer side must survive: only the sampler's node dies
+    )
+    request = storage.join(run_dir, "_drill", "kill_node.json")
+    deadline = time.time() + 600
+    while not storage.exists(request):
+        assert time.time() < deadline and str(cluster.client.get_job_status(job)) == "RUNNING", \
+            cluster.client.get_job_logs(job)[-3000:]
+        time.sleep(0.3)
+    cluster.kill("w2")
+    try:
+        status = wait_job(cluster.client, job)
+        logs = cluster.client.get_job_logs(job)
+        assert status == "SUCCEEDED", logs[-4000:]
+        result = json.loads(next(l for l in reversed(logs.splitlines()) if l.startswith("DRILL "))[6:])
+        assert result["kills"] == 1 and result["epochs"] >= 3
+        assert result["lost"] == result["duplicated"] == 0
+        assert result["lost_reward_groups"] == result["double_counted_reward_groups"] == 0
+    finally:
+        cluster.add_worker("w2", {"gpu_node": 1})
