@@ -48,9 +48,10 @@ class Cluster:
                  "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                  "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
                  "--min-worker-port", "0", "--max-worker-port", "0"]
+        log = open(Path(self.temp_dir) / f"start-{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
             [str(RAY), "start", "--block", "--disable-usage-stats", *args, *ports],
-            env=self.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def start_head(self) -> None:
@@ -74,6 +75,30 @@ class Cluster:
                     if (n.resources_total or {}).get(name):
                         out[name] = n.node_id
         return out
+
+    def wait_up(self, probe, what: str, timeout: float = 300):
+        """probe() until it returns a value; fail with the nodes' own logs if a process exits first."""
+        deadline = time.time() + timeout  # the dashboard takes a minute or more on a busy 2-core box
+        while True:
+            try:
+                value = probe()
+                if value:
+                    return value
+            except Exception:
+                pass
+            dead = {k: p.poll() for k, p in self.procs.items() if p.poll() is not None}
+            if dead or time.time() > deadline:
+                logs = Path(self.temp_dir) / "session_latest" / "logs"
+                tail = "".join(f.read_text()[-800:] for f in sorted(logs.glob("dashboard*.err"))) if logs.exists() else ""
+                tail += "".join(f"\n--- {f.name}\n" + f.read_text()[-2500:] for f in sorted(Path(self.temp_dir).glob("start-*.log")))
+                gcs = logs / "gcs_server.out"
+                tail += "\n--- gcs_server.out\n" + (gcs.read_text()[-1500:] if gcs.exists() else "none")
+                pytest.fail(f"cluster: {what} not up (exited: {dead}): {tail}")
+            time.sleep(1)
+
+    def restart_worker(self, name: str) -> None:
+        self.add_worker(name, {"gpu_node": 1} if name == "w2" else None)
+        self.wait_up(lambda: name in self.node_ids() or None, f"worker {name} again")
 
     def kill(self, name: str) -> None:
         """SIGKILL a node's whole process group: raylet, its workers, everything it started."""
@@ -101,32 +126,39 @@ def cluster(s3_server):
     env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "CI": "1",
            # A busy 2-core box can take longer than Ray's 30 s for the dashboard's modules to start.
-           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
+           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180",
+           # A job's `python ...` entrypoint is the nodes' python, as in the cluster image.
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)  # for this process's Job API client
     c = Cluster(env)
-    c.start_head()
-    c.add_worker("w1")
-    c.add_worker("w2", {"gpu_node": 1})  # stands for a GPU node
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.time() + 300  # the dashboard takes a minute or more on a busy 2-core box
-    while True:
-        try:
-            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
-            client = JobSubmissionClient(f"http://127.0.0.1:{c.dash}")
-            break
-        except Exception:
-            if time.time() > deadline or c.procs["head"].poll() is not None:
-                logs = Path(c.temp_dir) / "session_latest" / "logs"
-                tail = "".join(f.read_text()[-800:] for f in sorted(logs.glob("dashboard*.err"))) if logs.exists() else ""
-                state = {k: p.poll() for k, p in c.procs.items()}
+    try:
+        for attempt in range(3):  # a head on a loaded 2-core box sometimes misses its own GCS's 5 s deadline
+            c.start_head()
+            try:
+                c.client = c.wait_up(lambda: _client(c), "the head's Job API")
+                break
+            except pytest.fail.Exception:
+                if attempt == 2:
+                    raise
                 c.stop()
-                pytest.fail(f"multi-node head did not come up (processes {state}): {tail}")
-            time.sleep(1)
-    c.client = client
+                c = Cluster(env)
+        # Workers join only a head that is up: an early `ray start --address` gives up on an empty GCS.
+        c.add_worker("w1")
+        c.add_worker("w2", {"gpu_node": 1})  # stands for a GPU node
+        c.wait_up(lambda: set(c.node_ids()) >= {"w1", "w2"} or None, "both worker nodes")
+    except BaseException:
+        c.stop()
+        raise
     yield c
     c.stop()
     os.environ["RAY_AUTH_MODE"] = "disabled"
+
+
+def _client(c: Cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(f"http://127.0.0.1:{c.dash}")
 
 
 def tiny_config(tmp_path: Path, model_dir: Path, shared_data: Path, run_dir: str) -> Path:
@@ -238,7 +270,7 @@ def test_worker_node_killed_during_features_loses_nothing(reference, cluster, tm
         assert status == "SUCCEEDED", cluster.client.get_job_logs("mn-kill")[-4000:]
         assert_same_result(run_dir, reference)
     finally:
-        cluster.add_worker(victim, {"gpu_node": 1} if victim == "w2" else None)
+        cluster.restart_worker(victim)
 
 
 def test_driver_killed_mid_features_then_resubmitted_reuses_blocks(reference, cluster, tmp_path, tiny_model_dir,
@@ -278,7 +310,7 @@ def test_node_hosting_the_sampler_dies_mid_epoch(cluster, tmp_path):
     request = storage.join(run_dir, "_drill", "kill_node.json")
     deadline = time.time() + 600
     while not storage.exists(request):
-        assert time.time() < deadline and str(cluster.client.get_job_status(job)) == "RUNNING", \
+        assert time.time() < deadline and str(cluster.client.get_job_status(job)) in ("PENDING", "RUNNING"), \
             cluster.client.get_job_logs(job)[-3000:]
         time.sleep(0.3)
     cluster.kill("w2")
@@ -291,4 +323,4 @@ def test_node_hosting_the_sampler_dies_mid_epoch(cluster, tmp_path):
         assert result["lost"] == result["duplicated"] == 0
         assert result["lost_reward_groups"] == result["double_counted_reward_groups"] == 0
     finally:
-        cluster.add_worker("w2", {"gpu_node": 1})
+        cluster.restart_worker("w2")
