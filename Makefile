@@ -27,9 +27,12 @@ run: venv
 	$(BIN)/saerl-ray models pull smollm2
 	$(BIN)/saerl-ray run --config $(CONFIG)
 
+# The dependency check (deps-check below) waits on the registry, not the CPU: it runs beside pytest.
 test: venv
-	$(BIN)/python -m pytest -q
-	$(MAKE) --no-print-directory deps-check
+	$(BIN)/python docker/deps.py check > $(VENV)/deps-check.log 2>&1 & check=$$!; \
+	$(BIN)/python -m pytest -q; tests=$$?; \
+	wait $$check; deps=$$?; cat $(VENV)/deps-check.log; \
+	test $$tests -eq 0 && test $$deps -eq 0
 
 # pyproject's core + gpu sets must resolve together on the registry (pip dry run; docker/deps.py says what
 # is checked), so a broken pin fails here, not on a cluster. Skips only when the registry is unreachable.

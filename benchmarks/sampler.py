@@ -1,18 +1,23 @@
-"""CurriculumSampler actor at scale: next_batch / report latency through Ray and the actor's RSS on a
-synthetic 1,000,000-prompt plan (built by the real `build_plan`, saerl variant, 64 clusters).
+"""CurriculumSampler actor at scale, durability on: the next_batch + report round trip through Ray on a
+synthetic 1,000,000-prompt plan (built by the real `build_plan`, saerl variant, 64 clusters), with
+every call made durable (one log object per call) before it returns.
 
-Baselines measured in the same run:
-- `per_prompt_remote_calls`: the same actor asked one prompt at a time (64 `next_batch(1)` round
-  trips per batch), the naive integration the API forbids ("never one remote call per prompt");
-- a no-op method of the same actor: the Ray round-trip floor on this machine (not a baseline to beat,
-  the context for p99 on a shared CPU);
-- `pandas_scan` (in-process, core logic only): a DataFrame with a served mask, each batch is the first
-  64 unserved rows (`df[~served].head(64)`), against `CurriculumState.next_batch` in-process.
+Measured in the same run:
+- the round trip a trainer step pays: `next_batch(64)` then `report(64 groups of 8)`, each timed
+  around `ray.get` in the driver, and their sum (the goal: p99 < 5 ms on local storage);
+- a no-op method of the same actor: the Ray round-trip floor on this machine (context for p99 on a
+  shared CPU);
+- in-process, the same calls on `CurriculumState` with and without a state dir: what durability
+  itself costs per call, without Ray;
+- baseline `per_prompt_remote_calls`: 64 `next_batch(1)` round trips per batch, the naive
+  integration the API forbids ("never one remote call per prompt");
+- restore: `ray.kill` after the last call, then a new actor rebuilt from base + log, until it answers.
 
-    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/sampler.py            # 1M prompts, 2000 calls
-    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/sampler.py --prompts 100000 --calls 500
+    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/sampler.py                          # local, 1M prompts
+    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/sampler.py --storage s3 --prompts 20000 --calls 300
 
-Last stdout line: one JSON object (p50_ms, p99_ms, rss_mb, report_*, baseline_*, ratios).
+`--storage s3` starts moto's S3 server on localhost (saerl_ray.testing.S3Server) and puts the run dir
+on it: every call then waits for one PUT. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -22,17 +27,17 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
+import uuid
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def synthetic_plan(run_dir: Path, n: int, k: int, batch: int, seed: int) -> pa.Table:
+def synthetic_plan(run_dir: str, n: int, k: int, batch: int, seed: int) -> pa.Table:
+    from saerl_ray import storage
     from saerl_ray.plan import PLAN_SCHEMA, build_plan
     from saerl_ray.stage import Stage
 
@@ -48,8 +53,8 @@ def synthetic_plan(run_dir: Path, n: int, k: int, batch: int, seed: int) -> pa.T
         "cluster": p["cluster"], "difficulty_pred": p["difficulty_pred"], "mixed": p["mixed"],
     }, schema=PLAN_SCHEMA)
     st = Stage(run_dir, "plan", "bench")
-    tmp = Path(st.begin(keep_partial=False))
-    pq.write_table(table, tmp / "plan.parquet", row_group_size=65536)
+    out = st.begin(keep_partial=False)
+    storage.write_parquet(table, storage.join(out, "plan.parquet"), row_group_size=65536)
     st.commit({"planned": m})
     return table
 
@@ -64,68 +69,78 @@ def rewards_for(batch: list[dict], rng: np.random.Generator, group: int) -> list
     return [[float(x) for x in rng.random(group) < (r["cluster"] % 8) / 7] for r in batch]
 
 
-def bench_actor(cfg, calls: int, batch: int, group: int, seed: int) -> dict:
+def bench_actor(cfg, calls: int, batch: int, group: int, seed: int, per_prompt_batches: int) -> dict:
     import ray
 
-    from saerl_ray.sampler import get_or_create_sampler
+    from saerl_ray import storage
+    from saerl_ray.sampler import actor_name, get_or_create_sampler
+    from saerl_ray.sampler_drill import wait_until_gone
 
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
     sampler = get_or_create_sampler(cfg)
-    ray.get(sampler.stats.remote())  # constructor (plan load) finished
+    ray.get(sampler.ping.remote())  # constructor (plan load + first base) finished
     load_s = time.perf_counter() - t
     for _ in range(20):  # warm-up: worker imports, first-touch pages
-        ray.get(sampler.next_batch.remote(batch))
-    nb, rep, noop = [], [], []
+        b = ray.get(sampler.next_batch.remote(batch))
+        ray.get(sampler.report.remote([r["id"] for r in b], rewards_for(b, rng, group)))
+    nb, rep, rt, noop = [], [], [], []
     for _ in range(calls):
         t = time.perf_counter()
         ray.get(sampler.ping.remote())
         noop.append(time.perf_counter() - t)
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         b = ray.get(sampler.next_batch.remote(batch))
-        nb.append(time.perf_counter() - t)
+        t1 = time.perf_counter()
         ids, rw = [r["id"] for r in b], rewards_for(b, rng, group)
-        t = time.perf_counter()
+        t2 = time.perf_counter()
         ray.get(sampler.report.remote(ids, rw))
-        rep.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    ray.get(sampler.checkpoint.remote())
-    ckpt_s = time.perf_counter() - t
+        t3 = time.perf_counter()
+        nb.append(t1 - t0)
+        rep.append(t3 - t2)
+        rt.append((t1 - t0) + (t3 - t2))
     per_prompt = []
-    for _ in range(max(20, calls // 20)):
+    for _ in range(per_prompt_batches):
         t = time.perf_counter()
         for _ in range(batch):
             ray.get(sampler.next_batch.remote(1))
         per_prompt.append(time.perf_counter() - t)
     stats = ray.get(sampler.stats.remote())
     rss = ray.get(sampler.rss_mb.remote())
+    log_records = len(storage.list_dir(storage.join(cfg.run_dir, "sampler", "log"), recursive=True))
+    # Restore with the log as it is (no final checkpoint): what a crash right now would cost.
     ray.kill(sampler)
-    return {"next_batch": nb, "report": rep, "noop": noop, "per_prompt": per_prompt, "load_s": load_s, "ckpt_s": ckpt_s, "rss_mb": rss, "stats": stats}
+    wait_until_gone(actor_name(cfg.run_dir))
+    t = time.perf_counter()
+    sampler = get_or_create_sampler(cfg)
+    restored = ray.get(sampler.stats.remote())
+    restore_s = time.perf_counter() - t
+    assert restored["seq"] == stats["seq"] and restored["reported"] == stats["reported"], "restore lost calls"
+    t = time.perf_counter()
+    ray.get(sampler.checkpoint.remote())
+    ckpt_s = time.perf_counter() - t
+    ray.kill(sampler)
+    return {"next_batch": nb, "report": rep, "round_trip": rt, "noop": noop, "per_prompt": per_prompt,
+            "load_s": load_s, "ckpt_s": ckpt_s, "restore_s": restore_s, "log_records": log_records,
+            "rss_mb": rss, "stats": stats}
 
 
-def bench_in_process(table: pa.Table, calls: int, batch: int) -> dict:
-    import pandas as pd
-
+def bench_in_process(table: pa.Table, state_dir: str, calls: int, batch: int, group: int, seed: int) -> dict:
     from saerl_ray.config import SamplerConfig
     from saerl_ray.sampler import CurriculumState
 
-    state = CurriculumState(table, SamplerConfig(mode="online", checkpoint_every=0), batch_size=batch)
-    ours = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        state.next_batch(batch)
-        ours.append(time.perf_counter() - t)
-    df = table.select(["position", "id", "prompt", "answer", "source", "cluster", "difficulty_pred"]).to_pandas()
-    served = np.zeros(len(df), dtype=bool)
-    scan = []
-    for _ in range(min(calls, 200)):
-        t = time.perf_counter()
-        rows = df[~served].head(batch)
-        served[rows.index.to_numpy()] = True
-        rows.to_dict("records")
-        scan.append(time.perf_counter() - t)
-    del pd
-    return {"ours": ours, "scan": scan}
+    out = {}
+    for name, where in (("memory", None), ("durable", state_dir)):
+        rng = np.random.default_rng(seed)
+        s = CurriculumState(table, SamplerConfig(mode="online", checkpoint_every=0), state_dir=where, batch_size=batch)
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            b = s.next_batch(batch)
+            s.report([r["id"] for r in b], rewards_for(b, rng, group))
+            times.append(time.perf_counter() - t)
+        out[name] = times
+    return out
 
 
 def main() -> None:
@@ -136,49 +151,71 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--checkpoint-every", type=int, default=10, help="sampler.checkpoint_every (0 = off)")
+    ap.add_argument("--storage", choices=["local", "s3"], default="local")
+    ap.add_argument("--checkpoint-every", type=int, default=10, help="sampler.checkpoint_every (0 = never compact)")
     args = ap.parse_args()
+
+    server = None
+    if args.storage == "s3":
+        from saerl_ray.testing import S3Server
+
+        server = S3Server().start()  # sets AWS_* before Ray starts, so the actor's worker inherits them
+        bucket = server.create_bucket("bench")
 
     import ray
 
+    from saerl_ray import storage
     from saerl_ray.config import load_config
 
-    with tempfile.TemporaryDirectory(prefix="saerl-bench-sampler-") as tmp:
-        run_dir = Path(tmp) / "run"
-        t = time.perf_counter()
-        table = synthetic_plan(run_dir, args.prompts, args.clusters, args.batch, args.seed)
-        plan_s = time.perf_counter() - t
-        print(f"plan: {table.num_rows} prompts in {plan_s:.1f}s", flush=True)
-        cfg = load_config(None, {"run_dir": str(run_dir), "plan.batch_size": args.batch, "ray.num_cpus": 2,
-                                 "sampler.checkpoint_every": args.checkpoint_every})
-        actor = bench_actor(cfg, args.calls, args.batch, args.group, args.seed)
-        ray.shutdown()
-        local = bench_in_process(table, min(args.calls, 1000), args.batch)
+    try:
+        with tempfile.TemporaryDirectory(prefix="saerl-bench-sampler-") as tmp:
+            run_dir = f"{bucket}/run-{uuid.uuid4().hex[:6]}" if server else f"{tmp}/run"
+            t = time.perf_counter()
+            table = synthetic_plan(run_dir, args.prompts, args.clusters, args.batch, args.seed)
+            plan_s = time.perf_counter() - t
+            print(f"plan: {table.num_rows} prompts in {plan_s:.1f}s on {args.storage} storage", flush=True)
+            cfg = load_config(None, {"run_dir": run_dir, "plan.batch_size": args.batch, "ray.num_cpus": 2,
+                                     "sampler.checkpoint_every": args.checkpoint_every})
+            actor = bench_actor(cfg, args.calls, args.batch, args.group, args.seed, max(5, args.calls // 100))
+            ray.shutdown()
+            local = bench_in_process(table, storage.join(run_dir, "inproc"), min(args.calls, 1000), args.batch,
+                                     args.group, args.seed)
+    finally:
+        if server is not None:
+            server.stop()
 
-    p50, p99 = pct(actor["next_batch"])
+    p50, p99 = pct(actor["round_trip"])
+    nb50, nb99 = pct(actor["next_batch"])
     r50, r99 = pct(actor["report"])
-    b50, b99 = pct(actor["per_prompt"])
+    b50, _ = pct(actor["per_prompt"])
     n50, n99 = pct(actor["noop"])
-    i50, i99 = pct(local["ours"])
-    s50, s99 = pct(local["scan"])
+    m50, m99 = pct(local["memory"])
+    d50, d99 = pct(local["durable"])
     st = actor["stats"]
-    print(f"next_batch({args.batch}) through Ray: p50 {p50:.2f} ms  p99 {p99:.2f} ms  ({args.calls} calls)")
-    print(f"report({args.batch} groups of {args.group}):   p50 {r50:.2f} ms  p99 {r99:.2f} ms")
-    print(f"no-op actor round trip (floor):  p50 {n50:.2f} ms  p99 {n99:.2f} ms")
-    print(f"baseline per_prompt_remote_calls ({args.batch} x next_batch(1)): p50 {b50:.2f} ms  p99 {b99:.2f} ms  "
-          f"-> {b50 / p50:.1f}x slower at p50")
-    print(f"in-process next_batch p50 {i50:.3f} ms vs pandas_scan p50 {s50:.3f} ms -> {s50 / i50:.1f}x")
-    print(f"actor RSS {actor['rss_mb']:.0f} MB; plan load {actor['load_s']:.1f}s; checkpoint {actor['ckpt_s'] * 1e3:.0f} ms; "
+    print(f"[{args.storage}] next_batch({args.batch}) + report({args.batch} groups of {args.group}) through Ray, durable: "
+          f"p50 {p50:.2f} ms  p99 {p99:.2f} ms  ({args.calls} steps)")
+    print(f"  next_batch p50 {nb50:.2f} / p99 {nb99:.2f} ms; report p50 {r50:.2f} / p99 {r99:.2f} ms; "
+          f"no-op round trip p50 {n50:.2f} / p99 {n99:.2f} ms")
+    print(f"  in-process next_batch+report: memory p50 {m50:.3f} / p99 {m99:.3f} ms, durable p50 {d50:.3f} / p99 {d99:.3f} ms")
+    print(f"  baseline per_prompt_remote_calls ({args.batch} x next_batch(1)): p50 {b50:.2f} ms -> "
+          f"{b50 / nb50:.1f}x one next_batch({args.batch})")
+    print(f"  actor RSS {actor['rss_mb']:.0f} MB; plan load {actor['load_s']:.1f}s; restore from base + "
+          f"{actor['log_records']} log records {actor['restore_s']:.1f}s; checkpoint {actor['ckpt_s'] * 1e3:.0f} ms; "
           f"postponed {st['postponed']} retired {st['retired']} paced {st['paced']} revisits {st['revisits']}")
     print(json.dumps({
-        "prompts": table.num_rows, "batch": args.batch, "calls": args.calls, "checkpoint_every": args.checkpoint_every,
-        "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "rss_mb": round(actor["rss_mb"], 1),
+        "storage": args.storage, "prompts": table.num_rows, "batch": args.batch, "group": args.group, "calls": args.calls,
+        "checkpoint_every": args.checkpoint_every,
+        "round_trip_p50_ms": round(p50, 3), "round_trip_p99_ms": round(p99, 3),
+        "next_batch_p50_ms": round(nb50, 3), "next_batch_p99_ms": round(nb99, 3),
         "report_p50_ms": round(r50, 3), "report_p99_ms": round(r99, 3),
-        "baseline": "per_prompt_remote_calls", "baseline_p50_ms": round(b50, 3), "baseline_p99_ms": round(b99, 3),
-        "ratio_p50": round(b50 / p50, 2), "noop_p50_ms": round(n50, 3), "noop_p99_ms": round(n99, 3),
-        "inproc_p50_ms": round(i50, 4), "pandas_scan_p50_ms": round(s50, 3), "pandas_ratio_p50": round(s50 / i50, 1),
-        "checkpoint_ms": round(actor["ckpt_s"] * 1e3, 1), "plan_load_s": round(actor["load_s"], 2),
-        "goal_met": bool(p99 < 5.0 and actor["rss_mb"] < 1024),
+        "noop_p50_ms": round(n50, 3), "noop_p99_ms": round(n99, 3),
+        "inproc_memory_p50_ms": round(m50, 4), "inproc_memory_p99_ms": round(m99, 4),
+        "inproc_durable_p50_ms": round(d50, 4), "inproc_durable_p99_ms": round(d99, 4),
+        "baseline": "per_prompt_remote_calls", "baseline_p50_ms": round(b50, 3), "ratio_p50": round(b50 / nb50, 2),
+        "rss_mb": round(actor["rss_mb"], 1), "plan_load_s": round(actor["load_s"], 2),
+        "restore_s": round(actor["restore_s"], 2), "restore_log_records": actor["log_records"],
+        "checkpoint_ms": round(actor["ckpt_s"] * 1e3, 1),
+        "goal_met": bool(args.storage != "local" or (p99 < 5.0 and actor["rss_mb"] < 1024)),
         "loadavg_1m": round(os.getloadavg()[0], 1),  # other jobs share these 2 cores: read p99 with it
     }))
 

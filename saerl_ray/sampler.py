@@ -1,12 +1,15 @@
 """The curriculum sampler: serves `plan/plan.parquet` batch by batch and rebalances it online.
 
 Contract: docs/sampler_api.md. `CurriculumState` is the pure logic (numpy, no Ray; unit-tested
-directly); `CurriculumSampler` is the Ray actor around it, one named actor per run:
+directly); `CurriculumSampler` is the Ray actor around it, one named actor per run; `SamplerClient`
+is what a trainer holds: it survives the actor's death and resumes it from the trainer's checkpoint.
 
-    from saerl_ray.sampler import get_or_create_sampler
-    sampler = get_or_create_sampler(cfg)                # restores <run_dir>/sampler/state.json if present
-    batch = ray.get(sampler.next_batch.remote(32))      # list of row dicts, plan order
-    ray.get(sampler.report.remote([r["id"] for r in batch], groups))   # one reward group per prompt
+    from saerl_ray.sampler import SamplerClient
+    client = SamplerClient(cfg)                         # the run's actor, created on first use
+    batch = client.next_batch(32)                       # list of row dicts, plan order
+    client.report([r["id"] for r in batch], groups)     # one reward group per prompt
+    ckpt = client.checkpoint_blob()                     # into the trainer's checkpoint; later:
+    client.resume(ckpt)                                 # batches served after ckpt are served again
 
 How an epoch is served. The plan's row order fixes a *slot schedule*: slot k belongs to the cluster
 of plan row k. Each cluster keeps its own easy->hard queue (its plan rows in position order), and
@@ -26,22 +29,23 @@ slot, so batches stay cluster-first and the cluster rhythm of the plan is kept:
 
 A prompt leaves these structures exactly once per epoch, so every kept prompt is served once per
 epoch except retired ones; prompts still waiting when the slots run out (postponed near the end)
-form the epoch's tail. Every decision is appended to `<run_dir>/sampler/decisions.jsonl` (buffered,
-flushed at each checkpoint). State: `state.json` + the per-prompt arrays (sparse: rows ever served) in
-`rows-<batch>.npy` beside it (a record array, loaded with allow_pickle=False); `state_dict()` returns one JSON object
-with those arrays inline as zlib+base64 of little-endian buffers. Never pickle. Per call: O(batch).
+form the epoch's tail.
+
+Recovery. Every mutating call is made durable before it returns: one log object per call
+(`saerl_ray.sampler_store`), replayed on top of the last compacted base when an actor is rebuilt, so a
+restarted actor serves what comes next, and no acknowledged reward is lost. Every serving call gets a
+sequence number (`seq`, carried by its rows) and is kept in a *ledger*; `resume(cursor)` takes the
+calls after the cursor back and serves their rows again, first and in the same order: that is how a
+trainer restarted from its checkpoint, or a client whose reply was lost with the actor, gets exactly
+the batches it never committed. Per call: O(batch). Never pickle.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
-import os
-import threading
+import logging
 import time
-import zlib
-from collections import deque
+import uuid
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +54,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from saerl_ray import storage
 from saerl_ray.config import RunConfig, SamplerConfig
+from saerl_ray.sampler_store import (
+    STATE_FILE,
+    STATE_VERSION,
+    SamplerStore,
+    decode_array,
+    decode_state_arrays,
+    encode_array,
+    encode_state,
+    plan_digest,
+    read_decisions,
+    restore_into,
+    snapshot,
+)
 
+# The one definition: every process that looks the actor up by name imports it from here.
 SAMPLER_NAMESPACE = "saerl"
-STATE_FILE = "state.json"
-DECISIONS_FILE = "decisions.jsonl"
-STATE_VERSION = 1
 PLAN_COLUMNS = ["position", "id", "prompt", "answer", "source", "cluster", "difficulty_pred"]
-# Per-prompt state saved for rows ever served; `index` is the plan row.
-ROW_DTYPE = np.dtype([
-    ("index", "<i8"), ("attempts", "<i4"), ("reward_sum", "<f4"), ("wrong_run", "<i2"), ("last_served", "<i8"),
-    ("served_epoch", "<i4"), ("postponed_epoch", "<i4"), ("saturated", "?"), ("retired", "?"),
-])
 # Decisions are flushed at checkpoints; this bound keeps memory flat if nobody checkpoints.
 MAX_BUFFERED_DECISIONS = 10_000
+# Served rows kept for `resume`: covers a trainer checkpoint interval of 4096 batches of 64; a
+# trainer's `commit` prunes it sooner. ~12 bytes per row in memory.
+LEDGER_MAX_ROWS = 1 << 18
+# Report tokens remembered, so a client retrying a report after the actor died is not counted twice.
+RECENT_TOKENS = 4096
 
+log = logging.getLogger("saerl_ray.sampler")
 
-# ---------------------------------------------------------------- plan + array encoding
+__all__ = [
+    "SAMPLER_NAMESPACE",
+    "CurriculumSampler",
+    "CurriculumState",
+    "SamplerClient",
+    "actor_name",
+    "decode_array",
+    "encode_array",
+    "get_or_create_sampler",
+    "load_plan",
+    "read_decisions",
+]
 
 
 def load_plan(plan: pa.Table | str | Path) -> pa.Table:
@@ -74,12 +102,12 @@ def load_plan(plan: pa.Table | str | Path) -> pa.Table:
     where = "plan table"
     if not isinstance(plan, pa.Table):
         where = str(plan)
-        if not Path(plan).exists():
+        if not storage.exists(plan):
             raise FileNotFoundError(f"plan file {plan} not found: run `saerl-ray plan` first")
-        names = pq.read_schema(plan).names
-        if missing := [c for c in PLAN_COLUMNS if c not in names]:
+        if missing := [c for c in PLAN_COLUMNS if c not in storage.parquet_columns(plan)]:
             raise ValueError(f"{where}: missing column(s) {missing}")
-        plan = pq.read_table(plan, columns=PLAN_COLUMNS)
+        fs, inner = storage.filesystem(plan)
+        plan = pq.read_table(inner, columns=PLAN_COLUMNS, filesystem=fs)
     elif missing := [c for c in PLAN_COLUMNS if c not in plan.column_names]:
         raise ValueError(f"{where}: missing column(s) {missing}")
     if plan.num_rows == 0:
@@ -94,34 +122,15 @@ def load_plan(plan: pa.Table | str | Path) -> pa.Table:
     return plan
 
 
-def encode_array(a: np.ndarray) -> dict[str, Any]:
-    """A numpy array as JSON: dtype, shape, zlib+base64 of its little-endian bytes."""
-    a = np.ascontiguousarray(a)
-    if a.dtype.hasobject:
-        raise TypeError("object arrays are not stored (no pickle)")
-    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": base64.b64encode(zlib.compress(a.tobytes(), 1)).decode()}
-
-
-def decode_array(d: dict[str, Any]) -> np.ndarray:
-    dtype = np.dtype(d["dtype"])
-    if dtype.hasobject:
-        raise ValueError("state holds an object array (refused: no pickle)")
-    return np.frombuffer(zlib.decompress(base64.b64decode(d["data"])), dtype=dtype).reshape(d["shape"]).copy()
-
-
-def plan_digest(ids: np.ndarray) -> str:
-    """Identity of a plan's row order: a state only restores onto the plan it was written for."""
-    h = hashlib.sha1(str(len(ids)).encode())
-    h.update(b"\0".join(ids.tolist()))
-    return h.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------- the pure state machine
 
 
 class CurriculumState:
-    """Curriculum serving logic over a plan (see the module docstring). No Ray inside."""
+    """Curriculum serving logic over a plan (see the module docstring). No Ray inside.
+
+    With `state_dir` (a local dir or URI, normally `<run_dir>/sampler`) every mutating call is logged
+    before it returns and the constructor restores base + log; without it the state lives in memory.
+    """
 
     def __init__(
         self,
@@ -149,7 +158,21 @@ class CurriculumState:
         by_cluster = np.argsort(self.cluster, kind="stable")  # position order inside each cluster
         self.members = np.split(by_cluster, np.cumsum(np.bincount(self.cluster, minlength=self.k))[:-1])
         self.batch_size = int(batch_size or self._plan_batch_size(table))
-        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.store = SamplerStore(str(state_dir)) if state_dir is not None else None
+        self._last_periodic = float("-inf")
+        self._replaying = False
+        self._fresh()
+        if self.store is not None:
+            self._open(restore)
+
+    @staticmethod
+    def _plan_batch_size(table: pa.Table) -> int:
+        if "batch" not in table.column_names:
+            return 32
+        return int(np.bincount(table["batch"].to_numpy()[: 1 << 16]).max())
+
+    def _fresh(self) -> None:
+        """Everything that changes while serving, as at the start of a run."""
         # per prompt
         self.attempts = np.zeros(self.n, np.int32)
         self.reward_sum = np.zeros(self.n, np.float32)  # sum of group mean rewards
@@ -163,22 +186,27 @@ class CurriculumState:
         self.ema = np.full(self.k, np.nan)
         self.best = np.full(self.k, -np.inf)
         self.groups = np.zeros(self.k, np.int64)
-        self._last_periodic = float("-inf")
-        self.counters = dict(batches=0, served=0, reported=0, postponed=0, retired=0, paced=0, revisits=0, replacements=0)
+        self.counters = dict(
+            batches=0, served=0, reported=0, postponed=0, retired=0, paced=0, revisits=0, replacements=0,
+            reserved=0, rewinds=0, unknown=0, invalid=0, duplicate_reports=0,
+        )
         # rows ever served or reported, in first-touch order: what a checkpoint saves, without a 1M scan
         self._touched = np.empty(1024, np.int64)
         self._n_touched = 0
         self.decisions: list[dict[str, Any]] = []
-        self._writer: threading.Thread | None = None
+        # recovery: history id (cursors name it), log generation, ops logged, serving calls made
+        self.uid = uuid.uuid4().hex[:16]
+        self.gen = 0
+        self.ops = 0
+        self.seq = 0
+        # serving calls after the floor, oldest first: (seq, plan rows, epochs); what `resume` takes back
+        self.ledger: deque[tuple[int, np.ndarray, np.ndarray]] = deque()
+        self.ledger_rows = 0
+        self.ledger_floor = 0
+        self.committed = 0
+        self.redo: deque[tuple[int, int]] = deque()  # (row, epoch) taken back, served again first
+        self.tokens: OrderedDict[str, int] = OrderedDict()
         self._start_epoch(0)
-        if restore and self.state_dir is not None and (self.state_dir / STATE_FILE).exists():
-            self.load_state_dict(json.loads((self.state_dir / STATE_FILE).read_text()))
-
-    @staticmethod
-    def _plan_batch_size(table: pa.Table) -> int:
-        if "batch" not in table.column_names:
-            return 32
-        return int(np.bincount(table["batch"].to_numpy()[: 1 << 16]).max())
 
     # ------------------------------------------------------------ epoch structures
 
@@ -280,26 +308,27 @@ class CurriculumState:
         self.epoch_served += 1
         self.counters["served"] += 1
 
-    def _rows(self, idx: list[int], epochs: list[int]) -> list[dict[str, Any]]:
+    def _rows(self, idx: list[int], epochs: list[int], seq: int) -> list[dict[str, Any]]:
         if not idx:
             return []
         t = self.text.take(pa.array(idx, pa.int64())).to_pydict()
         return [
             {"id": t["id"][j], "prompt": t["prompt"][j], "answer": t["answer"][j], "source": t["source"][j],
              "cluster": int(self.labels[self.cluster[i]]), "difficulty_pred": float(self.difficulty[i]),
-             "position": i, "epoch": epochs[j]}
+             "position": i, "epoch": epochs[j], "seq": seq}
             for j, i in enumerate(idx)
         ]
 
-    # ------------------------------------------------------------ public API
+    # ------------------------------------------------------------ serving (the logged operations)
 
-    def next_batch(self, n: int | None = None) -> list[dict[str, Any]]:
-        """The next n prompts (default: the plan's batch size); crosses into the next epoch if needed."""
-        n = self.batch_size if n is None else int(n)
-        if n < 1:
-            raise ValueError(f"next_batch: n must be >= 1, got {n}")
+    def _serve(self, n: int) -> tuple[list[int], list[int]]:
         idx: list[int] = []
         epochs: list[int] = []
+        while self.redo and len(idx) < n:  # taken back by a resume: the same rows, in the same order
+            i, e = self.redo.popleft()
+            idx.append(i)
+            epochs.append(e)
+        self.counters["reserved"] += len(idx)
         while len(idx) < n:
             i = self._next_index()
             if i is None:
@@ -312,62 +341,195 @@ class CurriculumState:
             idx.append(i)
             epochs.append(self.epoch)
         self.counters["batches"] += 1
-        if (self.cfg.checkpoint_every and self.state_dir is not None
+        self._ledger_add(idx, epochs)
+        return idx, epochs
+
+    def _replace(self, c: int, n: int) -> tuple[list[int], list[int]]:
+        idx: list[int] = []
+        epochs: list[int] = []
+        if self.redo:  # a rewound replacement of this cluster comes back as the replacement
+            keep: deque[tuple[int, int]] = deque()
+            for i, e in self.redo:
+                if len(idx) < n and self.cluster[i] == c:
+                    idx.append(i)
+                    epochs.append(e)
+                else:
+                    keep.append((i, e))
+            self.redo = keep
+            self.counters["reserved"] += len(idx)
+        fresh: list[int] = []
+        while len(idx) < n and (i := self._pop(c)) is not None:
+            self._mark_served(i)
+            fresh.append(i)
+            idx.append(i)
+            epochs.append(self.epoch)
+        for i in fresh:
+            self._log("replacement", i, "same-cluster replacement for a group the trainer filtered out")
+        self.counters["replacements"] += len(fresh)
+        self._ledger_add(idx, epochs)
+        return idx, epochs
+
+    def _ledger_add(self, idx: list[int], epochs: list[int]) -> None:
+        self.seq += 1
+        self.ledger.append((self.seq, np.array(idx, np.int64), np.array(epochs, np.int32)))
+        self.ledger_rows += len(idx)
+        while self.ledger_rows > LEDGER_MAX_ROWS and len(self.ledger) > 1:
+            s, rows, _ = self.ledger.popleft()
+            self.ledger_rows -= len(rows)
+            self.ledger_floor = s
+
+    def _cursor_seq(self) -> int:
+        return self.ledger[-1][0] if self.ledger else self.ledger_floor
+
+    def _cursor_known(self, v: int) -> bool:
+        if v == self.ledger_floor:
+            return True
+        for s, _, _ in reversed(self.ledger):
+            if s <= v:
+                return s == v
+        return False
+
+    def _rewind(self, v: int) -> tuple[int, int]:
+        """Serving calls after `v` go back to the front, rows in their order: (calls, rows)."""
+        back = []
+        while self.ledger and self.ledger[-1][0] > v:
+            _, rows, epochs = self.ledger.pop()
+            self.ledger_rows -= len(rows)
+            back.append((rows, epochs))
+        rows = [(int(i), int(e)) for r, ep in reversed(back) for i, e in zip(r.tolist(), ep.tolist())]
+        self.redo.extendleft(reversed(rows))
+        if back:
+            self.counters["rewinds"] += 1
+        return len(back), len(rows)
+
+    def _commit(self, v: int) -> None:
+        """The trainer's checkpoint at `v` is durable: calls up to its *previous* commit can go (one
+        commit of slack, in case the newest checkpoint is the one that turns out unreadable)."""
+        bound = min(self.committed, v)
+        self.committed = v
+        while self.ledger and self.ledger[0][0] <= bound:
+            s, rows, _ = self.ledger.popleft()
+            self.ledger_rows -= len(rows)
+            self.ledger_floor = s
+        if self.ledger_floor < bound <= self._cursor_seq():
+            self.ledger_floor = bound
+
+    def _apply_groups(self, rows: list[int], means: list[float], right: list[bool], wrong: list[bool], token: str | None) -> None:
+        for i, m, r, w in zip(rows, means, right, wrong):
+            self._take_group(i, m, r, w)
+        self.counters["reported"] += len(rows)
+        if token is not None:
+            self.tokens[token] = len(rows)
+            while len(self.tokens) > RECENT_TOKENS:
+                self.tokens.popitem(last=False)
+
+    # ------------------------------------------------------------ public API
+
+    def next_batch(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The next n prompts (default: the plan's batch size); crosses into the next epoch if needed."""
+        n = self.batch_size if n is None else int(n)
+        if n < 1:
+            raise ValueError(f"next_batch: n must be >= 1, got {n}")
+        idx, epochs = self._serve(n)
+        self._persist({"op": "serve", "n": n, "idx": idx})
+        if (self.cfg.checkpoint_every and self.store is not None
                 and self.counters["batches"] % self.cfg.checkpoint_every == 0
                 and time.monotonic() - self._last_periodic >= self.cfg.checkpoint_min_seconds):
             self._last_periodic = time.monotonic()
             self.checkpoint(wait=False)
-        return self._rows(idx, epochs)
+        return self._rows(idx, epochs, self.seq)
 
     def replacement(self, cluster: int, n: int = 1) -> list[dict[str, Any]]:
         """Up to n waiting prompts of `cluster` this epoch (fewer, maybe none, once it runs dry)."""
-        where = np.searchsorted(self.labels, cluster)
+        c = self._cluster_index(cluster)
+        n = int(n)
+        idx, epochs = self._replace(c, n)
+        self._persist({"op": "replacement", "c": int(self.labels[c]), "n": n, "idx": idx})
+        return self._rows(idx, epochs, self.seq)
+
+    def _cluster_index(self, cluster: int) -> int:
+        where = int(np.searchsorted(self.labels, cluster))
         if where >= self.k or self.labels[where] != cluster:
             raise ValueError(f"replacement: cluster {cluster!r} is not in the plan (clusters {self.labels.tolist()[:20]})")
-        idx: list[int] = []
-        while len(idx) < n and (i := self._pop(int(where))) is not None:
-            self._mark_served(i)
-            idx.append(i)
-        for i in idx:
-            self._log("replacement", i, "same-cluster replacement for a group the trainer filtered out")
-        self.counters["replacements"] += len(idx)
-        return self._rows(idx, [self.epoch] * len(idx))
+        return where
 
-    def report(self, ids: list[str], rewards: list[list[float]]) -> int:
-        """Per-prompt reward groups (values in [0, 1]) -> stats and the online rules. Returns groups taken."""
+    def report(self, ids: list[str], rewards: list[list[float]], token: str | None = None) -> dict[str, Any]:
+        """Per-prompt reward groups (values in [0, 1]) -> stats and the online rules.
+
+        Groups of unknown ids or with bad values are skipped and named, the rest applied:
+        `{"accepted": n, "unknown": [ids], "invalid": [ids], "duplicate": bool}`. A `token` seen before
+        (a client retrying after the actor died) is not applied again: `duplicate` is true and
+        `accepted` repeats what the first call took."""
         if len(ids) != len(rewards):
             raise ValueError(f"report: {len(ids)} ids but {len(rewards)} reward groups")
-        idx = self.lookup(ids)
-        try:
-            lens = np.array([len(g) for g in rewards], dtype=np.int64)
-            flat = np.fromiter((float(x) for g in rewards for x in g), np.float64, count=int(lens.sum()))
-            ok = bool((lens > 0).all() and (np.isfinite(flat) & (flat >= 0) & (flat <= 1)).all())
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            first = self._first_bad_group(rewards)
-            raise ValueError(f"report: rewards for id {ids[first]!r} must be a non-empty list of numbers in [0, 1], got {rewards[first]!r}")
-        if len(ids) == 0:
-            return 0
-        starts = np.r_[0, np.cumsum(lens)[:-1]]
-        means = np.add.reduceat(flat, starts) / lens
-        all_right = np.minimum.reduceat(flat, starts) >= 1
-        all_wrong = np.maximum.reduceat(flat, starts) <= 0
-        for i, m, right, wrong in zip(idx.tolist(), means.tolist(), all_right.tolist(), all_wrong.tolist()):
-            self._take_group(i, m, right, wrong)
-        self.counters["reported"] += len(idx)
-        return len(idx)
+        if token is not None and token in self.tokens:
+            self.counters["duplicate_reports"] += 1
+            return {"accepted": self.tokens[token], "unknown": [], "invalid": [], "duplicate": True}
+        rows, known = self.lookup(ids)
+        means, right, wrong, ok = _summarise(rewards)
+        take = known & ok
+        unknown = [ids[k] for k in np.flatnonzero(~known).tolist()]
+        invalid = [ids[k] for k in np.flatnonzero(known & ~ok).tolist()]
+        if unknown or invalid:
+            self.counters["unknown"] += len(unknown)
+            self.counters["invalid"] += len(invalid)
+            log.warning("report: skipped %d unknown id(s) %s and %d group(s) with values outside [0, 1] %s",
+                        len(unknown), unknown[:5], len(invalid), invalid[:5])
+        rec = {"i": rows[take].tolist(), "m": means[take].tolist(), "r": right[take].tolist(), "w": wrong[take].tolist()}
+        if rec["i"] or token is not None:
+            self._apply_groups(rec["i"], rec["m"], rec["r"], rec["w"], token)
+            self._persist({"op": "report", **rec, "t": token})
+        return {"accepted": len(rec["i"]), "unknown": unknown, "invalid": invalid, "duplicate": False}
 
-    @staticmethod
-    def _first_bad_group(rewards: list[list[float]]) -> int:
-        for k, group in enumerate(rewards):
-            try:
-                g = np.asarray(group, dtype=np.float64).reshape(-1)
-            except (TypeError, ValueError):
-                return k
-            if g.size == 0 or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
-                return k
-        raise AssertionError("no bad group found")
+    def cursor(self) -> dict[str, Any]:
+        """Where serving stands, cheaply: what a trainer stores every step (`resume` takes it back)."""
+        return {"run": self.uid, "seq": self._cursor_seq(), "epoch": self.epoch, "version": STATE_VERSION}
+
+    def resume(self, st: dict[str, Any]) -> dict[str, Any]:
+        """Put serving back to a trainer's checkpoint. `st` is a cursor, a full `state_dict()`, or
+        `{"cursor": ..., "state": ...}` (what `SamplerClient.checkpoint_blob` returns).
+
+        A cursor of this sampler's history takes back the serving calls made after it: their rows are
+        served again first, in the same order, with the epochs they had; rewards already reported
+        stay. Otherwise the full state is loaded (then rewound to the cursor); neither -> ValueError."""
+        cursor = st.get("cursor") if "cursor" in st else (st if "plan_digest" not in st else None)
+        full = st.get("state") if "cursor" in st else (st if "plan_digest" in st else None)
+        mode = "rewind"
+        if not self._resumable(cursor):
+            if full is None:
+                raise ValueError(self._why_not(cursor))
+            self.load_state_dict(full)
+            mode = "restore"
+        calls = rows = 0
+        if self._resumable(cursor):
+            calls, rows = self._rewind(int(cursor["seq"]))
+            if calls:
+                self._persist({"op": "resume", "seq": int(cursor["seq"])})
+        return {"mode": mode, "calls_taken_back": calls, "rows_taken_back": rows, "redo": len(self.redo), "cursor": self.cursor()}
+
+    def _resumable(self, cursor: dict[str, Any] | None) -> bool:
+        return cursor is not None and cursor.get("run") == self.uid and self._cursor_known(int(cursor["seq"]))
+
+    def _why_not(self, cursor: dict[str, Any] | None) -> str:
+        if cursor is None or "seq" not in cursor:
+            return "resume: pass a cursor, a sampler state_dict, or {'cursor': ..., 'state': ...}"
+        v = int(cursor["seq"])
+        if cursor.get("run") != self.uid:
+            return (f"resume: the cursor belongs to sampler history {cursor.get('run')!r}, this sampler's is "
+                    f"{self.uid!r} (its state was deleted or belongs to another run); pass the full state saved "
+                    f"with the trainer's checkpoint to restore it")
+        if v < self.ledger_floor:
+            return (f"resume: cursor seq {v} is older than what this sampler can take back (calls after "
+                    f"{self.ledger_floor}; a trainer's commit() and the {LEDGER_MAX_ROWS}-row ledger bound it); "
+                    f"pass the full state saved with that checkpoint")
+        return f"resume: cursor seq {v} is not a serving call this sampler has (latest {self._cursor_seq()})"
+
+    def commit(self, cursor: dict[str, Any]) -> None:
+        """The trainer's checkpoint at `cursor` is durable: lets the ledger forget older calls."""
+        if cursor.get("run") != self.uid:
+            raise ValueError(self._why_not(cursor))
+        self._commit(int(cursor["seq"]))
+        self._persist({"op": "commit", "seq": int(cursor["seq"])})
 
     def _take_group(self, i: int, mean: float, all_right: bool, all_wrong: bool) -> None:
         online = self.cfg.mode == "online"
@@ -403,19 +565,17 @@ class CurriculumState:
         self.counters["revisits"] += 1
         self.best[c] = self.ema[c]  # re-arm only on a new drop from here
 
-    def lookup(self, ids: list[str]) -> np.ndarray:
-        """Plan row of each id; ValueError naming the first unknown id."""
-        q = np.array([s.encode() if isinstance(s, str) else s for s in ids], dtype="S")
-        if len(q) == 0:
-            return np.zeros(0, np.int64)
-        if q.dtype.itemsize > self._ids_sorted.dtype.itemsize:
-            bad = next(s for s in ids if len(s.encode() if isinstance(s, str) else s) > self._ids_sorted.dtype.itemsize)
-            raise ValueError(f"report: id {bad!r} is not in the plan")
+    def lookup(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(plan row of each id, -1 where unknown; mask of the known ones)."""
+        if len(ids) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, bool)
+        q = np.array([s.encode() if isinstance(s, str) else s if isinstance(s, bytes) else str(s).encode() for s in ids], dtype="S")
+        width = self._ids_sorted.dtype.itemsize
+        too_long = np.char.str_len(q) > width if q.dtype.itemsize > width else np.zeros(len(q), bool)
         q = q.astype(self._ids_sorted.dtype)
         pos = np.minimum(np.searchsorted(self._ids_sorted, q), self.n - 1)
-        if (miss := self._ids_sorted[pos] != q).any():
-            raise ValueError(f"report: id {ids[int(np.flatnonzero(miss)[0])]!r} is not in the plan")
-        return self._id_order[pos]
+        known = (self._ids_sorted[pos] == q) & ~too_long
+        return np.where(known, self._id_order[pos], -1), known
 
     def stats(self) -> dict[str, Any]:
         clusters = {
@@ -431,6 +591,7 @@ class CurriculumState:
             "retired_total": int(self.retired.sum()), "prompts": self.n,
             "mean_reward": float(self.reward_sum[tried].sum() / self.attempts[tried].sum()) if tried.any() else None,
             "pass_rates": {k: v["pass_rate"] for k, v in clusters.items()}, "clusters": clusters,
+            "seq": self._cursor_seq(), "redo": len(self.redo), "ledger_rows": self.ledger_rows, "ops": self.ops,
         }
 
     def _log(self, decision: str, i: int | None, reason: str, **extra: Any) -> None:
@@ -438,138 +599,160 @@ class CurriculumState:
         if i is not None:
             line |= {"id": self.text["id"][i].as_py(), "position": i, "cluster": int(self.labels[self.cluster[i]])}
         self.decisions.append(line | extra | {"reason": reason})
-        if len(self.decisions) >= MAX_BUFFERED_DECISIONS and self.state_dir is not None:
-            self.checkpoint(wait=False)  # through the one writer thread, so log lines stay in order
+        if len(self.decisions) >= MAX_BUFFERED_DECISIONS and self.store is not None and not self._replaying:
+            self.checkpoint(wait=False)  # through the one writer thread, so segments stay in order
 
-    # ------------------------------------------------------------ state
+    # ------------------------------------------------------------ durability
 
-    def _snapshot(self) -> dict[str, Any]:
-        """Everything needed to resume, with numpy copies (encoded later, possibly off-thread)."""
-        touched = self._touched[: self._n_touched]
-        return {
-            "version": STATE_VERSION, "plan_digest": self.digest, "prompts": self.n, "clusters": self.labels.tolist(),
-            "mode": self.cfg.mode, "batch_size": self.batch_size, "epoch": self.epoch, "slot": self.slot,
-            "epoch_served": self.epoch_served, "counters": dict(self.counters),
-            "ptr": self.ptr.tolist(), "skip_credit": self.skip_credit.tolist(),
-            "front": [list(q) for q in self.front], "deferred": [list(q) for q in self.deferred],
-            "delayed": [[list(x) for x in q] for q in self.delayed],
-            "tail": None if self.tail is None else list(self.tail),
-            "ema": [None if np.isnan(x) else float(x) for x in self.ema],
-            "best": [None if np.isinf(x) else float(x) for x in self.best], "groups": self.groups.tolist(),
-            "rows": self._touched_rows(touched),
-        }
+    def _persist(self, record: dict[str, Any]) -> None:
+        """Make the call that just changed the state durable before it returns. If that fails, the
+        state is rebuilt from storage (as a restart would), so memory never holds what storage lacks."""
+        if self.store is None or self._replaying:
+            return
+        self.ops += 1
+        try:
+            self.store.append(self.gen, self.ops, record)
+        except BaseException:
+            self._reload()
+            raise
 
-    def _touched_rows(self, touched: np.ndarray) -> np.ndarray:
-        """Per-prompt arrays of the given rows as one record array: one buffer to copy and to write."""
-        rec = np.empty(len(touched), dtype=ROW_DTYPE)
-        rec["index"] = touched
-        for name in ROW_DTYPE.names[1:]:
-            rec[name] = getattr(self, name)[touched]
-        return rec
+    def _reload(self) -> None:
+        self.store.wait()
+        self._fresh()
+        self._open(restore=True, compact=False)
 
-    @staticmethod
-    def _encode(snap: dict[str, Any]) -> dict[str, Any]:
-        return snap | {"rows": {k: encode_array(snap["rows"][k]) for k in ROW_DTYPE.names}}
+    def _open(self, restore: bool, compact: bool = True) -> None:
+        """Base + log replay; then a new base (the replay ran with the config the log was written
+        under, and from here on the current one applies)."""
+        self.store.wait()
+        base = self.store.read_base() if restore else None
+        if base is None:
+            self.gen = self.store.next_generation()
+        else:
+            st, arrays = base
+            self._check_compatible(st, self.store.path(STATE_FILE))
+            self._load(st, arrays)
+            self.gen, self.ops = int(st.get("gen", 0)), int(st.get("ops", 0))
+            self.store.drop_stale_decisions(self.gen, self.ops)
+            records = self.store.read_log(self.gen, self.ops)
+            logged_cfg = SamplerConfig.model_validate(st["cfg"]) if "cfg" in st else self.cfg
+            self._replay(records, logged_cfg, int(st.get("batch_size") or self.batch_size))
+        if compact:
+            self.checkpoint(wait=True)
+            self.store.tidy(self.gen, self.ops)
+
+    def _replay(self, records: list[dict[str, Any]], cfg: SamplerConfig, batch_size: int) -> None:
+        live = self.cfg, self.batch_size
+        self.cfg, self.batch_size, self._replaying = cfg, batch_size, True
+        try:
+            for rec in records:
+                self.ops += 1
+                self._apply_record(rec)
+        finally:
+            (self.cfg, self.batch_size), self._replaying = live, False
+
+    def _apply_record(self, rec: dict[str, Any]) -> None:
+        op = rec.get("op")
+        if op in ("serve", "replacement"):
+            idx, _ = self._serve(rec["n"]) if op == "serve" else self._replace(self._cluster_index(rec["c"]), rec["n"])
+            if idx != rec["idx"]:
+                raise RuntimeError(
+                    f"sampler log record {self.gen}-{self.ops} ({op}) replays to rows {idx[:8]} but served {rec['idx'][:8]}: "
+                    f"the sampler's code changed since it was written. Restore with the version that wrote it, or "
+                    f"delete {self.store.path('log')} to lose the calls after the last checkpoint"
+                )
+        elif op == "report":
+            self._apply_groups(rec["i"], rec["m"], rec["r"], rec["w"], rec.get("t"))
+        elif op == "resume":
+            self._rewind(int(rec["seq"]))
+        elif op == "commit":
+            self._commit(int(rec["seq"]))
+        else:
+            raise ValueError(f"sampler log record {self.gen}-{self.ops}: unknown op {op!r}")
+
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return snapshot(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state; `load_state_dict` on a sampler over the same plan resumes exactly."""
-        return self._encode(self._snapshot())
+        """The full state as one JSON object (arrays inline); `load_state_dict` on a sampler over the
+        same plan resumes exactly. For every step, `cursor()` is the cheap alternative."""
+        return encode_state(*snapshot(self))
 
-    def load_state_dict(self, st: dict[str, Any]) -> None:
-        if st.get("version") != STATE_VERSION:
-            raise ValueError(f"sampler state version {st.get('version')!r} is not {STATE_VERSION}")
+    def _check_compatible(self, st: dict[str, Any], where: str) -> None:
+        if st.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"{where}: sampler state version {st.get('version')!r} is not {STATE_VERSION}")
         if st.get("plan_digest") != self.digest:
             raise ValueError(
-                f"sampler state was written for a different plan (digest {st.get('plan_digest')} != {self.digest}); "
-                f"delete {self.state_dir / STATE_FILE if self.state_dir else 'the state'} to start this plan fresh"
+                f"{where}: sampler state was written for a different plan (digest {st.get('plan_digest')} != "
+                f"{self.digest}); delete {self.store.root if self.store else 'the state'} to start this plan fresh"
             )
         if st.get("clusters") != self.labels.tolist():
-            raise ValueError("sampler state was written for a plan with other cluster labels; delete it to start fresh")
-        rows = self._read_rows(st)
-        idx = rows.pop("index").astype(np.int64)
-        self._touched, self._n_touched = idx.copy(), len(idx)
-        if len(self._touched) == 0:
-            self._touched = np.empty(1024, np.int64)
-        for name, values in rows.items():
-            arr = getattr(self, name)
-            arr[:] = -1 if name in ("last_served", "served_epoch", "postponed_epoch") else 0
-            arr[idx] = values
-        self.epoch, self.slot, self.epoch_served = int(st["epoch"]), int(st["slot"]), int(st["epoch_served"])
-        self.counters = {k: int(v) for k, v in st["counters"].items()}
-        self.ptr = np.array(st["ptr"], np.int64)
-        self.skip_credit = np.array(st["skip_credit"], np.int64)
-        self.front = [deque(q) for q in st["front"]]
-        self.deferred = [deque(q) for q in st["deferred"]]
-        self.delayed = [deque((int(d), int(i)) for d, i in q) for q in st["delayed"]]
-        self.tail = None if st["tail"] is None else deque(st["tail"])
-        self.ema = np.array([np.nan if x is None else x for x in st["ema"]])
-        self.best = np.array([-np.inf if x is None else x for x in st["best"]])
-        self.groups = np.array(st["groups"], np.int64)
-        self.decisions = []
+            raise ValueError(f"{where}: sampler state was written for a plan with other cluster labels; delete it to start fresh")
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        """Replace the whole state (a trainer restoring a checkpoint whose history this sampler lost).
+        A new log generation starts, so nothing logged before can replay on top of it."""
+        self._check_compatible(st, "load_state_dict")
+        arrays = decode_state_arrays(st)
+        if self.store is not None:
+            self.checkpoint(wait=True)  # the history being replaced keeps its decisions
+        gen = self.gen
+        self._load(st, arrays)
+        self.gen, self.ops = max(gen, int(st.get("gen", 0))) + 1, int(st.get("ops", 0))
+        if self.store is not None:
+            self.checkpoint(wait=True)
+
+    def _load(self, st: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self._fresh()
+        restore_into(self, st, arrays)
 
     def _take_decisions(self) -> list[dict[str, Any]]:
         out, self.decisions = self.decisions, []
         return out
 
-    def _append_decisions(self, lines: list[dict[str, Any]]) -> None:
-        if not lines:
-            return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with (self.state_dir / DECISIONS_FILE).open("a") as f:
-            f.write("".join(json.dumps(x) + "\n" for x in lines))
-
-    def _write(self, snap: dict[str, Any], lines: list[dict[str, Any]]) -> None:
-        """Decisions first, then the per-prompt record array (`rows-<batches>.npy`: one raw buffer, no
-        base64/zlib holding the GIL while the actor serves), then state.json naming that file; each
-        file is tmp + fsync + rename, so a kill at any point leaves the previous consistent pair."""
-        self._append_decisions(lines)
-        rows_file = f"rows-{snap['counters']['batches']:012d}.npy"
-        with (self.state_dir / (rows_file + ".tmp")).open("wb") as f:
-            np.save(f, snap["rows"], allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.state_dir / (rows_file + ".tmp"), self.state_dir / rows_file)
-        tmp = self.state_dir / (STATE_FILE + ".tmp")
-        with tmp.open("w") as f:
-            json.dump({k: v for k, v in snap.items() if k != "rows"} | {"rows_file": rows_file}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_dir / STATE_FILE)
-        for old in self.state_dir.glob("rows-*.npy"):
-            if old.name != rows_file:
-                old.unlink(missing_ok=True)
-
-    def _read_rows(self, st: dict[str, Any]) -> dict[str, np.ndarray]:
-        if "rows" in st:  # state_dict() form: everything inline
-            return {k: decode_array(v) for k, v in st["rows"].items()}
-        if self.state_dir is None:
-            raise ValueError(f"sampler state refers to {st.get('rows_file')!r} but this sampler has no state_dir")
-        path = self.state_dir / st["rows_file"]
-        if not path.exists():
-            raise FileNotFoundError(f"sampler state {self.state_dir / STATE_FILE} names {path}, which is missing")
-        rec = np.load(path, allow_pickle=False)
-        if rec.dtype != ROW_DTYPE:
-            raise ValueError(f"{path}: fields {rec.dtype.names} are not the sampler's {ROW_DTYPE.names}")
-        return {k: rec[k] for k in ROW_DTYPE.names}
-
     def checkpoint(self, wait: bool = True) -> str | None:
-        """Write state.json (+ its rows-*.npy) and pending decisions. wait=False writes on a background
-        thread (the snapshot itself is taken now), so periodic checkpoints stay off the serving path."""
-        if self.state_dir is None:
+        """Compact: write a new base (state.json + its arrays + the decisions since the last one) and
+        drop the log records it holds. Durability does not depend on it (the log has every call);
+        it bounds restore time and log size. wait=False writes on a background thread (the snapshot
+        is taken now) and is skipped while a write is in flight, so serving never waits on it."""
+        if self.store is None:
             return None
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self._writer is not None and self._writer.is_alive() and not wait:
-            return None  # a periodic write is still in flight: skip this one rather than stall serving
-        if self._writer is not None:
-            self._writer.join()  # one write at a time keeps state.json and the log in order
-        snap, lines = self._snapshot(), self._take_decisions()
-        if wait:
-            self._write(snap, lines)
-            self._writer = None
-        else:
-            self._writer = threading.Thread(target=self._write, args=(snap, lines), daemon=True)
-            self._writer.start()
-        return str(self.state_dir / STATE_FILE)
+        if not wait and self.store.busy():
+            return None
+        st, arrays = self._snapshot()
+        self.store.write_base(st, arrays, self._take_decisions(), wait)
+        return self.store.path(STATE_FILE)
+
+
+def _summarise(rewards: list[list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group: mean, all right, all wrong, valid (non-empty, every value a number in [0, 1])."""
+    n = len(rewards)
+    if n == 0:
+        z = np.zeros(0)
+        return z, z.astype(bool), z.astype(bool), z.astype(bool)
+    try:
+        lens = np.fromiter(map(len, rewards), np.int64, n)
+        flat = np.fromiter((float(x) for g in rewards for x in g), np.float64, int(lens.sum()))
+    except (TypeError, ValueError):
+        lens = None
+    if lens is None or (lens == 0).any():  # rare: one group at a time, to name only the bad ones
+        out = [_summarise_one(g) for g in rewards]
+        return (np.array([o[0] for o in out]), np.array([o[1] for o in out]), np.array([o[2] for o in out]),
+                np.array([o[3] for o in out]))
+    starts = np.r_[0, np.cumsum(lens)[:-1]]
+    bad = np.add.reduceat((~(np.isfinite(flat) & (flat >= 0) & (flat <= 1))).astype(np.int64), starts) > 0
+    return (np.add.reduceat(flat, starts) / lens, np.minimum.reduceat(flat, starts) >= 1,
+            np.maximum.reduceat(flat, starts) <= 0, ~bad)
+
+
+def _summarise_one(group: Any) -> tuple[float, bool, bool, bool]:
+    try:
+        g = np.asarray(group, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return 0.0, False, False, False
+    if g.size == 0 or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
+        return 0.0, False, False, False
+    return float(g.mean()), bool(g.min() >= 1), bool(g.max() <= 0), True
 
 
 # ---------------------------------------------------------------- Ray actor
@@ -589,21 +772,26 @@ class _SamplerActor(CurriculumState):
 
 
 # num_cpus=0: the sampler must never hold a CPU a trainer or Ray Data task is waiting for.
-CurriculumSampler = ray.remote(num_cpus=0, max_concurrency=1)(_SamplerActor)
-
+# max_restarts=-1: a crashed actor (process or node lost) comes back under the same handle and
+# rebuilds itself from storage; ray.kill is final (no_restart), and get_or_create_sampler makes a new one.
+CurriculumSampler = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1)(_SamplerActor)
 
 def actor_name(run_dir: str | Path) -> str:
     """One actor per run: named after the run_dir string every process of the run shares in its config."""
+    import hashlib
+
     tag = Path(str(run_dir)).name or "run"
     return f"saerl-sampler-{tag}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
 
 
-def get_or_create_sampler(cfg: RunConfig, plan_path: str | Path | None = None) -> Any:
-    """The run's named CurriculumSampler actor (namespace "saerl"), created on first use.
+def get_or_create_sampler(cfg: RunConfig, plan_path: str | Path | None = None, run_dir: str | None = None) -> Any:
+    """The run's named CurriculumSampler actor (namespace SAMPLER_NAMESPACE), created on first use.
 
-    A new actor loads `<run_dir>/plan/plan.parquet` (or `plan_path`) and restores
-    `<run_dir>/sampler/state.json` when present. Lifetime follows the creating process; set
-    `sampler.detached: true` for long runs whose driver may restart (then `ray.kill` it when done).
+    A new actor loads `<run_dir>/plan/plan.parquet` (or `plan_path`) and restores `<run_dir>/sampler/`
+    (base + log) when present. `run_dir`: where `cfg.run_dir` is, resolved by the driver, for a process
+    whose working directory differs (a Ray Train worker); the actor's name always comes from
+    `cfg.run_dir`. Lifetime follows the creating process; set `sampler.detached: true` for long runs
+    whose driver may restart (then `ray.kill` it when done).
     """
     from saerl_ray.raycluster import init_ray
 
@@ -614,11 +802,100 @@ def get_or_create_sampler(cfg: RunConfig, plan_path: str | Path | None = None) -
     except ValueError:
         pass
     # Paths are resolved here, in the creating process: the actor's working directory may differ.
-    plan = Path(plan_path or Path(cfg.run_dir) / "plan" / "plan.parquet").resolve()
-    if not plan.exists():
+    root = run_dir or cfg.run_dir
+    plan = storage.resolve(plan_path or storage.join(root, "plan", "plan.parquet"))
+    if not storage.exists(plan):
         raise FileNotFoundError(f"plan file {plan} not found: run `saerl-ray plan` first")
-    state_dir = (Path(cfg.run_dir) / "sampler").resolve()
+    state_dir = storage.resolve(storage.join(root, "sampler"))
     return CurriculumSampler.options(
         name=name, namespace=SAMPLER_NAMESPACE, get_if_exists=True,
         lifetime="detached" if cfg.sampler.detached else None,
-    ).remote(str(plan), cfg.sampler.model_dump(), str(state_dir), cfg.plan.batch_size)
+    ).remote(plan, cfg.sampler.model_dump(), state_dir, cfg.plan.batch_size)
+
+
+# ---------------------------------------------------------------- the trainer's side
+
+
+class SamplerClient:
+    """A trainer's handle on the run's sampler that outlives the actor.
+
+    If the actor dies mid-call (or its storage fails a write), the client gets the actor back
+    (`get_or_create_sampler(cfg)`, or the same handle, which Ray restarts), asks it to `resume` at the
+    last batch this client received (so a batch whose reply was lost is served again, not skipped) and
+    retries; reports carry a token, so a retried report is counted once. One client per consumer.
+    """
+
+    def __init__(self, cfg: RunConfig | None = None, actor: Any = None, retry_s: float = 300.0,
+                 run_dir: str | None = None):
+        if cfg is None and actor is None:
+            raise ValueError("SamplerClient needs a run config or an actor handle")
+        self.cfg, self.retry_s, self.run_dir = cfg, retry_s, run_dir  # run_dir: see get_or_create_sampler
+        self.actor = actor if actor is not None else get_or_create_sampler(cfg, run_dir=run_dir)
+        self._tag = uuid.uuid4().hex[:12]
+        self._reports = 0
+        self._stale = False
+        self._cursor: dict[str, Any] = self._call("cursor")
+
+    def _call(self, method: str, *args: Any) -> Any:
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        while True:
+            try:
+                if self._stale:
+                    self._reconnect()
+                return ray.get(getattr(self.actor, method).remote(*args))
+            except (ray.exceptions.RayActorError, storage.StorageError):
+                if time.monotonic() > deadline:
+                    raise
+                self._stale = True
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+    def _reconnect(self) -> None:
+        if self.cfg is not None:
+            self.actor = get_or_create_sampler(self.cfg, run_dir=self.run_dir)
+        if getattr(self, "_cursor", None) is not None:
+            ray.get(self.actor.resume.remote({"cursor": self._cursor}))
+        self._stale = False
+
+    def next_batch(self, n: int | None = None) -> list[dict[str, Any]]:
+        rows = self._call("next_batch", n)
+        if rows:
+            self._cursor = self._cursor | {"seq": rows[0]["seq"], "epoch": rows[-1]["epoch"]}
+        return rows
+
+    def replacement(self, cluster: int, n: int = 1) -> list[dict[str, Any]]:
+        rows = self._call("replacement", cluster, n)
+        if rows:
+            self._cursor = self._cursor | {"seq": rows[0]["seq"]}
+        return rows
+
+    def report(self, ids: list[str], rewards: list[list[float]]) -> dict[str, Any]:
+        self._reports += 1
+        return self._call("report", ids, rewards, f"{self._tag}-{self._reports}")
+
+    def cursor(self, seq: int | None = None) -> dict[str, Any]:
+        """The last batch this client received (or batch `seq`): no remote call."""
+        return dict(self._cursor) if seq is None else self._cursor | {"seq": int(seq)}
+
+    def checkpoint_blob(self, cursor: dict[str, Any] | None = None, full: bool = True) -> dict[str, Any]:
+        """What a trainer saves with its checkpoint: the cursor of what it committed and (full=True)
+        the whole state, used only if the actor's own history is gone when the trainer resumes."""
+        out: dict[str, Any] = {"cursor": cursor or self.cursor()}
+        if full:
+            out["state"] = self._call("state_dict")
+        return out
+
+    def commit(self, cursor: dict[str, Any] | None = None) -> None:
+        self._call("commit", cursor or self.cursor())
+
+    def resume(self, blob: dict[str, Any]) -> dict[str, Any]:
+        out = self._call("resume", blob)
+        self._cursor = out["cursor"]
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("stats")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._call("state_dict")

@@ -11,9 +11,14 @@ How the curriculum reaches TRL (1.16) without being reshuffled:
   Nothing is shuffled and no worker sees another's prompts; the sampler is asked once per step.
 - `CurriculumReward` grades every completion with `math_reward`, gathers (id, reward) from all ranks,
   and rank 0 reports whole groups back (`sampler.report(ids, rewards)`): that is the online loop.
-- Checkpoints: HF `Trainer` saves every `train.save_every` steps; the sampler's state is written into
-  the same checkpoint folder, and Ray's `RayTrainReportCallback` reports it to Ray Train. A rerun of
-  an interrupted run resumes model, optimizer and sampler from the latest one.
+  Rank 0 talks to the sampler through a `SamplerClient`, which rides out the actor's death (a batch
+  whose reply died with it is served again; a retried report is counted once).
+- Checkpoints: HF `Trainer` saves every `train.save_every` steps; the sampler's cursor at the last
+  batch trained (plus its full state, for a sampler that lost its history) is written into the same
+  checkpoint folder, then committed to the sampler, and Ray's `RayTrainReportCallback` reports the
+  folder to Ray Train. A rerun of an interrupted run resumes model, optimizer and sampler from the
+  latest one: the batches served after that checkpoint are served again, and only those
+  (docs/sampler_api.md, "Recovery").
 - Per-step metrics (TRL's loss / reward / KL / lengths + the clusters and predicted difficulties that
   were served) go to `<run_dir>/train/metrics.jsonl`; the final policy to `<run_dir>/train/model/`.
 
@@ -26,6 +31,7 @@ online sampler postpones / retires such prompts instead.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -38,9 +44,11 @@ import torch
 from saerl_ray import storage
 from saerl_ray.config import RunConfig, fingerprint
 from saerl_ray.reward import format_messages, math_reward
+from saerl_ray.sampler import SamplerClient
 from saerl_ray.stage import Stage, marker_of
 
 SAMPLER_STATE = "sampler_state.json"
+log = logging.getLogger("saerl_ray.trl_backend")
 
 
 # ---------------------------------------------------------------- pure helpers (unit-tested)
@@ -88,6 +96,7 @@ def to_example(row: dict) -> dict:
         "cluster": int(row.get("cluster", -1)),
         "difficulty_pred": float(row.get("difficulty_pred", float("nan"))),
         "position": int(row.get("position", -1)),
+        "seq": int(row.get("seq", -1)),  # the sampler call that served it: what a checkpoint's cursor names
     }
 
 
@@ -166,15 +175,13 @@ class SamplerStream(torch.utils.data.IterableDataset):
     """One item per optimisation step: this rank's list of examples, taken in plan order from the sampler."""
 
     def __init__(self, sampler, prompts_per_step: int, num_generations: int, rank: int, world: int):
-        self.sampler = sampler  # an actor handle on rank 0, None elsewhere
+        self.sampler = sampler  # a SamplerClient on rank 0, None elsewhere
         self.prompts_per_step = prompts_per_step
         self.num_generations = num_generations
         self.rank, self.world = rank, world
 
     def _next_batch(self) -> list[dict]:
-        import ray
-
-        batch = ray.get(self.sampler.next_batch.remote(self.prompts_per_step)) if self.rank == 0 else None
+        batch = self.sampler.next_batch(self.prompts_per_step) if self.rank == 0 else None
         batch = _broadcast(batch)
         if not batch:
             raise RuntimeError("the curriculum sampler returned an empty batch (plan exhausted?)")
@@ -196,21 +203,25 @@ class CurriculumReward:
 
     def __init__(self, sampler, rank: int):
         self.__name__ = "math_reward"  # TRL names the logged reward column after this
-        self.sampler = sampler
+        self.sampler = sampler  # a SamplerClient on rank 0, None elsewhere
         self.rank = rank
         self.last_served: dict[str, Any] = {}
+        self.last_seq: int | None = None  # sampler call of the batch the current step trains on
 
-    def __call__(self, prompts, completions, id, answer, cluster, difficulty_pred, **_: Any) -> list[float]:
+    def __call__(self, prompts, completions, id, answer, cluster, difficulty_pred, seq=None, **_: Any) -> list[float]:
         from accelerate.utils import gather_object
 
         rewards = [math_reward(_completion_text(c), a) for c, a in zip(completions, answer)]
-        records = gather_object(list(zip(id, cluster, difficulty_pred, rewards)))
+        seq = seq or [-1] * len(rewards)
+        records = gather_object(list(zip(id, cluster, difficulty_pred, rewards, seq)))
         if self.rank == 0:
-            import ray
-
             ids, groups = group_rewards([r[0] for r in records], [r[3] for r in records])
-            ray.get(self.sampler.report.remote(ids, groups))
+            got = self.sampler.report(ids, groups)
+            if got["unknown"] or got["invalid"]:
+                log.warning("sampler skipped reward groups: unknown ids %s, invalid groups %s",
+                            got["unknown"][:5], got["invalid"][:5])
             self.last_served = served_summary(records)
+            self.last_seq = max(r[4] for r in records)
         return rewards
 
 
@@ -269,10 +280,14 @@ def _trainer_classes():
             import ray
 
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            sampler = self.reward.sampler
-            st = ray.get(sampler.state_dict.remote())
-            (ckpt / SAMPLER_STATE).write_text(json.dumps(st))
-            ray.get(sampler.checkpoint.remote())
+            client = self.reward.sampler
+            # The cursor names the batch this step trained on, not the newest one served: a batch
+            # fetched ahead of the checkpoint was never trained on and must come back on resume.
+            seq = self.reward.last_seq
+            blob = client.checkpoint_blob(client.cursor(seq) if seq is not None and seq >= 0 else None)
+            (ckpt / SAMPLER_STATE).write_text(json.dumps(blob))
+            client.commit(blob["cursor"])
+            ray.get(client.actor.checkpoint.remote())
 
     return CurriculumGRPOTrainer, CurriculumCallback
 
@@ -294,7 +309,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Only rank 0 talks to the sampler: one next_batch and one report per step, whatever the world size.
-    sampler = config["sampler"] if rank == 0 else None
+    sampler = SamplerClient(cfg, actor=config["sampler"], run_dir=config["run_dir"]) if rank == 0 else None
 
     policy = config["policy"]
     tok = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
@@ -349,14 +364,14 @@ def train_loop_per_worker(config: dict) -> None:
         local = Path(checkpoint.to_directory()) / RayTrainReportCallback.CHECKPOINT_NAME
         resume = str(local)
         if rank == 0 and (local / SAMPLER_STATE).exists():
-            ray.get(sampler.load_state_dict.remote(json.loads((local / SAMPLER_STATE).read_text())))
+            sampler.resume(json.loads((local / SAMPLER_STATE).read_text()))
     trainer.train(resume_from_checkpoint=resume)
     if rank == 0:
         local_model = Path(config["scratch_dir"]) / "final-model"
         trainer.save_model(str(local_model))
         tok.save_pretrained(str(local_model))
         storage.copy_tree(local_model, config["model_dir"])
-        ray.get(sampler.checkpoint.remote())
+        ray.get(sampler.actor.checkpoint.remote())
 
 
 def _placeholder_dataset():
@@ -399,6 +414,7 @@ def fit(cfg: RunConfig, sampler, out_dir: str, policy: str, prompts_per_step: in
     config = {
         "cfg": cfg_json,
         "sampler": sampler,
+        "run_dir": storage.resolve(cfg.run_dir),  # for a sampler the worker has to bring back (another cwd)
         "policy": policy,
         "prompts_per_step": prompts_per_step,
         "scratch_dir": str(scratch),

@@ -46,12 +46,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saerl_ray.config import ConfigError, RunConfig, fingerprint
+from saerl_ray.reward import ANSWER_INSTRUCTION as INSTRUCTION
+from saerl_ray.sampler import SAMPLER_NAMESPACE
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 REWARD_FILE = Path(__file__).with_name("openrlhf_reward.py")
-SAMPLER_NAMESPACE = "saerl"
 # Appended to every training prompt: the reward reads the last \boxed{} answer.
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # OpenRLHF's driver sets these in its own ray.init, which it skips when Ray is already up (ours).
 OPENRLHF_ENV = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 # The async trainer builds its own loader in another actor; only the sync/hybrid trainer is patched.

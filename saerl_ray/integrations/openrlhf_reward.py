@@ -39,11 +39,11 @@ from typing import Any
 import torch
 
 from saerl_ray.reward import math_reward
+from saerl_ray.sampler import SAMPLER_NAMESPACE
 
 log = logging.getLogger("saerl_ray.openrlhf_reward")
 
 CANONICAL = "saerl_ray.integrations.openrlhf_reward"
-SAMPLER_NAMESPACE = "saerl"
 # Flush reports once this many prompt groups are complete, or this long after the last flush:
 # one remote call per group would flood the sampler actor at rollout speed.
 FLUSH_GROUPS = 8
