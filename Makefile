@@ -12,7 +12,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv run test test-slow test-openrlhf bench clean
+.PHONY: venv run test test-multinode test-slow test-openrlhf bench clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -39,6 +39,10 @@ test: venv
 .PHONY: deps-check
 deps-check: venv
 	$(BIN)/python docker/deps.py check
+
+# The multi-node cluster tests (marked slow): head + 2 worker raylets, S3 server, node faults. CI runs them.
+test-multinode: venv
+	$(BIN)/python -m pytest -q -m slow tests/test_multinode_on_cpu.py
 
 test-slow: venv
 	$(BIN)/saerl-ray models pull smollm2
