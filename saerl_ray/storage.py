@@ -68,6 +68,11 @@ def name(path: str | Path) -> str:
 
 @lru_cache(maxsize=None)
 def _s3(endpoint: str | None, region: str | None) -> pafs.FileSystem:
+    # torch's libraries must be loaded before the AWS SDK inside pyarrow initialises: the other
+    # order made a Ray job's driver die in its first torch import ("oneMKL FATAL ERROR: Cannot load
+    # libtorch_cpu.so") once a stage had written to S3.
+    import torch  # noqa: F401
+
     kwargs: dict[str, Any] = {"region": region or "us-east-1"}
     if endpoint:
         u = urlparse(endpoint)
