@@ -7,7 +7,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from saerl_ray.cluster import assign, clustering_space, kmeans
+from saerl_ray.cluster import BlockSet, assign, clustering_space, kmeans, project_blocks
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,27 @@ def test_bad_arguments_are_named():
         kmeans(X, 6, num_tasks=1, progress=False)
     with pytest.raises(ValueError, match="metric"):
         clustering_space(X, "manhattan")
+
+
+def test_blocks_in_another_order_cluster_like_the_matrix(blobs, ray_cluster):
+    # The signals stage clusters blocks in part-file order and maps them back with `order`: the seeding
+    # sample, labels and distances must follow the caller's rows, whatever the blocks' order.
+    X, _ = blobs
+    shuffle = np.random.default_rng(5).permutation(len(X))
+    order = np.argsort(shuffle)  # caller's row i sits at block row order[i]
+    blocks = BlockSet.of(X[shuffle], 3)
+    assert blocks.on_ray and blocks.n == len(X)
+    np.testing.assert_array_equal(blocks.take(order[[5, 0, 2999, 5]]), X[[5, 0, 2999, 5]])
+    ref = kmeans(X, 8, seed=1, num_tasks=1, progress=False)
+    got = kmeans(blocks, 8, seed=1, order=order, progress=False)
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    np.testing.assert_allclose(got.dist, ref.dist, rtol=1e-4, atol=1e-5)
+    assert got.inertia == pytest.approx(ref.inertia, rel=1e-5)
+
+
+def test_projection_over_blocks_matches_clustering_space(ray_cluster):
+    X = sp.random(400, 60, density=0.2, random_state=1, format="csr", dtype=np.float32)
+    want = clustering_space(X, "cosine", projection=8, seed=0)
+    blocks = project_blocks(BlockSet.of(clustering_space(X, "cosine"), 2), 8, "cosine", seed=0)
+    assert blocks.width == 8 and not blocks.sparse
+    np.testing.assert_allclose(blocks.take(np.arange(400)), want, atol=1e-4)

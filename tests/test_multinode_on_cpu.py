@@ -263,15 +263,21 @@ def test_pipeline_job_on_three_nodes_writes_only_to_the_bucket(reference, cluste
     assert not (REPO / "runs" / "never-used").exists()
 
 
+def submit_and_wait_for_blocks(cluster, tmp_path, model_dir, shared_data, run_dir: str, job: str, blocks: int) -> Path:
+    """Submit the pipeline and return once `blocks` feature blocks are in the bucket: mid-features."""
+    config = tiny_config(tmp_path, model_dir, shared_data, run_dir)
+    submit_script(cluster, config, submission_id=job)
+    deadline = time.time() + 600
+    while len(parts_in(run_dir)) < blocks:
+        assert time.time() < deadline, f"features never started: {cluster.client.get_job_logs(job)[-3000:]}"
+        time.sleep(0.5)
+    return config
+
+
 def test_worker_node_killed_during_features_loses_nothing(reference, cluster, tmp_path, tiny_model_dir, shared_data):
     """Fault (a): a worker node dies mid-features; Ray Data reruns its blocks elsewhere."""
     run_dir = f"s3://saerl-test/mn-kill-{secrets.token_hex(3)}"
-    config = tiny_config(tmp_path, tiny_model_dir, shared_data, run_dir)
-    submit_script(cluster, config, submission_id="mn-kill")
-    deadline = time.time() + 600
-    while len(parts_in(run_dir)) < 2 and time.time() < deadline:
-        time.sleep(0.5)
-    assert parts_in(run_dir), "features never started"
+    submit_and_wait_for_blocks(cluster, tmp_path, tiny_model_dir, shared_data, run_dir, "mn-kill", 2)
     driver_node = cluster.client.get_job_info("mn-kill").driver_node_id
     victim = next(name for name, nid in cluster.node_ids().items() if name.startswith("w") and nid != driver_node)
     cluster.kill(victim)
@@ -287,11 +293,7 @@ def test_driver_killed_mid_features_then_resubmitted_reuses_blocks(reference, cl
                                                                    shared_data):
     """Fault (b): the job is stopped (driver killed) during features; a resubmission resumes."""
     run_dir = f"s3://saerl-test/mn-resume-{secrets.token_hex(3)}"
-    config = tiny_config(tmp_path, tiny_model_dir, shared_data, run_dir)
-    submit_script(cluster, config, submission_id="mn-resume-1")
-    deadline = time.time() + 600
-    while len(parts_in(run_dir)) < 3 and time.time() < deadline:
-        time.sleep(0.5)
+    config = submit_and_wait_for_blocks(cluster, tmp_path, tiny_model_dir, shared_data, run_dir, "mn-resume-1", 3)
     cluster.client.stop_job("mn-resume-1")
     assert wait_job(cluster.client, "mn-resume-1", timeout=120) in ("STOPPED", "FAILED")
     kept = set(parts_in(run_dir))

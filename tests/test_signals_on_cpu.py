@@ -191,3 +191,58 @@ def test_stored_codes_reads_runs_from_before_codes_existed(tmp_path):
     assert code_columns(tmp_path, ["pooled"]).tolist() == list(range(8))
     with pytest.raises(ValueError, match=r"code\(s\) \['last'\] not in"):
         code_columns(tmp_path, ["last"])
+
+
+def test_outputs_do_not_depend_on_how_features_are_cut_and_the_driver_never_reads_codes(
+        run_dir, tmp_path, ray_cluster, monkeypatch):
+    """The same codes re-cut into 7 shuffled parts, each group of parts read by its own Ray task: the
+    same assignments. The driver's own feature readers are disabled: codes reach it only as the few
+    training rows the tasks return."""
+    import shutil
+
+    from saerl_ray import featureio
+
+    reference = signals.run(config(run_dir), featurize=two_codes)
+    ref = pq.read_table(run_dir / "signals/assignments.parquet").to_pandas()
+    recut = tmp_path / "recut"
+    shutil.copytree(run_dir / "ingest", recut / "ingest")
+    st = Stage(recut, "features", "recut-fp")
+    tmp = Path(st.begin())
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((run_dir / "features").glob("part-*.parquet"))])
+    table = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    for part in range(7):
+        pq.write_table(table.slice(part * 20, 20), tmp / f"part-{part:05d}.parquet")
+    shutil.copy(run_dir / "features/summary.json", tmp / "summary.json")
+    st.commit()
+
+    def driver_must_not(*a, **k):
+        raise AssertionError("the driver read feature codes")
+
+    for name in ("read_parts", "table_to_csr", "load_features", "read_feature_table"):
+        monkeypatch.setattr(featureio, name, driver_must_not)
+    monkeypatch.setattr(signals, "read_parts", driver_must_not)
+    monkeypatch.setattr(signals, "GROUP_ROWS", 30)  # 7 parts of 20 rows -> 5 groups, tasks of 1-2 parts
+    summary = signals.run(config(recut), featurize=two_codes)
+    monkeypatch.undo()
+
+    got = pq.read_table(recut / "signals/assignments.parquet").to_pandas()
+    assert got["id"].tolist() == ref["id"].tolist()
+    np.testing.assert_array_equal(got["cluster"], ref["cluster"])
+    np.testing.assert_allclose(got["cluster_dist"], ref["cluster_dist"], rtol=1e-5, atol=1e-6)
+    for col in ("difficulty_pred", "quality_score", "keep"):  # per-row scores: exact whatever the blocks
+        np.testing.assert_array_equal(got[col], ref[col])
+    assert summary["cluster"]["sizes"] == reference["cluster"]["sizes"]
+    assert summary["difficulty"]["holdout"] == reference["difficulty"]["holdout"]
+    assert set(summary["phase_seconds"]) == {"read", "kmeans", "fit", "score"}
+
+
+def test_load_features_in_a_given_order_reads_only_those_rows(run_dir):
+    prompts = pq.read_table(run_dir / "ingest/prompts.parquet", columns=["id"]).column("id").to_pylist()
+    _, X, n_tokens = load_features(run_dir, order=prompts)
+    pick = [prompts[i] for i in (139, 3, 70, 69)]
+    ids, Xp, tp = load_features(run_dir, order=pick)
+    assert ids.tolist() == pick
+    assert (Xp != X[[139, 3, 70, 69]]).nnz == 0
+    np.testing.assert_array_equal(tp, n_tokens[[139, 3, 70, 69]])
+    with pytest.raises(KeyError, match="1 ids have no features"):
+        load_features(run_dir, order=pick + ["nope"])
