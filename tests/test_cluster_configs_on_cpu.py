@@ -322,14 +322,15 @@ def test_kuberay_pods_install_nothing(name):
     if doc["kind"] == "RayJob":
         env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
         assert set(env) <= {"env_vars", "working_dir"}, env
-        assert "RAY_OVERRIDE_JOB_RUNTIME_ENV" in env["env_vars"]
+        assert "RAY_OVERRIDE_JOB_RUNTIME_ENV" not in env["env_vars"]
 
 
 @pytest.mark.parametrize("path", RUNTIME_ENVS)
 def test_runtime_envs_carry_only_working_dir_and_env_vars(path):
     env = yaml.safe_load((ROOT / path).read_text())
     assert set(env) <= {"working_dir", "env_vars", "excludes"}, f"{path} installs or configures: {set(env)}"
-    assert env["working_dir"] == "." and env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
+    # The override would drop the job's working_dir for its workers and let Ray delete it under the driver.
+    assert env["working_dir"] == "." and "RAY_OVERRIDE_JOB_RUNTIME_ENV" not in env["env_vars"]
 
 
 @pytest.mark.parametrize("path", [*(f"cluster_configs/{n}" for n in LAUNCHER + KUBERAY), *RUNTIME_ENVS])

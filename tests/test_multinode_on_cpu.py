@@ -316,7 +316,7 @@ def test_node_hosting_the_sampler_dies_mid_epoch(cluster, tmp_path):
     write_plan_stage(run_dir, plan_table(n_clusters=4, per_cluster=12, ratio=0.25))
     job = cluster.client.submit_job(
         entrypoint=f"python tests/drills/sampler_node_loss.py {run_dir}", submission_id="mn-sampler",
-        runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}},
+        runtime_env={"working_dir": str(REPO)},
         entrypoint_resources={"head": 1},  # the trainer side must survive: only the sampler's node dies
     )
     request = storage.join(run_dir, "_drill", "kill_node.json")

@@ -319,11 +319,13 @@ def run(cfg: RunConfig) -> dict:
         return st.summary()
     # An interrupted run with the same config keeps its checkpoints when train.resume is on.
     out = Path(st.begin(keep_partial=cfg.train.resume))
-    # A job's runtime_env and this driver's ray.init both set env_vars; let the driver's win.
-    os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    # OpenRLHF's own ray.init (skipped: Ray is up) would set these as a runtime_env. Under a job they come
+    # from jobs/runtime_env_gpu.yaml; a runtime_env here would replace the job's, working_dir included,
+    # and Ray then garbage-collects the driver's own working dir under it.
+    env = {k: os.environ.get(k, v) for k, v in OPENRLHF_ENV.items()}
+    os.environ.update(env)  # a local cluster started below inherits them
     if not ray.is_initialized():
-        env = {k: os.environ.get(k, v) for k, v in OPENRLHF_ENV.items()}
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
+        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     sampler = get_or_create_sampler(cfg)
     name = actor_name(sampler)
     flags = build_flags(cfg, out / "prompts.parquet", policy)
