@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    init_ray(cfg.ray)
+    init_ray(cfg.ray)  # under `ray job submit` this also moves the driver out of Ray's working-dir copy
     results = run_pipeline(cfg, stages)
     print(json.dumps({"run_dir": cfg.run_dir, "stages": results}, default=str))
     return 0

@@ -48,6 +48,24 @@ def wait_reachable(address: str, timeout_s: float) -> None:
             time.sleep(1)
 
 
+def leave_job_working_dir() -> None:
+    """Run a job's driver from its own scratch dir, not from Ray's copy of the uploaded working dir.
+
+    On a fresh cluster Ray may unpack that copy a second time while the driver runs (the directory is
+    deleted and an identical one made at the same path): the driver's cwd is then gone and the next
+    library that asks for it fails (tests/test_multinode_on_cpu.py saw transformers die in
+    `Path("src").resolve()`). A submitted job's paths are absolute or URIs (`saerl_ray.submit`) and its
+    imports use sys.path's absolute entries, so nothing needs that cwd."""
+    import tempfile
+
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        cwd = "working_dir_files"
+    if "working_dir_files" in cwd:
+        os.chdir(tempfile.mkdtemp(prefix="saerl-driver-"))
+
+
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join the cluster this process belongs to, or start a private local one. Idempotent."""
     import ray
@@ -64,6 +82,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         log_to_driver=True,
     )
     if address:
+        leave_job_working_dir()
         wait_reachable(address, cfg.connect_timeout_s)
         ray.init(address=address, **kwargs)
     else:
