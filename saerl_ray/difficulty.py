@@ -16,6 +16,7 @@ stands in, flagged as a fallback everywhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,32 +206,69 @@ def length_fallback(n_tokens: np.ndarray) -> np.ndarray:
     return (pd.Series(n_tokens).rank(method="average").to_numpy() - 1) / max(n - 1, 1)
 
 
-def run_difficulty(
-    prompts: pd.DataFrame, X: sp.csr_matrix, n_tokens: np.ndarray, cfg: DifficultyConfig, seed: int,
-    out_path: str, use_ray: bool = True,
-) -> tuple[np.ndarray, dict]:
-    """Stage body: labels -> subset -> fit -> predict every prompt; writes difficulty.json."""
+@dataclass
+class DifficultySetup:
+    """What the fit needs before any code is read: labels, the held-out source, the training rows."""
+    y_all: np.ndarray  # label per prompt, NaN where none
+    label_source: str
+    ood: np.ndarray  # bool per prompt: its source is held out
+    train: np.ndarray | None  # prompt rows the regression is fit on; None = no usable labels (fallback)
+    reason: str = ""  # why there is no fit
+
+
+def difficulty_setup(prompts: pd.DataFrame, cfg: DifficultyConfig, seed: int) -> DifficultySetup:
+    """Labels -> the labelled subset to fit on (`n_labelled` of the usable rows, seeded)."""
     y_all, label_source = difficulty_labels(prompts, cfg)
     labelled = np.isfinite(y_all)
     ood = (prompts["source"] == cfg.ood_source).to_numpy() if cfg.ood_source else np.zeros(len(prompts), bool)
     pool = np.flatnonzero(labelled & ~ood)
     if len(pool) < MIN_LABELLED or np.ptp(y_all[pool]) == 0:
-        pred = length_fallback(n_tokens).astype(np.float32)
         why = f"{len(pool)} usable labelled prompts from {label_source} (need >= {MIN_LABELLED}, not constant)"
-        summary = {"fallback": True, "method": "n_tokens rank", "reason": why, "label_source": label_source}
-        storage.write_json(out_path, summary)
-        print(f"[signals] WARNING difficulty: NO LABELS ({why}); using the token-count rank as difficulty")
-        return pred, summary
+        return DifficultySetup(y_all, label_source, ood, None, why)
     rng = np.random.default_rng(seed)
     train = np.sort(rng.choice(pool, size=min(cfg.n_labelled or len(pool), len(pool)), replace=False))
-    model, metrics = fit_difficulty(
-        X[train], y_all[train], alphas=cfg.alphas, l1_ratios=cfg.l1_ratios, folds=cfg.folds, seed=seed,
+    return DifficultySetup(y_all, label_source, ood, train)
+
+
+def difficulty_fallback(setup: DifficultySetup, n_tokens: np.ndarray, out_path: str) -> tuple[np.ndarray, dict]:
+    """No usable labels: the token-count rank, flagged as such in the JSON and the metrics."""
+    pred = length_fallback(n_tokens).astype(np.float32)
+    summary = {"fallback": True, "method": "n_tokens rank", "reason": setup.reason, "label_source": setup.label_source}
+    storage.write_json(out_path, summary)
+    print(f"[signals] WARNING difficulty: NO LABELS ({setup.reason}); using the token-count rank as difficulty")
+    return pred, summary
+
+
+def fit_setup(setup: DifficultySetup, X_train: sp.csr_matrix, cfg: DifficultyConfig, seed: int,
+              use_ray: bool = True) -> tuple[dict, dict]:
+    """fit_difficulty on the codes of `setup.train` (X_train: those rows, in that order)."""
+    return fit_difficulty(
+        X_train, setup.y_all[setup.train], alphas=cfg.alphas, l1_ratios=cfg.l1_ratios, folds=cfg.folds, seed=seed,
         min_support=cfg.min_support, max_features=cfg.max_features, holdout=cfg.holdout, use_ray=use_ray,
     )
-    pred = linear_score(model, X).astype(np.float32)
-    if ood.any() and labelled[ood].sum() >= 3:
-        sel = ood & labelled
-        metrics["ood"] = {**_corr(pred[sel], y_all[sel]), "source": cfg.ood_source, "n": int(sel.sum())}
-    metrics.update(fallback=False, label_source=label_source)
+
+
+def finish_difficulty(setup: DifficultySetup, model: dict, metrics: dict, pred: np.ndarray, cfg: DifficultyConfig,
+                      out_path: str) -> dict:
+    """Out-of-distribution check on every prompt's prediction, then difficulty.json."""
+    labelled = np.isfinite(setup.y_all)
+    if setup.ood.any() and labelled[setup.ood].sum() >= 3:
+        sel = setup.ood & labelled
+        metrics["ood"] = {**_corr(pred[sel], setup.y_all[sel]), "source": cfg.ood_source, "n": int(sel.sum())}
+    metrics.update(fallback=False, label_source=setup.label_source)
     storage.write_json(out_path, {**model, "metrics": metrics})
-    return pred, metrics
+    return metrics
+
+
+def run_difficulty(
+    prompts: pd.DataFrame, X: sp.csr_matrix, n_tokens: np.ndarray, cfg: DifficultyConfig, seed: int,
+    out_path: str, use_ray: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """Stage body on codes in memory: labels -> subset -> fit -> predict every prompt; writes
+    difficulty.json. (The signals stage runs the same steps with the codes left in their part files.)"""
+    setup = difficulty_setup(prompts, cfg, seed)
+    if setup.train is None:
+        return difficulty_fallback(setup, n_tokens, out_path)
+    model, metrics = fit_setup(setup, X[setup.train], cfg, seed, use_ray)
+    pred = linear_score(model, X).astype(np.float32)
+    return pred, finish_difficulty(setup, model, metrics, pred, cfg, out_path)

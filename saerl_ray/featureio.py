@@ -1,7 +1,12 @@
-"""Reading the features stage's output back as one sparse matrix, in `prompts` order.
+"""Reading the features stage's output back: as one sparse matrix in `prompts` order, or part by part.
 
     ids, X, n_tokens = load_features(run_dir)      # X: scipy.sparse.csr_matrix (n, n_columns) float32
     cols = code_columns(run_dir, ["pooled", "last"])   # column indices of those codes in X
+    ids, n_tokens, X = read_parts(part_paths(run_dir)[:4], n_columns)   # a few parts (what a Ray task reads)
+
+`load_features` gathers everything in one process: fine for thousands of prompts, not for a million
+(~500 stored entries per prompt = 4 GB of codes at 1M). The signals stage instead hands each Ray task a
+group of part paths (`group_parts`), so the codes never pass through the driver.
 """
 
 from __future__ import annotations
@@ -15,11 +20,52 @@ import scipy.sparse as sp
 from saerl_ray import storage
 
 
+def part_paths(run_dir: str | Path) -> list[str]:
+    """The part files of a run's features, in name order (= `prompts` order, docs/run_dir.md)."""
+    fdir = storage.join(run_dir, "features")
+    files = [f for f in storage.list_dir(fdir, suffix=".parquet") if f.startswith("part-")]
+    if not files:
+        raise FileNotFoundError(f"no part-*.parquet in {fdir}; run `saerl-ray features` first")
+    return [storage.join(fdir, f) for f in files]
+
+
 def read_feature_table(features_dir: str | Path) -> pa.Table:
     files = [f for f in storage.list_dir(features_dir, suffix=".parquet") if f.startswith("part-")]
     if not files:
         raise FileNotFoundError(f"no part-*.parquet in {features_dir}; run `saerl-ray features` first")
     return pa.concat_tables([storage.read_parquet(storage.join(features_dir, f)) for f in files])
+
+
+def read_parts(paths: list[str], n_columns: int) -> tuple[pa.Array, np.ndarray, sp.csr_matrix]:
+    """(ids, n_tokens, codes) of some part files, stacked in the given order."""
+    tables = [storage.read_parquet(p, columns=["id", "n_tokens", "idx", "val"]) for p in paths]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return (table.column("id").combine_chunks(), np.asarray(table.column("n_tokens"), dtype=np.int32),
+            table_to_csr(table, n_columns))
+
+
+def group_parts(paths: list[str], rows: int, target_rows: int, min_groups: int = 1) -> list[list[str]]:
+    """Consecutive runs of part files, about `target_rows` rows each (at least `min_groups` groups when
+    there are that many parts): one group = one Ray task's share, sized to bound that task's memory
+    while keeping the number of per-round results the driver sums small. Parts hold equal row counts
+    (the last one fewer), so cutting by file count balances rows."""
+    n_groups = max(min_groups, -(-rows // max(1, target_rows)) if rows else 1)
+    n_groups = max(1, min(len(paths), n_groups))
+    bounds = np.linspace(0, len(paths), n_groups + 1).round().astype(int)
+    return [paths[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def positions(order: pa.Array | pa.ChunkedArray, ids: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+    """For every id of `order`, its row in `ids` (a KeyError names the first id missing there)."""
+    import pyarrow.compute as pac
+
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    pos = pac.index_in(order, value_set=ids)
+    if pos.null_count:
+        missing = pac.filter(order, pac.is_null(pos))
+        raise KeyError(f"{pos.null_count} ids have no features (first: {missing[0].as_py()}) in {where}")
+    return np.asarray(pos.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def table_to_csr(table: pa.Table, d_sae: int) -> sp.csr_matrix:
@@ -71,18 +117,26 @@ def keep_columns(X: sp.spmatrix, cols: np.ndarray) -> sp.csr_matrix:
 
 
 def load_features(run_dir: str | Path, order: list[str] | None = None):
-    """(ids, csr, n_tokens). With `order`, rows follow that id list (ids missing there are an error)."""
+    """(ids, csr, n_tokens). With `order`, rows follow that id list (ids missing there are an error);
+    parts are then read one at a time and only the wanted rows kept, so a few rows of a big run cost
+    one part's memory, not the whole run's."""
     fdir = storage.join(run_dir, "features")
     summary = storage.read_json(storage.join(fdir, "summary.json"))
-    table = read_feature_table(fdir)
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    X = table_to_csr(table, summary.get("n_columns", summary["d_sae"]))  # one d_sae-wide band per features.codes
-    n_tokens = np.asarray(table.column("n_tokens"), dtype=np.int32)
-    if order is not None:
-        pos = {k: i for i, k in enumerate(ids)}
-        missing = [k for k in order if k not in pos]
-        if missing:
-            raise KeyError(f"{len(missing)} ids have no features (first: {missing[0]}) in {fdir}")
-        perm = np.fromiter((pos[k] for k in order), dtype=np.int64, count=len(order))
-        ids, X, n_tokens = ids[perm], X[perm], n_tokens[perm]
-    return ids, X, n_tokens
+    n_columns = summary.get("n_columns", summary["d_sae"])  # one d_sae-wide band per features.codes
+    if order is None:
+        table = read_feature_table(fdir)
+        return (np.asarray(table.column("id").to_pylist(), dtype=object), table_to_csr(table, n_columns),
+                np.asarray(table.column("n_tokens"), dtype=np.int32))
+    import pyarrow.compute as pac
+
+    want = pa.array(list(order), pa.string())
+    got_ids, got_X, got_tok = [], [], []
+    for path in part_paths(run_dir):
+        ids, n_tokens, X = read_parts([path], n_columns)
+        rows = np.flatnonzero(pac.is_in(ids, value_set=want).to_numpy(zero_copy_only=False))
+        got_ids.append(ids.take(pa.array(rows)))
+        got_X.append(X[rows])
+        got_tok.append(n_tokens[rows])
+    perm = positions(want, pa.chunked_array(got_ids, pa.string()), fdir)
+    X = sp.vstack(got_X).tocsr() if got_X else sp.csr_matrix((0, n_columns), dtype=np.float32)
+    return np.asarray(want.to_pylist(), dtype=object), X[perm], np.concatenate(got_tok)[perm]

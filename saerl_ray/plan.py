@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pac
+import pyarrow.parquet as pq
 from scipy.stats import spearmanr
 
 from saerl_ray import storage
@@ -172,12 +173,17 @@ def build_plan(
 
 
 def batch_purity(batch: np.ndarray, cluster: np.ndarray) -> np.ndarray:
-    """Per batch: share of rows in the batch's most common cluster."""
-    out = []
-    for b in np.unique(batch):
-        _, counts = np.unique(cluster[batch == b], return_counts=True)
-        out.append(counts.max() / counts.sum())
-    return np.array(out)
+    """Per batch (ascending batch label): share of rows in the batch's most common cluster."""
+    if len(batch) == 0:
+        return np.zeros(0)
+    # One pass over (batch, cluster) pairs: a mask per batch was O(rows x batches), 100 s at 1M prompts.
+    _, b = np.unique(batch, return_inverse=True)
+    _, c = np.unique(cluster, return_inverse=True)
+    width = int(c.max()) + 1
+    pairs, counts = np.unique(b.astype(np.int64) * width + c, return_counts=True)
+    top = np.zeros(int(b.max()) + 1, dtype=np.int64)
+    np.maximum.at(top, pairs // width, counts)
+    return top / np.bincount(b)
 
 
 def within_cluster_spearman(position: np.ndarray, cluster: np.ndarray, difficulty: np.ndarray, mixed: np.ndarray) -> float | None:
@@ -219,17 +225,21 @@ def read_inputs(run_dir: str, split: str) -> tuple[pa.Table, pa.Table]:
     prompts_path = storage.join(run_dir, "ingest", "prompts.parquet")
     signals_path = storage.join(run_dir, "signals", "assignments.parquet")
     prompts = storage.read_parquet(prompts_path, columns=["id", "prompt", "answer", "source", "split", "n_chars"])
-    prompts = prompts.filter(pac.equal(prompts["split"], split))
+    in_split = pac.equal(prompts["split"], split)
+    if in_split.null_count or not pac.all(in_split).as_py():  # filter copies every column: only when needed
+        prompts = prompts.filter(in_split)
     if prompts.num_rows == 0:
         raise ValueError(f"{prompts_path}: no prompts with split {split!r} (set plan.split)")
     signals = storage.read_parquet(signals_path)
     need = {"id", "cluster", "difficulty_pred", "keep"}
     if missing := need - set(signals.column_names):
         raise ValueError(f"{signals_path}: missing column(s) {sorted(missing)}")
-    sig_ids = signals["id"].to_numpy(zero_copy_only=False)
-    uniq, counts = np.unique(sig_ids, return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"{signals_path}: id {uniq[counts > 1][0]!r} appears {counts.max()} times")
+    # Counted in Arrow: np.unique over a million Python strings was seconds and a copy of every id.
+    counts = pac.value_counts(signals["id"].combine_chunks())
+    dup = counts.filter(pac.greater(counts.field("counts"), 1))
+    if len(dup):
+        raise ValueError(f"{signals_path}: id {dup.field('values')[0].as_py()!r} appears "
+                         f"{pac.max(dup.field('counts')).as_py()} times")
     where = pac.index_in(prompts["id"], value_set=signals["id"])
     if where.null_count:
         first = prompts["id"][int(np.flatnonzero(pac.is_null(where).to_numpy(zero_copy_only=False))[0])].as_py()
@@ -237,16 +247,24 @@ def read_inputs(run_dir: str, split: str) -> tuple[pa.Table, pa.Table]:
     return prompts, signals.take(where)
 
 
+ROW_GROUP = 65536
+
+
 def write_plan(path: str, plan: dict[str, np.ndarray], prompts: pa.Table) -> None:
-    """One ordered parquet file written with pyarrow directly (Ray Data would shard and reorder)."""
-    rows = pa.array(plan["row"])
-    table = pa.table({
-        "position": plan["position"], "batch": plan["batch"], "id": prompts["id"].take(rows),
-        "prompt": prompts["prompt"].take(rows), "answer": prompts["answer"].take(rows),
-        "source": prompts["source"].take(rows), "cluster": plan["cluster"],
-        "difficulty_pred": plan["difficulty_pred"], "mixed": plan["mixed"],
-    }, schema=PLAN_SCHEMA)
-    storage.write_parquet(table, path, row_group_size=65536)
+    """One ordered parquet file written with pyarrow directly (Ray Data would shard and reorder). Rows are
+    gathered one row group at a time: a full reordered copy of the prompt texts was ~0.5 GB at 1M prompts."""
+    buf = pa.BufferOutputStream()
+    with pq.ParquetWriter(buf, PLAN_SCHEMA) as writer:
+        for a in range(0, len(plan["row"]), ROW_GROUP):
+            rows = pa.array(plan["row"][a : a + ROW_GROUP])
+            part = {k: plan[k][a : a + ROW_GROUP] for k in ("position", "batch", "cluster", "difficulty_pred", "mixed")}
+            writer.write_table(pa.table({
+                "position": part["position"], "batch": part["batch"], "id": prompts["id"].take(rows),
+                "prompt": prompts["prompt"].take(rows), "answer": prompts["answer"].take(rows),
+                "source": prompts["source"].take(rows), "cluster": part["cluster"],
+                "difficulty_pred": part["difficulty_pred"], "mixed": part["mixed"],
+            }, schema=PLAN_SCHEMA), row_group_size=ROW_GROUP)
+    storage.write_bytes(path, memoryview(buf.getvalue()))  # bytes-like, without a copy of the file
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

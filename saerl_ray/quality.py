@@ -22,6 +22,7 @@ AUROC on held-out prompts, and leaving one corruption type out (train on the oth
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -293,38 +294,70 @@ def labelled_rows(prompts: pd.DataFrame, column: str | None) -> np.ndarray | Non
     return y
 
 
-def run_quality(
-    prompts: pd.DataFrame, X: sp.csr_matrix, cfg: QualityConfig, seed: int, featurize: Featurizer | None,
-    out_path: str, use_ray: bool = True,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Stage body: labels or synthetic negatives -> probe -> score every prompt -> keep flags."""
+@dataclass
+class QualitySetup:
+    """Which prompt rows the probe trains on, decided before any code is read."""
+    pos: np.ndarray  # prompt rows used as positives
+    neg: np.ndarray | None  # labelled-bad prompt rows; None = synthetic negatives of the positives
+    label_source: str
+
+
+def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int) -> QualitySetup:
+    """Labelled rows when the quality column has both classes, else a seeded sample of `n_train` positives."""
     rng = np.random.default_rng(seed)
     y = labelled_rows(prompts, cfg.label_column)
     if y is not None:
         good = np.flatnonzero(np.isfinite(y) & (y >= 0.5))
         bad = np.flatnonzero(np.isfinite(y) & (y < 0.5))
-        pos_X, neg_X, neg_types, neg_source = X[good], X[bad], ["labelled"] * len(bad), None
-        label_source = f"prompts.{cfg.label_column}"
+        return QualitySetup(good, bad, f"prompts.{cfg.label_column}")
+    pick = np.sort(rng.choice(len(prompts), size=min(cfg.n_train, len(prompts)), replace=False))
+    return QualitySetup(pick, None, "synthetic corruptions: " + ",".join(cfg.corruptions))
+
+
+def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | None, texts: list[str] | None,
+              answers: list[str] | None, featurize: Featurizer | None, cfg: QualityConfig, seed: int,
+              use_ray: bool = True) -> tuple[dict, dict]:
+    """The probe on the codes of `setup.pos` (+ `setup.neg`, or negatives made from `texts`/`answers`,
+    the positives' own prompts, and featurised here)."""
+    if setup.neg is not None:
+        neg_types, neg_source = ["labelled"] * len(setup.neg), None
     else:
         if featurize is None:
             raise ValueError("synthetic quality negatives need a featurizer (saerl_ray.features.featurize_texts)")
-        pick = np.sort(rng.choice(len(prompts), size=min(cfg.n_train, len(prompts)), replace=False))
-        sub = prompts.iloc[pick]
         neg_texts, neg_types, neg_source = make_negatives(
-            sub["prompt"].tolist(), sub["answer"].fillna("").tolist(), seed=seed, types=cfg.corruptions,
-            per_prompt=cfg.negatives_per_prompt,
+            texts, answers, seed=seed, types=cfg.corruptions, per_prompt=cfg.negatives_per_prompt,
         )
         neg_X = sp.csr_matrix(featurize(neg_texts))
-        if neg_X.shape != (len(neg_texts), X.shape[1]):
-            raise ValueError(f"featurizer returned shape {neg_X.shape}, expected {(len(neg_texts), X.shape[1])}")
-        pos_X = X[pick]
-        label_source = "synthetic corruptions: " + ",".join(cfg.corruptions)
-    model, metrics = fit_quality_probe(
+        if neg_X.shape != (len(neg_texts), pos_X.shape[1]):
+            raise ValueError(f"featurizer returned shape {neg_X.shape}, expected {(len(neg_texts), pos_X.shape[1])}")
+    return fit_quality_probe(
         pos_X, neg_X, neg_types, C=cfg.C, min_support=cfg.min_support, max_features=cfg.max_features,
         seed=seed, use_ray=use_ray, neg_source=neg_source, folds=cfg.eval_folds,
     )
-    scores = probe_scores(model, X).astype(np.float32)
+
+
+def finish_quality(setup: QualitySetup, model: dict, metrics: dict, scores: np.ndarray, cfg: QualityConfig,
+                   out_path: str) -> tuple[np.ndarray, dict]:
+    """Keep flags from every prompt's score, then quality.json."""
     keep, cut = keep_mask(scores, cfg.keep_fraction, cfg.threshold)
-    metrics.update(label_source=label_source, threshold=cut, kept=int(keep.sum()), dropped=int((~keep).sum()))
+    metrics.update(label_source=setup.label_source, threshold=cut, kept=int(keep.sum()), dropped=int((~keep).sum()))
     storage.write_json(out_path, {**model, "threshold": cut, "metrics": metrics})
+    return keep, metrics
+
+
+def run_quality(
+    prompts: pd.DataFrame, X: sp.csr_matrix, cfg: QualityConfig, seed: int, featurize: Featurizer | None,
+    out_path: str, use_ray: bool = True,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Stage body on codes in memory: labels or synthetic negatives -> probe -> score every prompt ->
+    keep flags. (The signals stage runs the same steps with the codes left in their part files.)"""
+    setup = quality_setup(prompts, cfg, seed)
+    texts = answers = None
+    if setup.neg is None:
+        sub = prompts.iloc[setup.pos]
+        texts, answers = sub["prompt"].tolist(), sub["answer"].fillna("").tolist()
+    model, metrics = fit_setup(setup, X[setup.pos], None if setup.neg is None else X[setup.neg], texts, answers,
+                               featurize, cfg, seed, use_ray)
+    scores = probe_scores(model, X).astype(np.float32)
+    keep, metrics = finish_quality(setup, model, metrics, scores, cfg, out_path)
     return scores, keep, metrics
