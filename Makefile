@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned, so nothing later can pull a CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q "$$($(PY) docker/deps.py pin torch)"
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -61,7 +61,7 @@ OSTUBS := $(CURDIR)/tests/openrlhf_stubs
 $(OSTAMP): pyproject.toml
 	test -x $(OBIN)/python || $(PY) -m venv $(OVENV)
 	$(OBIN)/pip install -q --upgrade pip
-	$(OBIN)/pip install -q torch==2.13.0
+	$(OBIN)/pip install -q "$$($(PY) docker/deps.py pin torch)"
 	# openrlhf hard-pins flash-attn (no CPU build), so install it bare and add its light deps by hand.
 	$(OBIN)/pip install -q --no-deps openrlhf==0.11.2
 	$(OBIN)/pip install -q "ray[default]==2.55.0" "transformers==5.15.0" accelerate aiohttp datasets einops \
