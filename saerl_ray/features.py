@@ -296,14 +296,17 @@ def run(cfg: RunConfig) -> dict:
     t = time.perf_counter()
     done = extract_blocks(ids, prompts, todo, storage.join(run_dir, "sae"), tmp, f, sae_marker)
     wall = time.perf_counter() - t
-    if missing_blocks(len(ids), f.block_rows, tmp):
-        raise RuntimeError(f"features: blocks {missing_blocks(len(ids), f.block_rows, tmp)} have no part file in {tmp}")
+    if lost := missing_blocks(len(ids), f.block_rows, tmp):
+        raise RuntimeError(f"features: blocks {lost} have no part file in {tmp}")
+    # Computed blocks report their token counts; only resumed blocks are read back for theirs.
+    block_tokens = {int(r["block"]): int(r["tokens"]) for r in done}
     computed_rows = int(sum(int(r["rows"]) for r in done))
     summary = {
         "rows": len(ids), "d_sae": int(lens["d_sae"]), "pooling": f.pooling, "top_k": f.top_k,
         "codes": list(f.codes), "n_columns": n_columns(int(lens["d_sae"]), f.codes),
         "prompts_per_s": computed_rows / wall if done else None,
-        "tokens": sum(int(storage.read_parquet(part_path(tmp, b), columns=["n_tokens"]).column(0).to_numpy().sum())
+        "tokens": sum(block_tokens[b] if b in block_tokens else
+                      int(storage.read_parquet(part_path(tmp, b), columns=["n_tokens"]).column(0).to_numpy().sum())
                       for b in range(n_blocks)),
         # Which node computed each block of this run (resumed blocks keep no record): proof of spread.
         "block_nodes": {str(int(r["block"])): str(r["node"]) for r in done},

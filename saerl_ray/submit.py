@@ -62,9 +62,7 @@ def stage_model(name: str, run_dir: str) -> str:
     """An alias (packaged model) or local folder becomes a URI every node can fetch; HF ids stay."""
     from saerl_ray import models
 
-    if storage.is_uri(name) or not storage.is_uri(run_dir):
-        return stage_path(name, run_dir, "model.name") if Path(name).exists() else name
-    if name in models.PACKAGED:
+    if name in models.PACKAGED and storage.is_uri(run_dir):
         dest = storage.join(run_dir, "_inputs", "models", name)
         if not storage.exists(storage.join(dest, "config.json")):
             models.push(name, dest)
@@ -94,9 +92,8 @@ def stage_config(cfg: RunConfig) -> dict[str, Any]:
     if Path(cfg.eval.data_dir).exists() or storage.is_uri(cfg.eval.data_dir):
         tree["eval"]["data_dir"] = stage_path(cfg.eval.data_dir, run_dir, "eval.data_dir")
     tree["model"]["name"] = stage_model(cfg.model.name, run_dir)
-    for key in ("policy",):
-        if tree["train"].get(key):
-            tree["train"][key] = stage_model(tree["train"][key], run_dir)
+    if cfg.train.policy:
+        tree["train"]["policy"] = stage_model(cfg.train.policy, run_dir)
     return tree
 
 
