@@ -12,7 +12,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv run test test-multinode test-slow test-openrlhf bench clean
+.PHONY: venv run test browser test-multinode test-slow test-openrlhf test-verl bench clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -28,11 +28,18 @@ run: venv
 	$(BIN)/saerl-ray run --config $(CONFIG)
 
 # The dependency check (deps-check below) waits on the registry, not the CPU: it runs beside pytest.
-test: venv
+test: venv browser
 	$(BIN)/python docker/deps.py check > $(VENV)/deps-check.log 2>&1 & check=$$!; \
 	$(BIN)/python -m pytest -q; tests=$$?; \
 	wait $$check; deps=$$?; cat $(VENV)/deps-check.log; \
 	test $$tests -eq 0 && test $$deps -eq 0
+
+# Headless Chromium for the report's browser test (tests/test_report_browser_on_cpu.py): Debian's
+# chromium + chromium-driver, installed only where either is missing (root, or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { $(SUDO) apt-get update -q && \
+	  $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 # pyproject's core + gpu sets must resolve together on the registry (pip dry run; docker/deps.py says what
 # is checked), so a broken pin fails here, not on a cluster. Skips only when the registry is unreachable.
@@ -51,7 +58,7 @@ test-slow: venv
 clean:
 	rm -rf $(VENV) runs/
 
-# --- test-openrlhf: optional OpenRLHF 0.11.2 CPU env (deps.md §4b); ~4.6 GB, a few minutes to build ---
+# --- test-openrlhf: optional OpenRLHF 0.11.2 CPU env; ~4.6 GB, a few minutes to build ---
 OVENV ?= .venv-openrlhf
 OBIN := $(OVENV)/bin
 OSTAMP := $(OVENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
@@ -84,3 +91,29 @@ test-openrlhf: $(OSTAMP)
 	$(OBIN)/saerl-ray models pull smollm2
 	SAERL_REQUIRE_OPENRLHF=1 PYTHONPATH=$(OSTUBS) DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 \
 	  $(OBIN)/python -m pytest -q -rs -m openrlhf
+
+# --- test-verl: optional verl 0.9.1 CPU env (docs/decisions.md 2026-12-02); built by `make test-verl` ---
+# verl's own dependencies (it caps transformers < 5.11, so our package goes in with --no-deps plus the few
+# libraries the sampler, launcher and tests import); no vllm, sglang, flash-attn or CUDA wheels.
+VVENV ?= .venv-verl
+VBIN := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+$(VSTAMP): pyproject.toml Makefile
+	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	# torch first and pinned; the constraints file keeps every later install from replacing it.
+	$(VBIN)/pip install -q "$$($(PY) docker/deps.py pin torch)"
+	$(PY) docker/deps.py pin torch > $(VVENV)/constraints.txt
+	# verl's base requirements miss three modules its trainer imports (its `verl-core` extra lists them
+	# with CUDA/GPU-only ones we skip: TransferQueue, torchcodec, nvtx): cachetools, fastapi, uvicorn.
+	$(VBIN)/pip install -q -c $(VVENV)/constraints.txt verl==0.9.1 "ray[default]==2.55.0" "math-verify==0.9.0" \
+	  cachetools fastapi uvicorn "pydantic>=2" pyyaml psutil "pytest==9.2.0" pytest-timeout
+	$(VBIN)/pip install -q --no-deps -e .
+	rm -f $(VVENV)/.installed-*
+	touch $(VSTAMP)
+
+# SAERL_REQUIRE_VERL turns a `verl` test that cannot run (verl missing) into a failure instead of a skip.
+# Only the verl test files are collected: the lean env lacks what the other test modules import.
+test-verl: $(VSTAMP)
+	SAERL_REQUIRE_VERL=1 $(VBIN)/python -m pytest -q -rs -m verl tests/test_verl*_on_cpu.py

@@ -11,6 +11,7 @@ Flags override the YAML; values are parsed as YAML (`--eval.benchmarks '[math500
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not sys.stderr.isatty():
+        # A log file gets each stage's summary line, not bars redrawn every second (tqdm reads this
+        # when first imported; Ray workers started from here inherit it).
+        os.environ.setdefault("TQDM_DISABLE", "1")
     if argv and argv[0] == "models":
         from saerl_ray import models
 

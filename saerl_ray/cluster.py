@@ -302,7 +302,7 @@ def kmeans(
     history: list[float] = []
     reseeded = 0
     converged = False
-    bar = tqdm(range(max_iter), desc="k-means", disable=not progress, leave=False)
+    bar = tqdm(range(max_iter), desc="k-means", disable=None if progress else True, leave=False)  # None: off when not a terminal
     for _ in bar:
         parts = blocks.map(lloyd_partial, C, k)
         C, inertia, n_empty = reduce_partials(parts, C, blocks)

@@ -117,8 +117,9 @@ class SAEConfig(Section):
         "Only prompts of this split train the SAE (eval sets must not shape the features)."))
     holdout_prompts: int = Field(200, description=(
         "Prompts of that split held out for the reported metrics (never trained on)."))
-    lens_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description=(
-        "Compute dtype of the lens (the model cut at `layer`) for SAE activations and features."))
+    lens_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "Compute dtype of the lens (the model cut at `layer`) for SAE activations and features; auto: "
+        "bfloat16 on a GPU or a CPU with native bf16 (AVX-512-bf16/AMX), float32 elsewhere."))
     hf_cache: str | None = Field(None, description=(
         "Hugging Face hub cache folder holding the pretrained release (source=pretrained), e.g. on shared "
         "storage that every node mounts; null: the HF_HUB_CACHE / HF_HOME of the environment. Nothing is "

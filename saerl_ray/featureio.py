@@ -3,6 +3,8 @@
     ids, X, n_tokens = load_features(run_dir)      # X: scipy.sparse.csr_matrix (n, n_columns) float32
     cols = code_columns(run_dir, ["pooled", "last"])   # column indices of those codes in X
     ids, n_tokens, X = read_parts(part_paths(run_dir)[:4], n_columns)   # a few parts (what a Ray task reads)
+    for ids, X, peaks in iter_band(run_dir, "pooled"):   # one code, part by part, with its peak tokens
+        ...  # X: csr (rows, d_sae); peaks: (X.nnz, 2) char spans aligned with X.data, or None
 
 `load_features` gathers everything in one process: fine for thousands of prompts, not for a million
 (~500 stored entries per prompt = 4 GB of codes at 1M). The signals stage instead hands each Ray task a
@@ -33,7 +35,9 @@ def read_feature_table(features_dir: str | Path) -> pa.Table:
     files = [f for f in storage.list_dir(features_dir, suffix=".parquet") if f.startswith("part-")]
     if not files:
         raise FileNotFoundError(f"no part-*.parquet in {features_dir}; run `saerl-ray features` first")
-    return pa.concat_tables([storage.read_parquet(storage.join(features_dir, f)) for f in files])
+    # Parts written before the peak columns existed (a resumed run) get nulls there, not a schema error.
+    return pa.concat_tables([storage.read_parquet(storage.join(features_dir, f)) for f in files],
+                            promote_options="default")
 
 
 def read_parts(paths: list[str], n_columns: int) -> tuple[pa.Array, np.ndarray, sp.csr_matrix]:
@@ -42,6 +46,45 @@ def read_parts(paths: list[str], n_columns: int) -> tuple[pa.Array, np.ndarray, 
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     return (table.column("id").combine_chunks(), np.asarray(table.column("n_tokens"), dtype=np.int32),
             table_to_csr(table, n_columns))
+
+
+PEAK_COLUMNS = ("peak_start", "peak_end")
+
+
+def iter_band(run_dir: str | Path, code: str):
+    """Per part file, in `prompts` order: (ids, X, peaks) for one stored code. X: csr (rows, d_sae) of
+    that code's band; peaks: for `pooled`, the character span [start, end) in the prompt of each entry's
+    peak token, (X.nnz, 2) int32 aligned with X.data; None for other codes or parts without peaks."""
+    _, d = stored_codes(run_dir)
+    band = int(code_columns(run_dir, [code])[0]) // d
+    for path in part_paths(run_dir):
+        table = storage.read_parquet(path)
+        yield (np.asarray(table.column("id").to_pylist(), dtype=object),
+               *band_with_peaks(table, d, band, with_peaks=code == "pooled"))
+
+
+def _flat(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (row of each element, the elements); None rows count as empty."""
+    arr = table.column(column).combine_chunks()
+    lengths = np.asarray(arr.value_lengths().fill_null(0), dtype=np.int64)
+    return np.repeat(np.arange(len(arr)), lengths), np.asarray(arr.flatten())
+
+
+def band_with_peaks(table: pa.Table, d_sae: int, band: int,
+                    with_peaks: bool) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    """(codes of one band as csr (rows, d_sae), peak spans aligned with its data or None): see iter_band."""
+    rows, idx = _flat(table, "idx")
+    _, val = _flat(table, "val")
+    inside = (idx >= band * d_sae) & (idx < (band + 1) * d_sae)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[inside], minlength=len(table)))])
+    X = sp.csr_matrix((val[inside].astype(np.float32), idx[inside] - band * d_sae, indptr),
+                      shape=(len(table), d_sae))
+    if not with_peaks or not set(PEAK_COLUMNS) <= set(table.column_names):
+        return X, None
+    (peak_rows, start), (_, end) = _flat(table, "peak_start"), _flat(table, "peak_end")
+    if len(start) != X.nnz or not np.array_equal(peak_rows, rows[inside]):
+        return X, None  # a part whose peaks do not line up with this band (none stored): no peaks
+    return X, np.stack([start, end], axis=1).astype(np.int32)
 
 
 def group_parts(paths: list[str], rows: int, target_rows: int, min_groups: int = 1) -> list[list[str]]:

@@ -4,8 +4,8 @@
     saerl-ray features -c cfg.yaml --features.num_actors 4 --features.pooling max
 
 Reads `<run_dir>/ingest/prompts.parquet` and the committed SAE + lens in `<run_dir>/sae/`; writes
-`<run_dir>/features/part-NNNNN.parquet` (id, n_tokens, l0, idx, val; see docs/run_dir.md) and
-`summary.json`. Each actor loads the model truncated at the hook layer and the SAE once.
+`<run_dir>/features/part-NNNNN.parquet` (id, n_tokens, l0, idx, val, peak_start, peak_end; see
+docs/run_dir.md) and `summary.json`. Each actor loads the model truncated at the hook layer and the SAE once.
 
 Resume: the prompts are cut into blocks of `block_rows` rows up front; one Ray Data row = one
 block, and the actor that finishes a block writes its part file in one atomic write (a local rename
@@ -17,6 +17,12 @@ Columns: one d_sae-wide band per entry of `features.codes`, in that order (code 
 i*d_sae..(i+1)*d_sae-1): `pooled` (top-k of the pooled code: topic, difficulty), `last` (the last prompt
 token's code: whole question or cut off?), `mean` (top-k of the mean code), `halves` (latents present in
 both halves of the prompt: coherence). Each signal reads the codes it names (docs/decisions.md).
+
+Peak tokens: `peak_start` / `peak_end` are parallel to the `pooled` band's entries of `idx` (those in
+its column range, in the same ascending order): the character span, in the prompt text, of the pooled
+token at which that latent's token code is largest. The report explains a latent by these tokens
+without a model. Empty lists when `pooled` is not stored; readers treat parts without the two columns
+(written before they existed, or synthetic ones) as having no peaks (`featureio.read_pooled`).
 
 In-process (no Ray) codes for new texts, with the same lens/pooling/top-k:
     X = featurize_texts(["What is 2+3?"], run_dir, cfg)     # csr_matrix (1, n_columns) float32
@@ -49,6 +55,14 @@ SCHEMA = pa.schema([
     ("idx", pa.list_(pa.int32())),
     ("val", pa.list_(pa.float32())),
 ])
+# What the features stage adds to SCHEMA (optional for readers: see the module docstring).
+PEAK_FIELDS = [("peak_start", pa.list_(pa.int32())), ("peak_end", pa.list_(pa.int32()))]
+PART_SCHEMA = pa.schema([*SCHEMA, *PEAK_FIELDS])
+
+
+def _masked_low(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) codes with the tokens outside the (B, T) mask at -inf: what a max over tokens needs."""
+    return torch.where(mask.unsqueeze(-1), codes, codes.new_full((), -torch.inf))
 
 
 def pool(codes: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -64,7 +78,7 @@ def pool(codes: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     if how == "sum":
         return x.sum(1)
     if how == "max":
-        return torch.where(m, codes, codes.new_full((), -torch.inf)).amax(1).clamp(min=0)
+        return _masked_low(codes, mask).amax(1).clamp(min=0)
     if how == "binary":
         return (x > 0).to(codes.dtype).sum(1) / n
     raise ValueError(f"unknown pooling {how!r} (mean, sum, max, binary)")
@@ -114,13 +128,23 @@ def code_of(name: str, codes: torch.Tensor, mask: torch.Tensor, pooled: torch.Te
     raise ValueError(f"unknown code {name!r}; features.codes must be among {CODES}")
 
 
-def sparse_rows(x: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(B, n) -> per row: the columns of its positive entries (ascending) and their values."""
+def peak_positions(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) token codes + (B, T) mask -> (B, d): the position of the masked token at which each
+    latent's code is largest (meaningful where the latent fires on some masked token)."""
+    return _masked_low(codes, mask).argmax(1)
+
+
+def sparse_rows(x: torch.Tensor, at: torch.Tensor | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(B, n) -> per row: the columns of its positive entries (ascending) and their values (with `at`,
+    a (B, n) tensor: its entries at those places instead, e.g. peak positions)."""
     # Selected on x's device: only the non-zeros (a few hundred per row) cross to host memory.
     rows, cols = torch.nonzero(x > 0, as_tuple=True)
     counts = torch.bincount(rows, minlength=x.shape[0]).tolist()
     cols_np = cols.cpu().numpy().astype(np.int32)
-    vals_np = x[rows, cols].float().cpu().numpy().astype(np.float32)
+    if at is None:
+        vals_np = x[rows, cols].float().cpu().numpy().astype(np.float32)
+    else:
+        vals_np = at[rows, cols].cpu().numpy()
     bounds = np.cumsum([0] + counts)
     return ([cols_np[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
             [vals_np[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
@@ -132,6 +156,8 @@ class Codes:
     l0: np.ndarray
     idx: list[np.ndarray]
     val: list[np.ndarray]
+    # Per prompt, (m, 2) int32: the character span of the peak token of each `pooled`-band entry.
+    peaks: list[np.ndarray] | None = None
 
 
 # Dense (tokens, d_sae) tensors alive at once in `Featurizer.encode`: the SAE's pre-activations and
@@ -178,6 +204,7 @@ class Featurizer:
         val: list[np.ndarray] = [np.zeros(0, np.float32)] * n
         l0 = np.zeros(n, np.int32)
         n_tokens = np.zeros(n, np.int32)
+        peaks: list[np.ndarray] = [np.zeros((0, 2), np.int32)] * n
         for rows, acts, mask in iter_residuals(self.model, self.lens.layer, enc, self.max_rows,
                                                self.tok.pad_token_id, self.max_batch_tokens, self.device):
             tokens = self.sae.encode(acts.to(self.sae.W_enc.dtype))
@@ -190,20 +217,33 @@ class Featurizer:
                 # pooled codes are dense (hundreds of latents): keep the top_k
                 bands.append(top_k_dense(code, self.top_k) if name in ("pooled", "mean") else code)
             b_idx, b_val = sparse_rows(torch.cat(bands, dim=1))
+            b_pos = self._peak_positions(bands, tokens, mask)
             for j, i in enumerate(rows):  # scatter back: bucketing sorted the rows by length
                 idx[i], val[i], l0[i] = b_idx[j], b_val[j], b_l0[j]
                 n_tokens[i] = int(b_tokens[j])
-        return Codes(n_tokens, l0, idx, val)
+                if b_pos is not None:
+                    peaks[i] = enc.spans[i][b_pos[j]]
+        return Codes(n_tokens, l0, idx, val, peaks)
+
+    def _peak_positions(self, bands: list[torch.Tensor], tokens: torch.Tensor,
+                        mask: torch.Tensor) -> list[np.ndarray] | None:
+        """Per row, the token position where each entry of the pooled band peaks (None: no pooled band)."""
+        if "pooled" not in self.codes:
+            return None
+        return sparse_rows(bands[self.codes.index("pooled")], at=peak_positions(tokens, mask))[1]
 
 
 def codes_table(ids: list[str], c: Codes) -> pa.Table:
+    peaks = c.peaks if c.peaks is not None else [np.zeros((0, 2), np.int32)] * len(ids)
     return pa.table({
         "id": pa.array(ids, pa.string()),
         "n_tokens": pa.array(c.n_tokens, pa.int32()),
         "l0": pa.array(c.l0, pa.int32()),
         "idx": pa.array([x.tolist() for x in c.idx], pa.list_(pa.int32())),
         "val": pa.array([x.tolist() for x in c.val], pa.list_(pa.float32())),
-    }, schema=SCHEMA)
+        "peak_start": pa.array([p[:, 0].tolist() for p in peaks], pa.list_(pa.int32())),
+        "peak_end": pa.array([p[:, 1].tolist() for p in peaks], pa.list_(pa.int32())),
+    }, schema=PART_SCHEMA)
 
 
 def part_path(out_dir: str | Path, block: int) -> str:

@@ -51,10 +51,13 @@ class Lens:
 
 @dataclass
 class EncodedPrompts:
-    """Token ids per prompt (unpadded) and which of them are pooled (the prompt's own text)."""
+    """Token ids per prompt (unpadded), which of them are pooled (the prompt's own text), and each
+    token's character span [start, end) in the prompt text ((T, 2) int32, clipped to the text: 0-width
+    for template scaffolding), so a token position can be shown as the text it covers."""
 
     ids: list[np.ndarray]
     keep: list[np.ndarray]
+    spans: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -63,14 +66,28 @@ class EncodedPrompts:
         return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
 
 
+def compute_dtype(dtype: str, placement: Placement | None = None) -> str:
+    """`auto`: bfloat16 where this process's hardware computes it natively (a GPU, or a CPU with
+    AVX-512-bf16 / AMX), else float32: emulated bf16 matmuls on an AVX2-only CPU run ~40x slower than
+    fp32 (docs/decisions.md), natively ~2x faster."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if (placement or Placement()).is_cuda:
+        return "bfloat16"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 def load_lens_model(lens: Lens, placement: Placement | None = None):
     """The model truncated to `layer + 1` decoder blocks (blocks above the hook are never built), on
     the placement's GPUs (split over several by parameter bytes) or, by default, the CPU."""
-    if lens.dtype not in DTYPES:
-        raise ValueError(f"lens dtype {lens.dtype!r} not in {sorted(DTYPES)}")
+    dtype = compute_dtype(lens.dtype, placement)
+    if dtype not in DTYPES:
+        raise ValueError(f"lens dtype {lens.dtype!r} not in {sorted(DTYPES)} or auto")
     config = model_config(lens.model, lens.trust_remote_code, num_layers=lens.layer + 1)
     device_map = model_device_map(placement or Placement(), config)
-    return load_model(lens.model, dtype=lens.dtype, trust_remote_code=lens.trust_remote_code,
+    return load_model(lens.model, dtype=dtype, trust_remote_code=lens.trust_remote_code,
                       device_map=device_map, config=config)
 
 
@@ -97,7 +114,7 @@ def encode_prompts(tok, texts: list[str], chat_template: bool, max_tokens: int) 
         bounds = [(0, len(t)) for t in texts]
         enc = tok(list(texts), add_special_tokens=True, return_offsets_mapping=True)
     special = np.asarray(sorted(set(tok.all_special_ids)), dtype=np.int64)
-    ids_out, keep_out = [], []
+    ids_out, keep_out, spans_out = [], [], []
     for ids, offs, (lo, hi) in zip(enc["input_ids"], enc["offset_mapping"], bounds):
         ids = np.asarray(ids[:max_tokens], dtype=np.int64)
         offs = np.asarray(offs[:max_tokens], dtype=np.int64).reshape(-1, 2)
@@ -108,7 +125,8 @@ def encode_prompts(tok, texts: list[str], chat_template: bool, max_tokens: int) 
         keep[:1] = False
         ids_out.append(ids)
         keep_out.append(keep)
-    return EncodedPrompts(ids_out, keep_out)
+        spans_out.append((offs - lo).clip(0, hi - lo).astype(np.int32))
+    return EncodedPrompts(ids_out, keep_out, spans_out)
 
 
 def length_buckets(lengths: np.ndarray, batch_size: int | None,

@@ -1,6 +1,6 @@
 """The `plan` stage: signals -> one ordered curriculum file (`plan/plan.parquet`).
 
-The paper's batch builder (research/paper.md §3-4), made concrete:
+The paper's batch builder (its sections 3-4: cluster-first batches, easy-to-hard, moderate mixing), made concrete:
 
 1. filter: prompts with `keep=False` (quality probe) are dropped;
 2. easy -> hard inside each cluster: each cluster is a queue sorted by predicted difficulty;

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from urllib.parse import urlparse
 
@@ -88,4 +89,5 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("CI") is None
+    # Not on a terminal, Ray Data's bars turn into a progress banner every few seconds in the log.
+    ctx.enable_progress_bars = sys.stderr.isatty() and os.environ.get("CI") is None

@@ -211,7 +211,7 @@ def train_sae(cfg: RunConfig, out: Path) -> dict:
                              cfg.seed, epochs=False, max_tokens_per_batch=budget, device=device)
     metrics = evaluate(inference_sae, tqdm(held, desc="sae held-out", leave=False))
     metrics.update(tokens=trainer_cfg.total_training_samples, train_prompts=len(train_texts),
-                   holdout_prompts=len(held_texts))
+                   holdout_prompts=len(held_texts), lens_compute_dtype=str(model.dtype).removeprefix("torch."))
     return metrics
 
 

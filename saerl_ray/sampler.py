@@ -31,7 +31,7 @@ A prompt leaves these structures exactly once per epoch, so every kept prompt is
 epoch except retired ones; prompts still waiting when the slots run out (postponed near the end)
 form the epoch's tail.
 
-Recovery. Every mutating call is made durable before it returns: one log object per call
+Recovery. Every mutating call is made durable before it returns: one log record per call
 (`saerl_ray.sampler_store`), replayed on top of the last compacted base when an actor is rebuilt, so a
 restarted actor serves what comes next, and no acknowledged reward is lost. Every serving call gets a
 sequence number (`seq`, carried by its rows) and is kept in a *ledger*; `resume(cursor)` takes the
@@ -42,6 +42,7 @@ the batches it never committed. Per call: O(batch). Never pickle.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -760,6 +761,13 @@ def _summarise_one(group: Any) -> tuple[float, bool, bool, bool]:
 
 class _SamplerActor(CurriculumState):
     """CurriculumState as an actor, plus what only a process can report about itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # What the load built lives as long as the actor: out of the collector's sight, a full
+        # collection no longer walks it in the middle of a call (a 78 ms pause at 1M prompts).
+        gc.collect()
+        gc.freeze()
 
     def rss_mb(self) -> float:
         import psutil

@@ -2,14 +2,16 @@
 and the conversion of a sampler's fields to that form and back (`snapshot`, `restore_into`).
 
 Everything goes through `saerl_ray.storage`, so `<run_dir>` may be a local dir, a shared filesystem
-or an object store (`s3://bucket/prefix`). Object stores have no append and no atomic rename, so the
-log is one small object per operation and every file is written whole, exactly once per name:
+or an object store (`s3://bucket/prefix`). Object stores have no append and no atomic rename, so there
+the log is one small object per operation and every file is written whole, exactly once per name; on a
+local or shared disk the log records of a process are lines appended to one open segment file
+(`log/<gen>-<from>/<first op>.jsonl`, `[op, record]` per line), cheaper than creating a file per call (docs/decisions.md):
 
     <run_dir>/sampler/state.json                       the base: scalars and small lists as JSON,
                                                        naming its arrays file
     <run_dir>/sampler/arrays-<gen>-<op>.npz            the base's arrays (per-prompt records, ledger,
                                                        redo queue), loaded with allow_pickle=False
-    <run_dir>/sampler/log/<gen>-<from>/<op>.json       one object per operation; a folder per snapshot:
+    <run_dir>/sampler/log/<gen>-<from>/<op>.json       one object per operation (a segment on disk); a folder per snapshot:
                                                        the operations after the one taken at <from>
     <run_dir>/sampler/decisions/<gen>-<op>.jsonl       the decisions of the operations folded into the
                                                        base written at <op>

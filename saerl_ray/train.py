@@ -2,6 +2,7 @@
 
     saerl-ray train --run-dir runs/m                                   # TRL GRPO under Ray Train (CPU / one node)
     saerl-ray train --run-dir runs/m --train.backend openrlhf          # OpenRLHF on a GPU Ray cluster
+    saerl-ray train --run-dir runs/m --train.backend verl              # verl 0.9.1 on a GPU Ray cluster
 
 Both backends pull prompts from the same named sampler actor and report rewards back to it; see
 `saerl_ray.trl_backend` and `saerl_ray.integrations.openrlhf_launch`. The OpenRLHF side is imported
@@ -22,4 +23,8 @@ def run(cfg: RunConfig) -> dict:
         from saerl_ray.integrations import openrlhf_launch
 
         return openrlhf_launch.run(cfg)
-    raise ValueError(f"unknown train.backend {cfg.train.backend!r} (trl | openrlhf)")
+    if cfg.train.backend == "verl":
+        from saerl_ray.integrations import verl_launch
+
+        return verl_launch.run(cfg)
+    raise ValueError(f"unknown train.backend {cfg.train.backend!r} (trl | openrlhf | verl)")

@@ -71,3 +71,73 @@ def s3_run_dir(s3_server, request) -> str:
     import uuid
 
     return f"s3://saerl-test/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:6]}"
+
+
+def tiny_run_config(run_dir, model_dir, shared_data, **extra):
+    """The small end-to-end run config (tiny random model, 180 real prompts) the pipeline tests use."""
+    from saerl_ray.config import load_config
+
+    overrides = {
+        "run_dir": str(run_dir),
+        "model.name": str(model_dir),
+        "ingest.inputs": [
+            {"path": str(shared_data / "math500.jsonl"), "preset": "math", "limit": 100},
+            {"path": str(shared_data / "gsm8k_train.jsonl"), "preset": "gsm8k", "limit": 80},
+        ],
+        "sae.layer": 1,
+        "sae.expansion": 4,
+        "sae.k": 8,
+        "sae.training_tokens": 20_000,
+        "features.block_rows": 64,
+        "features.top_k": 32,
+        "signals.cluster.k": 4,
+        "signals.difficulty.n_labelled": None,
+        "signals.quality.n_train": 60,
+        "plan.batch_size": 8,
+        **extra,
+    }
+    return load_config(None, overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_model_dir, shared_data):
+    """`tiny_config(run_dir, **overrides)`: the pipeline tests' run config for that run dir."""
+    return lambda run_dir, **extra: tiny_run_config(run_dir, tiny_model_dir, shared_data, **extra)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run_dir(tmp_path_factory, tiny_config, ray_cluster) -> Path:
+    """One end-to-end pipeline run (ingest -> report) for the session: the pipeline test checks it
+    (and then reruns its plan with another mixing ratio), the browser test renders its report."""
+    from saerl_ray.pipeline import run_pipeline
+
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    run_pipeline(tiny_config(run))
+    return run
+
+
+# --- verl (optional env, `make test-verl`) ---
+# Tests marked `verl` need verl 0.9.1 (.venv-verl). Elsewhere they are skipped, except where
+# SAERL_REQUIRE_VERL=1 (`make test-verl`, CI): there a test that cannot run fails instead.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "verl: needs the optional verl 0.9.1 CPU environment (make test-verl)")
+
+
+def _verl_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("verl") is None
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SAERL_REQUIRE_VERL") == "1" or not _verl_missing():
+        return
+    skip = pytest.mark.skip(reason="verl not installed: run `make test-verl` (optional .venv-verl)")
+    for item in items:
+        if item.get_closest_marker("verl"):
+            item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("verl") and os.environ.get("SAERL_REQUIRE_VERL") == "1" and _verl_missing():
+        pytest.fail("verl is not importable but SAERL_REQUIRE_VERL=1: build .venv-verl with `make test-verl`")

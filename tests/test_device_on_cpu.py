@@ -322,3 +322,19 @@ def test_pretrained_sae_loads_offline_from_a_shared_hf_cache_and_checks_its_laye
                                    "sae.hf_cache": str(cache)}))
     with pytest.raises(RuntimeError, match="from the Hugging Face cache"):  # not in the default cache
         sae.run(load_config(None, {**base, "run_dir": str(tmp_path / "c"), "sae.sae_id": "l1", "sae.layer": 1}))
+
+
+def test_auto_lens_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch, tmp_path):
+    """bf16 emulated on an AVX2-only CPU is ~40x slower than fp32: `auto` must not pick it there."""
+    import torch
+
+    from saerl_ray.lens import Lens, compute_dtype, load_lens_model
+    from saerl_ray.testing import save_tiny_model
+
+    assert compute_dtype("auto", D.Placement("cuda:0", 1)) == "bfloat16"
+    assert compute_dtype("float32", D.Placement("cuda:0", 1)) == "float32"
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert compute_dtype("auto") == str(want).removeprefix("torch.")
+        model = load_lens_model(Lens(model=str(save_tiny_model(tmp_path / "tiny")), layer=1, dtype="auto"))
+        assert model.dtype == want

@@ -204,7 +204,7 @@ def test_features_contract_one_sorted_row_per_prompt(featured_run):
     assert summary["codes"] == cfg.features.codes == ["pooled", "last", "mean", "halves"]
     assert summary["n_columns"] == 4 * d and X.shape == (len(prompts), 4 * d) and summary["rows"] == len(prompts)
     t = pq.read_table(f"{run_dir}/features/part-00000.parquet")
-    assert t.schema.equals(features.SCHEMA)
+    assert t.schema.equals(features.PART_SCHEMA)
     for idx, val, l0 in zip(t.column("idx").to_pylist(), t.column("val").to_pylist(), t.column("l0").to_pylist()):
         band = {c: {i - k * d: v for i, v in zip(idx, val) if k * d <= i < (k + 1) * d}
                 for k, c in enumerate(summary["codes"])}
@@ -221,6 +221,31 @@ def test_features_contract_one_sorted_row_per_prompt(featured_run):
     enc = encode_prompts(tok, list(prompts["prompt"]), False, cfg.features.max_tokens)
     assert (n_tokens > 0).all() and (n_tokens <= [int(k.sum()) for k in enc.keep]).all()
     assert summary["tokens"] == int(n_tokens.sum()) and summary["blocks_computed"] == 5
+
+
+def test_peak_positions_are_the_argmax_over_masked_tokens():
+    codes, mask = _codes_and_mask()
+    codes[~mask] = 1e6  # a masked-out token is never the peak
+    pos = features.peak_positions(codes, mask)
+    for b in (0, 1):  # row 2 has no masked token
+        rows = torch.nonzero(mask[b]).ravel()
+        assert torch.equal(pos[b], rows[codes[b, rows].argmax(0)])
+
+
+def test_peak_spans_are_parallel_to_the_pooled_band(featured_run):
+    """peak_start/peak_end: one span per pooled-band entry, a non-empty piece of the prompt text, which
+    is the prompt token where that latent peaks: encoding the prompt alone gives the same spans."""
+    cfg, summary = featured_run
+    d = summary["d_sae"]
+    texts = pq.read_table(f"{cfg.run_dir}/ingest/prompts.parquet").column("prompt").to_pylist()[:8]
+    t = pq.read_table(f"{cfg.run_dir}/features/part-00000.parquet").to_pydict()
+    for text, idx, start, end in zip(texts, t["idx"], t["peak_start"], t["peak_end"]):
+        assert len(start) == len(end) == sum(i < d for i in idx) > 0  # pooled = band 0
+        assert all(0 <= s < e <= len(text) for s, e in zip(start, end))
+    f = cfg.features
+    fz = features.Featurizer(str(Path(cfg.run_dir) / "sae"), f.pooling, f.top_k, f.max_tokens, 1, tuple(f.codes))
+    one = fz.encode(texts[:1])
+    assert one.peaks[0].tolist() == [[s, e] for s, e in zip(t["peak_start"][0], t["peak_end"][0])]
 
 
 def test_each_code_lands_in_its_own_band_whatever_the_order(featured_run):

@@ -7,36 +7,11 @@ import pyarrow.parquet as pq
 from saerl_ray import validate
 
 from saerl_ray.pipeline import run_pipeline
-from saerl_ray.config import load_config
 
 
-def tiny_run_config(run_dir, model_dir, shared_data, **extra):
-    overrides = {
-        "run_dir": str(run_dir),
-        "model.name": str(model_dir),
-        "ingest.inputs": [
-            {"path": str(shared_data / "math500.jsonl"), "preset": "math", "limit": 100},
-            {"path": str(shared_data / "gsm8k_train.jsonl"), "preset": "gsm8k", "limit": 80},
-        ],
-        "sae.layer": 1,
-        "sae.expansion": 4,
-        "sae.k": 8,
-        "sae.training_tokens": 20_000,
-        "features.block_rows": 64,
-        "features.top_k": 32,
-        "signals.cluster.k": 4,
-        "signals.difficulty.n_labelled": None,
-        "signals.quality.n_train": 60,
-        "plan.batch_size": 8,
-        **extra,
-    }
-    return load_config(None, overrides)
-
-
-def test_pipeline_end_to_end(tmp_path, tiny_model_dir, shared_data, ray_cluster):
-    cfg = tiny_run_config(tmp_path / "run", tiny_model_dir, shared_data)
-    run_pipeline(cfg)
-    run = tmp_path / "run"
+def test_pipeline_end_to_end(pipeline_run_dir, tiny_config, ray_cluster):
+    run = pipeline_run_dir  # run_pipeline(tiny_config(run)) ran in the session fixture
+    cfg = tiny_config(run)
     prompts = pq.read_table(run / "ingest/prompts.parquet")
     sig = pq.read_table(run / "signals/assignments.parquet")
     plan = pq.read_table(run / "plan/plan.parquet").to_pandas()
@@ -51,7 +26,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, shared_data, ray_cluster)
     run_pipeline(cfg)
     assert markers == {s: (run / s / "_DONE.json").read_text() for s in markers}
     # Changing the plan's mixing recomputes the plan only.
-    cfg2 = tiny_run_config(tmp_path / "run", tiny_model_dir, shared_data, **{"plan.mixing_ratio": 0.25})
+    cfg2 = tiny_config(run, **{"plan.mixing_ratio": 0.25})
     run_pipeline(cfg2)
     assert (run / "plan/_DONE.json").read_text() != markers["plan"]
     assert (run / "features/_DONE.json").read_text() == markers["features"]
@@ -59,8 +34,8 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, shared_data, ray_cluster)
     assert plan_summary["mixing_ratio"] == 0.25 and plan_summary["planned"] == len(kept)
 
 
-def test_validate_json_is_the_only_stdout(tmp_path, tiny_model_dir, shared_data, ray_cluster, capsys):
-    cfg = tiny_run_config(tmp_path / "run", tiny_model_dir, shared_data)
+def test_validate_json_is_the_only_stdout(tmp_path, tiny_config, ray_cluster, capsys):
+    cfg = tiny_config(tmp_path / "run")
     assert validate.main(cfg, as_json=True) == 0  # runs ingest/sae/features itself
     out, err = capsys.readouterr()
     res = json.loads(out)  # stage progress went to stderr, not into the JSON
@@ -74,7 +49,7 @@ def test_validate_json_is_the_only_stdout(tmp_path, tiny_model_dir, shared_data,
     assert json.loads((tmp_path / "run/validate/results.json").read_text()) == res
 
 
-def test_cli_run_with_s3_run_dir_writes_only_to_the_bucket(tmp_path, tiny_model_dir, shared_data, s3_server):
+def test_cli_run_with_s3_run_dir_writes_only_to_the_bucket(tmp_path, tiny_config, s3_server):
     """`saerl-ray run --run_dir s3://...` from an empty working dir: every stage lands in the bucket."""
     import os
     import subprocess
@@ -85,19 +60,25 @@ def test_cli_run_with_s3_run_dir_writes_only_to_the_bucket(tmp_path, tiny_model_
     from saerl_ray import storage
 
     run_dir = f"s3://saerl-test/cli-run-{os.getpid()}"
-    cfg = tiny_run_config(run_dir, tiny_model_dir, shared_data).model_dump(mode="json")
+    cfg = tiny_config(run_dir).model_dump(mode="json")
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump(cfg))
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, **s3_server.env(), "CI": "1", "SAERL_CACHE": str(tmp_path / "cache")}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, **s3_server.env(), "SAERL_CACHE": str(tmp_path / "cache")}
+    for name in ("RAY_ADDRESS", "CI", "TQDM_DISABLE"):  # a log file, not a terminal, is what turns the bars off
+        env.pop(name, None)
     out = subprocess.run([sys.executable, "-m", "saerl_ray.cli", "run", "-c", str(tmp_path / "cfg" / "run.yaml"),
                           "--ray.num_cpus", "2"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("ingest", "sae", "features", "signals", "plan", "report"):
         assert storage.exists(storage.join(run_dir, stage, "_DONE.json")), stage
     assert list(work.iterdir()) == []  # nothing under the working directory
+    log = out.stdout + out.stderr
+    assert "\r" not in log and "it/s]" not in log, log[-2000:]  # no redrawn bars in a log file
+    assert "Progress will be logged" not in log  # nor Ray Data's progress banner every 10 s
+    for stage in ("ingest", "sae", "features", "signals", "plan", "report"):
+        assert log.count(f"[saerl-ray] {stage}: done") == 1, stage
     sig = storage.read_parquet(storage.join(run_dir, "signals", "assignments.parquet"))
     plan = storage.read_parquet(storage.join(run_dir, "plan", "plan.parquet"))
     kept = {i for i, k in zip(sig.column("id").to_pylist(), sig.column("keep").to_pylist()) if k}

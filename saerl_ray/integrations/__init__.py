@@ -1,5 +1,7 @@
-"""Trainer integrations. Nothing here imports OpenRLHF at package import time: the core install
-never needs it (it needs GPUs, vLLM and DeepSpeed). `openrlhf_launch.run(cfg)` imports it lazily.
+"""Trainer integrations. Nothing here imports OpenRLHF or verl at package import time: the core
+install never needs them (they need GPUs, vLLM and DeepSpeed/FSDP). `openrlhf_launch.run(cfg)` and
+`verl_launch.run(cfg)` import them lazily (`verl_sampler` and `verl_reward` never import verl).
 
     saerl-ray train --backend openrlhf -c configs/gsm8k_math500.yaml     # on a GPU cluster
+    saerl-ray train --train.backend verl -c configs/gsm8k_math500.yaml   # on a GPU cluster
 """

@@ -93,7 +93,7 @@ def write_prompt_file(cfg: RunConfig, sampler_actor: str, group_size: int) -> Pa
 
 
 def algo_flags(algo: str, max_new_tokens: int, kl_coef: float = 0.0) -> list[str]:
-    """GRPO / DAPO presets in OpenRLHF 0.11's dotted dialect (see anchors.md §1.6)."""
+    """GRPO / DAPO presets in OpenRLHF 0.11's dotted dialect (its `openrlhf.cli.train_ppo_ray` flags)."""
     if algo == "grpo":
         return [
             "--algo.advantage.estimator", "group_norm",
