@@ -338,7 +338,7 @@ def run_baseline(run_dir: str, seed: int, out_dir: str) -> dict:
     from saerl_ray import storage
     from saerl_ray.config import load_config, signal_codes
     from saerl_ray.featureio import code_columns, keep_columns, read_feature_table, table_to_csr
-    from saerl_ray.raycluster import init_ray
+    from saerl_ray.ray_init import init_ray
 
     cfg = load_config(None, {"run_dir": run_dir, "seed": seed})
     sc = cfg.signals

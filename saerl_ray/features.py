@@ -318,7 +318,7 @@ def read_prompts(path: str) -> tuple[list[str], list[str]]:
 
 
 def run(cfg: RunConfig) -> dict:
-    from saerl_ray.raycluster import init_ray
+    from saerl_ray.ray_init import init_ray
 
     f = cfg.features
     run_dir = storage.resolve(cfg.run_dir)

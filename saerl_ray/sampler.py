@@ -801,7 +801,7 @@ def get_or_create_sampler(cfg: RunConfig, plan_path: str | Path | None = None, r
     `cfg.run_dir`. Lifetime follows the creating process; set `sampler.detached: true` for long runs
     whose driver may restart (then `ray.kill` it when done).
     """
-    from saerl_ray.raycluster import init_ray
+    from saerl_ray.ray_init import init_ray
 
     init_ray(cfg.ray)
     name = actor_name(cfg.run_dir)

@@ -11,7 +11,7 @@ The codes never gather on the driver (a million prompts carry ~4 GB of them; ben
      the ids + token counts (small, to the driver), its rows in the clustering space (left in the
      object store for the k-means rounds), and the few rows the models train on (the difficulty
      labelled subset and the probe's positives, chosen from `prompts` alone before any code is read);
-  2. k-means rounds map over the blocks left in the object store (saerl_ray.cluster.BlockSet);
+  2. k-means rounds map over the blocks left in the object store (saerl_ray.kmeans.BlockSet);
   3. the regression and the probe are fit on the gathered rows, as before;
   4. one task per group reads its parts again and scores every row with both models.
 Results are computed in part order and put in `prompts` order on the driver (n floats each).
@@ -32,13 +32,13 @@ from safetensors.numpy import save
 from saerl_ray import difficulty as dif
 from saerl_ray import quality as qual
 from saerl_ray import storage
-from saerl_ray.cluster import BlockSet, clustering_space, kmeans, project_blocks
+from saerl_ray.kmeans import BlockSet, clustering_space, kmeans, project_blocks
 from saerl_ray.config import RunConfig, fingerprint, signal_codes
 from saerl_ray.featureio import (
     check_stored, code_columns, group_parts, keep_columns, part_paths, positions, read_parts, stored_codes,
 )
 from saerl_ray.quality import Featurizer
-from saerl_ray.raycluster import init_ray
+from saerl_ray.ray_init import init_ray
 from saerl_ray.stage import Stage, marker_of
 
 # Rows per Ray task: bounds a task's memory (its parts' table + codes, ~0.5 GB at the main run's

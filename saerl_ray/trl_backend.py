@@ -444,7 +444,7 @@ def run(cfg: RunConfig) -> dict:
     import ray
 
     from saerl_ray.models import resolve
-    from saerl_ray.raycluster import init_ray
+    from saerl_ray.ray_init import init_ray
     from saerl_ray.sampler import get_or_create_sampler
 
     tc = cfg.train

@@ -87,7 +87,7 @@ def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, n
 def _load(cfg: RunConfig):
     from saerl_ray.featureio import check_stored, load_features
     from saerl_ray.pipeline import run_pipeline
-    from saerl_ray.raycluster import init_ray
+    from saerl_ray.ray_init import init_ray
 
     run_pipeline(cfg, ["ingest", "sae", "features"])
     check_stored(cfg.run_dir, cfg.features)

@@ -59,7 +59,7 @@ def test_missing_packaged_model(tmp_path, capsys, monkeypatch):
 
 def test_unreachable_ray_address_fails_fast_with_its_name():
     from saerl_ray.config import RayConfig
-    from saerl_ray.raycluster import RayUnreachable, init_ray
+    from saerl_ray.ray_init import RayUnreachable, init_ray
 
     with pytest.raises(RayUnreachable, match="127.0.0.1:9 did not answer within 1s"):
         init_ray(RayConfig(address="127.0.0.1:9", connect_timeout_s=1))

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from safetensors.numpy import load_file
 
 from saerl_ray import signals
-from saerl_ray.cluster import clustering_space
+from saerl_ray.kmeans import clustering_space
 from saerl_ray.config import ConfigError, load_config, signal_codes
 from saerl_ray.difficulty import predict_from_json
 from saerl_ray.featureio import code_columns, load_features, stored_codes

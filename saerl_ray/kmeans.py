@@ -1,6 +1,6 @@
 """Diversity: k-means over pooled SAE codes as Ray tasks (Lloyd map/reduce), k-means++ seeding on a sample.
 
-    from saerl_ray.cluster import clustering_space, kmeans
+    from saerl_ray.kmeans import clustering_space, kmeans
     Z = clustering_space(X, metric="cosine")            # X: scipy CSR (n, d_sae) or dense (n, d)
     res = kmeans(Z, k=16, num_tasks=2, seed=0)          # num_tasks > 1 fans out over Ray (init Ray first)
     res.labels, res.dist, res.centroids, res.inertia

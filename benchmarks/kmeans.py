@@ -1,7 +1,7 @@
-"""Benchmark: our Ray k-means (saerl_ray.cluster) vs sklearn KMeans on the same data, same cores.
+"""Benchmark: our Ray k-means (saerl_ray.kmeans) vs sklearn KMeans on the same data, same cores.
 
-    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/cluster.py            # 100k x 128, K=64
-    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/cluster.py --n 20000  # quicker
+    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/kmeans.py            # 100k x 128, K=64
+    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/kmeans.py --n 20000  # quicker
 
 Data: `--n` points in `--d` dims around `--k` planted Gaussian centres (sklearn make_blobs, centres in
 a +-10 box, cluster_std 2.0), float32. Baseline: sklearn KMeans(init="k-means++", n_init=1, same
@@ -31,7 +31,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from saerl_ray.cluster import clustering_space, kmeans
+from saerl_ray.kmeans import clustering_space, kmeans
 
 
 def timed(fn, repeat: int = 2):
