@@ -58,11 +58,16 @@ def test_missing_packaged_model(tmp_path, capsys, monkeypatch):
 
 
 def test_unreachable_ray_address_fails_fast_with_its_name():
-    from saerl_ray.config import RayConfig
-    from saerl_ray.ray_init import RayUnreachable, init_ray
+    import subprocess
+    import sys
 
-    with pytest.raises(RayUnreachable, match="127.0.0.1:9 did not answer within 1s"):
-        init_ray(RayConfig(address="127.0.0.1:9", connect_timeout_s=1))
+    # A fresh process: in this one another test may have started Ray already, and init_ray is idempotent.
+    code = ("from saerl_ray.config import RayConfig\nfrom saerl_ray.ray_init import RayUnreachable, init_ray\n"
+            "try:\n    init_ray(RayConfig(address='127.0.0.1:9', connect_timeout_s=1))\n"
+            "except RayUnreachable as e:\n    print(e)\n    raise SystemExit(3)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "127.0.0.1:9 did not answer within 1s" in out.stdout
 
 
 def test_debug_shows_the_traceback(tmp_path):
