@@ -109,9 +109,16 @@ def tiny_config(tiny_model_dir, shared_data):
 def pipeline_run_dir(tmp_path_factory, tiny_config, ray_cluster) -> Path:
     """One end-to-end pipeline run (ingest -> report) for the session: the pipeline test checks it
     (and then reruns its plan with another mixing ratio), the browser test renders its report."""
+    import shutil
+
     from saerl_ray.pipeline import run_pipeline
 
-    run = tmp_path_factory.mktemp("pipeline") / "run"
+    # SAERL_ARTIFACTS (set by .ci/run): the run dir, with the report and its browser screenshot, is
+    # kept there for CI to collect; pytest trims its own temp dirs to the last three sessions.
+    keep = os.environ.get("SAERL_ARTIFACTS")
+    run = Path(keep).resolve() / "pipeline-run" if keep else tmp_path_factory.mktemp("pipeline") / "run"
+    if keep:
+        shutil.rmtree(run, ignore_errors=True)
     run_pipeline(tiny_config(run))
     return run
 

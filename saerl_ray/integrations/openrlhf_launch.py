@@ -35,7 +35,6 @@ How `train.*` reaches OpenRLHF 0.11.2 (`check_config` refuses what has no faithf
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -45,9 +44,10 @@ from unittest import mock
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saerl_ray.config import ConfigError, RunConfig, fingerprint
+from saerl_ray.config import ConfigError, RunConfig
 from saerl_ray.reward import ANSWER_INSTRUCTION as INSTRUCTION
 from saerl_ray.sampler import SAMPLER_NAMESPACE
+from saerl_ray.train import backend_stage, join_ray, prompts_per_step, stage_fingerprint  # noqa: F401 (part of this module's API)
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 REWARD_FILE = Path(__file__).with_name("openrlhf_reward.py")
@@ -114,9 +114,6 @@ def algo_flags(algo: str, max_new_tokens: int, kl_coef: float = 0.0) -> list[str
         ]
     raise ConfigError(f"train.algo must be grpo or dapo, got {algo!r}")
 
-
-def prompts_per_step(cfg: RunConfig) -> int:
-    return cfg.train.prompts_per_step or cfg.plan.batch_size
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -291,29 +288,17 @@ def install_trainer(env: dict[str, str]) -> None:
     ppo_trainer.PPOTrainer = ray.remote(SaerlPPOTrainer).options(runtime_env={"env_vars": env})
 
 
-def stage_fingerprint(cfg: RunConfig, policy: str) -> str:
-    """What decides a rerun: the train section (except `resume`, which says how, not what), the
-    sampler's rules, the policy, the seed, the plan it reads, and the resolved step size."""
-    from saerl_ray.stage import marker_of
-
-    train = cfg.train.model_dump(mode="json", exclude={"resume"})
-    return fingerprint(train, cfg.sampler, cfg.seed, policy, prompts_per_step(cfg), marker_of(cfg.run_dir, "plan"))
-
-
 def run(cfg: RunConfig) -> dict:
     """`saerl-ray train --backend openrlhf`: start the sampler, write prompts, run OpenRLHF."""
     import time
 
     import ray
 
-    from saerl_ray.models import resolve
     from saerl_ray.sampler import get_or_create_sampler
-    from saerl_ray.stage import Stage
 
     t0 = time.time()
     check_config(cfg)  # before Ray, the sampler or any file: a bad field costs nothing
-    policy = str(resolve(cfg.train.policy or cfg.model.name))
-    st = Stage(cfg.run_dir, STAGE, stage_fingerprint(cfg, policy))
+    st, policy = backend_stage(cfg, STAGE)
     if st.done():
         print(f"[saerl-ray] openrlhf: {st.out} is done for this config; nothing to do", flush=True)
         return st.summary()
@@ -322,10 +307,7 @@ def run(cfg: RunConfig) -> dict:
     # OpenRLHF's own ray.init (skipped: Ray is up) would set these as a runtime_env. Under a job they come
     # from jobs/runtime_env_gpu.yaml; a runtime_env here would replace the job's, working_dir included,
     # and Ray then garbage-collects the driver's own working dir under it.
-    env = {k: os.environ.get(k, v) for k, v in OPENRLHF_ENV.items()}
-    os.environ.update(env)  # a local cluster started below inherits them
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    join_ray(cfg, OPENRLHF_ENV)
     sampler = get_or_create_sampler(cfg)
     name = actor_name(sampler)
     flags = build_flags(cfg, out / "prompts.parquet", policy)

@@ -43,7 +43,6 @@ override is refused (README, "Training with verl").
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -52,9 +51,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saerl_ray.config import ConfigError, RunConfig, fingerprint
+from saerl_ray.config import ConfigError, RunConfig
 from saerl_ray.reward import ANSWER_INSTRUCTION as INSTRUCTION
 from saerl_ray.sampler import SAMPLER_NAMESPACE
+from saerl_ray.train import backend_stage, join_ray, prompts_per_step, stage_fingerprint  # noqa: F401 (part of this module's API)
 
 STAGE = "verl"
 VERL_VERSION = "0.9.1"
@@ -94,9 +94,6 @@ def out_dir(cfg: RunConfig) -> Path:
     # Absolute: verl's TaskRunner and workers open these paths from other working directories.
     return Path(cfg.run_dir).resolve() / STAGE
 
-
-def prompts_per_step(cfg: RunConfig) -> int:
-    return cfg.train.prompts_per_step or cfg.plan.batch_size
 
 
 def override_key(arg: str) -> str | None:
@@ -324,36 +321,21 @@ def override_value(overrides: list[str], key: str, default: str) -> str:
     return value
 
 
-def stage_fingerprint(cfg: RunConfig, policy: str) -> str:
-    """What decides a rerun: the train section (except `resume`: how, not what), the sampler's rules,
-    the policy, the seed, the plan it reads and the resolved step size."""
-    from saerl_ray.stage import marker_of
-
-    train = cfg.train.model_dump(mode="json", exclude={"resume"})
-    return fingerprint(train, cfg.sampler, cfg.seed, policy, prompts_per_step(cfg), marker_of(cfg.run_dir, "plan"),
-                       STAGE)
-
-
 def run(cfg: RunConfig) -> dict:
     """`saerl-ray train --train.backend verl`: start the sampler, write the dataset, run verl."""
+    from saerl_ray.integrations.openrlhf_launch import actor_name
     import ray
 
-    from saerl_ray.integrations.openrlhf_launch import actor_name
-    from saerl_ray.models import resolve
     from saerl_ray.sampler import get_or_create_sampler
-    from saerl_ray.stage import Stage
 
     t0 = time.time()
     check_config(cfg)  # before Ray, the sampler or any file: a bad field costs nothing
-    policy = str(resolve(cfg.train.policy or cfg.model.name))
-    st = Stage(cfg.run_dir, STAGE, stage_fingerprint(cfg, policy))
+    st, policy = backend_stage(cfg, STAGE)
     if st.done():
         print(f"[saerl-ray] verl: {st.out} is done for this config; nothing to do", flush=True)
         return st.summary()
     st.begin(keep_partial=cfg.train.resume)  # an interrupted run keeps its checkpoints when resuming
-    os.environ.update({k: os.environ.get(k, v) for k, v in VERL_ENV.items()})  # a local cluster inherits them
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    join_ray(cfg, VERL_ENV)
     sampler = get_or_create_sampler(cfg)
     name = actor_name(sampler)
     dataset = write_dataset(cfg)
