@@ -372,17 +372,24 @@ def run_baseline(run_dir: str, seed: int, out_dir: str) -> dict:
         q_cols = code_columns(run_dir, signal_codes(cfg, "quality"))
         sub = prompts.iloc[q_setup.pos]
         featurize = SyntheticFeaturizer(seed)
+        q_bands = [(int(code_columns(run_dir, [c])[0]), int(code_columns(run_dir, [c])[0]) + D_SAE)
+                   for c in signal_codes(cfg, "quality")]  # as the stage: one novelty band per code
+        n_chars = sub_chars = None
+        if "n_chars" in prompts.columns:
+            n_chars = prompts["n_chars"].fillna(0).to_numpy(float)
+            sub_chars = n_chars[q_setup.pos]
         q_model, _ = qual.fit_setup(q_setup, keep_columns(X[q_setup.pos], q_cols), None, sub["prompt"].tolist(),
                                     sub["answer"].fillna("").tolist(), lambda tx: keep_columns(featurize(tx), q_cols),
-                                    sc.quality, seed, use_ray=True)
+                                    sc.quality, seed, use_ray=True, bands=q_bands, pos_len=sub_chars)
         secs["fit"] = round(time.perf_counter() - t, 2)
         mon.phase = "score"
         t = time.perf_counter()
         # Scored in row chunks: the design of all rows at once would be a dense copy per model.
         step = 65_536
         pred = np.concatenate([dif.linear_score(d_model, X[a:a + step]) for a in range(0, X.shape[0], step)])
-        score = np.concatenate([qual.probe_scores(q_model, X[a:a + step]) for a in range(0, X.shape[0], step)])
-        qual.keep_mask(score, sc.quality.keep_fraction, sc.quality.threshold)
+        score = np.concatenate([qual.quality_scores(q_model, X[a:a + step], None if n_chars is None else n_chars[a:a + step])[0]
+                                for a in range(0, X.shape[0], step)])
+        qual.keep_mask(score, sc.quality.keep_fraction, qual.filter_rule(q_model, sc.quality)[1])
         secs["score"] = round(time.perf_counter() - t, 2)
         mon.phase = "end"
     del X

@@ -62,6 +62,8 @@ def overrides(ns: argparse.Namespace) -> dict[str, Any]:
         ov["run_dir"] = ns.run_dir_flag
     if getattr(ns, "limit", None) is not None:
         ov["eval.limit"] = ns.limit
+    if getattr(ns, "seeds", None) is not None:
+        ov["validation.sae_seeds"] = ns.seeds
     inputs = getattr(ns, "input", None)
     if inputs:
         ov["ingest.inputs"] = [
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     vp = sub.add_parser("validate", help="MATH-500 validation table (difficulty, topics, quality)")
     _add_config_flags(vp)
     vp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    vp.add_argument("--seeds", type=int, help="alias of --validation.sae_seeds (SAEs the difficulty row is measured over)")
     for sp in sub.choices.values():
         if sp.prog.split()[-1] != "models":
             sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")

@@ -244,8 +244,10 @@ class QualityConfig(Section):
     label_column: str | None = Field(None, description=(
         "Column of `prompts` with 1 = good / 0 = bad, used instead of synthetic corruptions when present."))
     corruptions: list[str] = Field(
-        default_factory=lambda: ["truncate", "shuffle", "mismatch", "leak", "offdomain", "garble"],
-        description="Corruption types that make the synthetic negatives.")
+        default_factory=lambda: ["truncate", "shuffle", "mismatch", "leak", "offdomain", "garble", "cipher", "repeat",
+                                 "blank_numbers", "contradict", "drop_question", "concat", "markup", "stub"],
+        description=("Corruption kinds that make the synthetic negatives (13 families, saerl_ray.quality.FAMILIES; "
+                     "the held-out AUROC leaves one family out at a time)."))
     n_train: int = Field(1200, description=(
         "Positives sampled for the probe; featurising their negatives dominates the signals stage's time."))
     negatives_per_prompt: int = Field(3, description=(
@@ -254,10 +256,22 @@ class QualityConfig(Section):
         "Codes the probe reads (a subset of features.codes); null: all of features.codes."))
     eval_folds: int = Field(2, ge=2, description=(
         "Held-out AUROC: positives cut into this many folds, every fold scored out-of-fold once."))
-    keep_fraction: float = Field(0.95, description=(
-        "Keep this top fraction of prompts by probe score (unless threshold is set)."))
+    combine: list[str] = Field(default_factory=lambda: ["probe", "novelty"], description=(
+        "Signals whose max z-score (each against clean held-out prompts) is a prompt's badness: probe (the "
+        "supervised probe), novelty (how rare its latents are in the pool's own codes), length (how unusual "
+        "its length is, either way)."))
+    max_false_positive_rate: float = Field(0.005, ge=0.0, lt=1.0, description=(
+        "Drop a prompt only when its combined badness exceeds what at most this fraction of clean held-out "
+        "prompts (the positives, scored out of fold) reach: filtering by evidence, not by quota."))
     threshold: float | None = Field(None, description=(
-        "Keep every prompt scoring at or above this; null: use keep_fraction."))
+        "Explicit override: keep every prompt whose quality_score (higher = cleaner, 0 = a typical clean "
+        "prompt) is at or above this; null: the max_false_positive_rate cut."))
+    keep_fraction: float | None = Field(None, description=(
+        "Legacy quota: keep this top fraction by quality_score whatever the data (used only when set and "
+        "threshold is null)."))
+    leave_one_family_out: bool = Field(True, description=(
+        "Also report AUROC with each corruption family held out of training (one more probe fit per family "
+        "and fold)."))
     C: float = Field(0.01, description=(
         "Inverse L2 strength of the logistic probe on standardised features; small = strong, as the probe "
         "has far more latents than training rows (docs/decisions.md)."))
@@ -401,6 +415,30 @@ class EvalConfig(Section):
     model: str | None = Field(None, description="Model or checkpoint dir to evaluate; null: model.name.")
 
 
+class ValidationConfig(Section):
+    """`saerl-ray validate`: MATH-500 validation against baselines, plus how the difficulty proxy holds up
+    across SAE seeds and on benchmarks of known hardness."""
+
+    sae_seeds: int = Field(3, ge=1, description=(
+        "SAEs the difficulty row is measured over (difficulty_spearman_seeds): the run's own plus "
+        "sae_seeds - 1 trained like it with seeds seed+1, seed+2, ... into <run_dir>/validate/seeds/<k>/ "
+        "(the run's ingest, its MATH-500 prompts featurised with each; ~3 min per extra SAE on 2 CPU cores, "
+        "kept for reruns); 1: the run's SAE only."))
+    ood: bool = Field(True, description=(
+        "Benchmark-ordering check (difficulty_ood_auroc): the difficulty regression fit on every MATH-500 "
+        "level scores the ood_tiers benchmarks, featurised with the run's lens and SAE in "
+        "<run_dir>/validate/ood/; pairwise AUROC of each easier/harder pair, SAE vs prompt length."))
+    data_dir: str = Field("../shared/data", description=(
+        "Folder (or URI) holding the benchmark files <name>.jsonl named in ood_tiers."))
+    ood_tiers: list[list[str]] = Field(
+        default_factory=lambda: [["gsm8k_test"], ["math500"], ["amc23"], ["olympiadbench", "aime24"]],
+        description=(
+            "Benchmarks from easiest to hardest tier (file stems under data_dir; benchmarks within a tier "
+            "are not compared); math500 is the run's own MATH-500, scored out-of-fold."))
+    ood_max_prompts: int = Field(300, ge=1, description=(
+        "Prompts per benchmark at most: a seeded subset of larger files (GSM8K-test, OlympiadBench)."))
+
+
 class RunConfig(Section):
     """One run of the pipeline: every stage's settings; each key is also a dotted CLI flag."""
 
@@ -420,6 +458,7 @@ class RunConfig(Section):
     label: LabelConfig = Field(default_factory=LabelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
     @model_validator(mode="after")
     def _signal_codes(self) -> RunConfig:

@@ -6,7 +6,8 @@
 
 Design matrix (shared with the quality probe): the latents active in >= `min_support` of the labelled
 rows (at most `max_features`, most frequent first), log1p (pooled activations are heavy-tailed), then
-standardised on the training rows. Hyperparameters: every (fold, alpha, l1_ratio) is one Ray task on
+standardised on the training rows. `transform="none"` skips the log1p: the same estimator on features
+that may be negative (validate's TF-IDF, random and length baselines go through this code path too). Hyperparameters: every (fold, alpha, l1_ratio) is one Ray task on
 the design put in the object store once; the grid point with the lowest out-of-fold MSE wins. Metrics
 are reported on a holdout split never used for selection (plus the optimistic CV figure), and
 out-of-distribution when a source is held out. Labels: a `prompts` column (MATH level, DeepMath
@@ -52,17 +53,24 @@ def select_columns(X: sp.csr_matrix, min_support: float, max_features: int) -> n
     return cols.astype(np.int64)
 
 
-def design(X: sp.csr_matrix, cols: np.ndarray) -> sp.csr_matrix:
-    """log1p of the kept latents; log1p(0) = 0 keeps it sparse."""
-    D = X[:, cols].astype(np.float64).tocsr()
-    D.data = np.log1p(np.maximum(D.data, 0.0))
+TRANSFORMS = ("log1p", "none")
+
+
+def design(X: sp.csr_matrix, cols: np.ndarray, transform: str = "log1p") -> sp.csr_matrix:
+    """log1p of the kept latents (log1p(0) = 0 keeps it sparse); `none`: the kept columns as they are."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown design transform {transform!r} (one of {TRANSFORMS})")
+    D = sp.csr_matrix(X)[:, cols].astype(np.float64).tocsr()
+    if transform == "log1p":
+        D.data = np.log1p(np.maximum(D.data, 0.0))
     return D
 
 
-def linear_json(cols: np.ndarray, scaler: StandardScaler, coef: np.ndarray, intercept: float) -> dict:
+def linear_json(cols: np.ndarray, scaler: StandardScaler, coef: np.ndarray, intercept: float,
+                transform: str = "log1p") -> dict:
     return {
         "columns": cols.tolist(),
-        "transform": "log1p",
+        "transform": transform,
         "scaler_mean": scaler.mean_.tolist(),
         "scaler_scale": scaler.scale_.tolist(),
         "coef": np.asarray(coef, dtype=np.float64).ravel().tolist(),
@@ -71,13 +79,14 @@ def linear_json(cols: np.ndarray, scaler: StandardScaler, coef: np.ndarray, inte
 
 
 def linear_score(model: dict, X: sp.csr_matrix) -> np.ndarray:
-    """w . ((log1p(x) - mean) / scale) + b, computed on the sparse codes without densifying."""
+    """w . ((log1p(x) - mean) / scale) + b, computed on the sparse codes without densifying (no log1p
+    for a model whose `transform` is `none`)."""
     cols = np.asarray(model["columns"], dtype=np.int64)
     if cols.size and cols.max() >= X.shape[1]:
         raise ValueError(f"model uses latent {cols.max()} but the features have d_sae={X.shape[1]}")
     w = np.asarray(model["coef"]) / np.asarray(model["scaler_scale"])
     b = model["intercept"] - float(np.dot(np.asarray(model["scaler_mean"]), w))
-    return np.asarray(design(sp.csr_matrix(X), cols) @ w).ravel() + b
+    return np.asarray(design(sp.csr_matrix(X), cols, model.get("transform", "log1p")) @ w).ravel() + b
 
 
 def predict_from_json(path: str | Path, X: sp.csr_matrix) -> np.ndarray:
@@ -179,13 +188,14 @@ def cross_validate(
 def fit_difficulty(
     X: sp.csr_matrix, y: np.ndarray, *, alphas: list[float], l1_ratios: list[float], folds: int = 5,
     seed: int = 0, min_support: float = 0.01, max_features: int = 4096, holdout: float = 0.2,
-    use_ray: bool = True,
+    use_ray: bool = True, transform: str = "log1p",
 ) -> tuple[dict, dict]:
     """Select hyperparameters by CV on the non-holdout rows, score the holdout, refit on all rows.
 
     Returns (model JSON dict, metrics)."""
+    X = sp.csr_matrix(X)
     cols = select_columns(X, min_support, max_features)
-    D = design(X, cols).toarray()
+    D = design(X, cols, transform).toarray()
     idx = np.arange(len(y))
     fit_idx, test_idx = train_test_split(idx, test_size=holdout, random_state=seed) if holdout > 0 else (idx, idx[:0])
     cv = cross_validate(D[fit_idx], y[fit_idx], alphas, l1_ratios, folds, seed, use_ray)
@@ -195,9 +205,33 @@ def fit_difficulty(
         metrics["holdout"] = {**_corr(m.predict(D[test_idx]), y[test_idx]), "n": len(test_idx)}
     final = fit_one(D, y, idx, cv["alpha"], cv["l1_ratio"], seed)
     scaler, enet = final.named_steps["standardscaler"], final.named_steps["elasticnet"]
-    model = {**linear_json(cols, scaler, enet.coef_, enet.intercept_), "alpha": cv["alpha"], "l1_ratio": cv["l1_ratio"]}
+    model = {**linear_json(cols, scaler, enet.coef_, enet.intercept_, transform),
+             "alpha": cv["alpha"], "l1_ratio": cv["l1_ratio"]}
     metrics["nonzero_coef"] = int(np.count_nonzero(enet.coef_))
     return model, metrics
+
+
+def fit_config(X: sp.spmatrix | np.ndarray, y: np.ndarray, cfg: DifficultyConfig, seed: int, use_ray: bool = True,
+               transform: str = "log1p") -> tuple[dict, dict]:
+    """fit_difficulty with the config's grid, CV folds, column selection and holdout: the estimator the
+    signals stage ships (`fit_setup`), for any rows."""
+    return fit_difficulty(
+        sp.csr_matrix(X), np.asarray(y, dtype=float), alphas=cfg.alphas, l1_ratios=cfg.l1_ratios, folds=cfg.folds,
+        seed=seed, min_support=cfg.min_support, max_features=cfg.max_features, holdout=cfg.holdout,
+        use_ray=use_ray, transform=transform,
+    )
+
+
+def out_of_fold(X: sp.spmatrix | np.ndarray, y: np.ndarray, cfg: DifficultyConfig, seed: int = 0, folds: int = 5,
+                use_ray: bool = True, transform: str = "log1p") -> np.ndarray:
+    """Every row's prediction by the shipped estimator (`fit_config`: its own column selection and inner CV
+    grid) fit on the other folds of a `folds`-fold split: validate's difficulty protocol."""
+    X, y = sp.csr_matrix(X), np.asarray(y, dtype=float)
+    pred = np.zeros(len(y))
+    for tr, te in KFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y))):
+        model, _ = fit_config(X[tr], y[tr], cfg, seed, use_ray, transform)
+        pred[te] = linear_score(model, X[te])
+    return pred
 
 
 def length_fallback(n_tokens: np.ndarray) -> np.ndarray:
@@ -242,10 +276,7 @@ def difficulty_fallback(setup: DifficultySetup, n_tokens: np.ndarray, out_path: 
 def fit_setup(setup: DifficultySetup, X_train: sp.csr_matrix, cfg: DifficultyConfig, seed: int,
               use_ray: bool = True) -> tuple[dict, dict]:
     """fit_difficulty on the codes of `setup.train` (X_train: those rows, in that order)."""
-    return fit_difficulty(
-        X_train, setup.y_all[setup.train], alphas=cfg.alphas, l1_ratios=cfg.l1_ratios, folds=cfg.folds, seed=seed,
-        min_support=cfg.min_support, max_features=cfg.max_features, holdout=cfg.holdout, use_ray=use_ray,
-    )
+    return fit_config(X_train, setup.y_all[setup.train], cfg, seed, use_ray)
 
 
 def finish_difficulty(setup: DifficultySetup, model: dict, metrics: dict, pred: np.ndarray, cfg: DifficultyConfig,

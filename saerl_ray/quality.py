@@ -1,26 +1,47 @@
-"""Quality: a linear probe (logistic regression) on SAE codes scores prompts; the lowest are filtered out.
+"""Quality: which prompts are bad? A linear probe on SAE codes (supervised, learned from synthetic
+corruptions of real prompts), a novelty score (unsupervised: how rare a prompt's latents are in the
+pool's own codes) and, optionally, prompt length, each compared with clean held-out prompts; a prompt is
+dropped only when the evidence says it is bad (a threshold at a stated false-positive rate), not by quota.
 
     from saerl_ray.quality import make_negatives, fit_quality_probe, score_from_json
-    neg_texts, neg_types, source = make_negatives(texts, answers, seed=0, per_prompt=2)  # source: row of texts
-    model, metrics = fit_quality_probe(X_pos, featurize(neg_texts), neg_types, neg_source=source)
-    scores = score_from_json("runs/x/signals/quality.json", X_all)     # P(good) per prompt
+    neg_texts, neg_kinds, source = make_negatives(texts, answers, seed=0, per_prompt=3)  # source: row of texts
+    model, metrics = fit_quality_probe(X_pos, featurize(neg_texts), families_of(neg_kinds), neg_source=source)
+    scores = score_from_json("runs/x/signals/quality.json", X_all, n_chars)   # higher = cleaner
 
 Labels: a `prompts` quality column (1 good / 0 bad) when one is configured and present; otherwise
-synthetic negatives, each a documented corruption of a real prompt (they are new texts, so they get
-SAE codes from the features machinery through the `featurize` callable):
-  truncate   the problem cut at a word boundary 30-70% of the way through (a strict prefix)
-  shuffle    the problem's words in random order
-  mismatch   the first half of this problem spliced onto the second half of another one
-  leak       the problem followed by "The answer is <its answer>."
-  offdomain  2-4 sentences of built-in non-math prose (no math prompt text at all)
-  garble     ~30% of the characters replaced by random printable noise
-Metrics, out-of-fold over `eval_folds` folds of the positives (a prompt's corruptions in its fold):
-AUROC on held-out prompts, and leaving one corruption type out (train on the others, test on that type
-+ held-out positives: does the probe catch a kind of bad prompt it never saw?).
+synthetic negatives, each a corruption of a real prompt (new texts: they get SAE codes from the
+features machinery through the `featurize` callable). Corruption kinds, grouped in FAMILIES (a family is
+one kind of failure; leave-one-family-out holds all its kinds out together):
+  truncated       truncate       the problem cut at a word boundary 30-70% of the way (a strict prefix)
+  word_order      shuffle        the problem's words in random order
+  spliced         mismatch       the first half of this problem + the second half of another one
+  answer_leak     leak           the problem followed by "The answer is <its answer>."
+  offdomain       offdomain      2-4 sentences of built-in non-math prose
+  char_noise      garble         ~30% of the characters replaced by random printable noise
+                  cipher         every letter rot13-encoded (a systematic, not random, substitution)
+  repetition      repeat         one sentence of the problem repeated 2-3 times in place
+  missing_values  blank_numbers  every number (or every $...$ span, else a third of the words) -> "___"
+  contradiction   contradict     a sentence restated right after itself with a different number
+  no_question     drop_question  the question sentence removed: the setup is left, nothing is asked
+  multi_problem   concat         this problem followed by another whole problem
+  markup          markup         scraping residue: HTML/LaTeX/wiki tags and entities between words
+  stub            stub           an instruction with no problem ("Solve the following problem.")
+Signals (each a "badness", standardised against clean held-out prompts by median / 1.4826 MAD):
+  probe    -logit of the probe's P(good)
+  novelty  per code (signals.quality.codes), the mean -log p(latent active) over the prompt's active
+           latents, p from the positives' document frequencies (add-one smoothed; leave-one-out for the
+           positives themselves); the standardised per-code rarities averaged
+  length   |log n_chars - median| (two-sided: too short and too long are both unusual)
+The combined badness is the max of the configured signals' z-scores (`combine`); quality_score = -it,
+and `flag` names the signal that attained the max. Metrics, out-of-fold over `eval_folds` folds of the
+positives (a prompt's corruptions in its fold): AUROC on held-out prompts, and leaving one corruption
+FAMILY out (train on the others, test on that family + held-out positives), per signal and combined.
 """
 
 from __future__ import annotations
 
+import codecs
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +58,28 @@ from saerl_ray import storage
 from saerl_ray.config import QualityConfig
 from saerl_ray.difficulty import design, linear_json, linear_score, select_columns
 
-CORRUPTIONS = ("truncate", "shuffle", "mismatch", "leak", "offdomain", "garble")
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "truncated": ("truncate",),
+    "word_order": ("shuffle",),
+    "spliced": ("mismatch",),
+    "answer_leak": ("leak",),
+    "offdomain": ("offdomain",),
+    "char_noise": ("garble", "cipher"),
+    "repetition": ("repeat",),
+    "missing_values": ("blank_numbers",),
+    "contradiction": ("contradict",),
+    "no_question": ("drop_question",),
+    "multi_problem": ("concat",),
+    "markup": ("markup",),
+    "stub": ("stub",),
+}
+FAMILY_OF = {kind: fam for fam, kinds in FAMILIES.items() for kind in kinds}
+CORRUPTIONS = tuple(FAMILY_OF)
+LEGACY_CORRUPTIONS = ("truncate", "shuffle", "mismatch", "leak", "offdomain", "garble")  # before 2026-12-02
+SIGNALS = ("probe", "novelty", "length")
+# Reference positives whose combined badness is beyond this many robust SDs are presumed pollution of the
+# pool (the positives are a sample of it) and left out of the threshold's quantile (docs/decisions.md).
+TRIM_Z = 8.0
 Featurizer = Callable[[list[str]], sp.csr_matrix]
 
 # Non-math prose for `offdomain`, written for this project (no downloads, no licence questions).
@@ -73,6 +115,32 @@ OFFDOMAIN_SENTENCES = [
     "The report describes how the village restored its mill with local donations.",
     "Please silence your phones before the performance begins.",
 ]
+
+# Instructions with no problem after them (`stub`): what a broken template or an empty field leaves.
+STUB_INSTRUCTIONS = [
+    "Solve the following problem.", "Answer the question below. Show your work.",
+    "Please reason step by step, and put your final answer within \\boxed{}.", "Problem:",
+    "Solve the following math problem. Make sure to put the answer (and only answer) inside \\boxed{}.",
+    "Question:", "Compute the answer to the following question and explain your reasoning.",
+    "Read the problem carefully and give the final answer.", "Find the value requested below.",
+    "Below is a math word problem. Write a response that solves it.",
+]
+# Scraping residue (`markup`): tags, entities and wiki/LaTeX layout commands that leak from web pages.
+MARKUP_TOKENS = [
+    "<br/>", "<p>", "</p>", "<div class=\"problem\">", "</div>", "&nbsp;", "&amp;", "<span>", "</span>",
+    "\\begin{center}", "\\end{center}", "\\\\", "\\newline", "[img]", "[/img]", "{{cite}}", "<li>", "</li>",
+    "<td>", "&lt;", "&gt;", "\\hline", "<!-- -->", "[[File:fig.png]]", "\\vspace{2mm}",
+]
+
+_SENT = re.compile(r"(?<=[.?!])\s+")
+_NUM = re.compile(r"(?<![A-Za-z_\\\d])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_MATH = re.compile(r"\$[^$]+\$")
+_QWORD = re.compile(r"\b(What|How|Find|Compute|Calculate|Determine|Evaluate|Which|Show|Prove|Express|Simplify|"
+                    r"Convert|Solve|Write|List|Give|Who|When|Where|Why)\b")
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENT.split(text.strip()) if s]
 
 
 # ---------------------------------------------------------------- corruptions (pure, seeded)
@@ -119,33 +187,147 @@ def garble(text: str, rng: np.random.Generator, rate: float = 0.3) -> str:
     return "".join(chars)
 
 
+def cipher(text: str) -> str:
+    """rot13 of every letter: the text keeps its shape, numbers and symbols, but no word is a word."""
+    out = codecs.encode(text, "rot13")
+    return out if out != text else text + " " + codecs.encode("unreadable", "rot13")
+
+
+def repeat(text: str, rng: np.random.Generator) -> str:
+    """One sentence (the whole text if it has one) repeated 2-3 times in place."""
+    sents = _sentences(text) or [text]
+    i = int(rng.integers(len(sents)))
+    sents = sents[:i] + [sents[i]] * int(rng.integers(2, 4)) + sents[i + 1:]
+    return " ".join(sents)
+
+
+def blank_numbers(text: str, rng: np.random.Generator) -> str:
+    """The values a problem needs removed: every number -> "___"; else every $...$ span; else a third of the words."""
+    if _NUM.search(text):
+        return _NUM.sub("___", text)
+    if _MATH.search(text):
+        return _MATH.sub("___", text)
+    words = text.split()
+    hit = rng.random(len(words)) < 1 / 3
+    hit[int(rng.integers(len(words)))] = True
+    return " ".join("___" if h else w for w, h in zip(words, hit))
+
+
+def contradict(text: str, rng: np.random.Generator) -> str:
+    """A sentence restated right after itself with its numbers changed (two values for one quantity);
+    without numbers, its negation ("It is not true that ...") follows it."""
+    sents = _sentences(text) or [text]
+    with_num = [i for i, s in enumerate(sents) if _NUM.search(s)]
+    if with_num:
+        i = int(rng.choice(with_num))
+
+        def other(m: re.Match) -> str:
+            v = m.group(0).replace(",", "")
+            n = float(v) if "." in v else int(v)
+            return str(n + int(rng.integers(2, 9)) * (1 if rng.random() < 0.5 or n < 10 else -1))
+
+        changed = _NUM.sub(other, sents[i])
+        return " ".join(sents[: i + 1] + [changed] + sents[i + 1:])
+    i = int(rng.integers(len(sents)))
+    s = sents[i]
+    return " ".join(sents[: i + 1] + ["It is not true that " + s[:1].lower() + s[1:]] + sents[i + 1:])
+
+
+def drop_question(text: str, rng: np.random.Generator) -> str:
+    """The question removed: the last sentence with a "?" (else with a question word such as Find or Compute,
+    else the last sentence) when there are several;
+    a one-sentence problem loses everything from its last question word on (else its last clause)."""
+    sents = _sentences(text)
+    if len(sents) >= 2:
+        q = [i for i, s in enumerate(sents) if "?" in s] or [i for i, s in enumerate(sents) if _QWORD.search(s)]
+        i = q[-1] if q else len(sents) - 1
+        return " ".join(sents[:i] + sents[i + 1:])
+    hits = [m.start() for m in _QWORD.finditer(text)]
+    if hits and hits[-1] > 0:
+        return text[: hits[-1]].rstrip(" ,;:")
+    cut = text.rfind(",")
+    if cut > 0:
+        return text[:cut]
+    return truncate(text, rng)
+
+
+def concat(text: str, other: str) -> str:
+    """Two whole problems in one prompt: which one is to be answered?"""
+    return f"{text.rstrip()} {other.strip()}"
+
+
+def markup(text: str, rng: np.random.Generator, rate: float = 0.2) -> str:
+    """Scraping residue: markup tokens at ~20% of the word gaps (at least one) and around the text."""
+    words = text.split()
+    hit = rng.random(len(words) + 1) < rate
+    hit[int(rng.integers(len(words) + 1))] = True
+    out = []
+    for i in range(len(words) + 1):
+        if hit[i]:
+            out.append(str(rng.choice(MARKUP_TOKENS)))
+        if i < len(words):
+            out.append(words[i])
+    return " ".join(out)
+
+
+def stub(rng: np.random.Generator) -> str:
+    """An instruction with no problem after it, sometimes numbered."""
+    s = STUB_INSTRUCTIONS[int(rng.integers(len(STUB_INSTRUCTIONS)))]
+    return f"Problem {int(rng.integers(1, 60))}. {s}" if rng.random() < 0.3 else s
+
+
 def corrupt(kind: str, i: int, texts: list[str], answers: list[str], rng: np.random.Generator) -> str:
     text = texts[i]
+
+    def another() -> str:
+        j = int(rng.integers(len(texts) - 1))
+        return texts[j + (j >= i)]
+
     if kind == "truncate":
         return truncate(text, rng)
     if kind == "shuffle":
         return shuffle(text, rng)
     if kind == "mismatch":
-        j = int(rng.integers(len(texts) - 1))
-        return mismatch(text, texts[j + (j >= i)], rng)
+        return mismatch(text, another(), rng)
     if kind == "leak":
         return leak(text, answers[i])
     if kind == "offdomain":
         return offdomain(rng)
     if kind == "garble":
         return garble(text, rng)
+    if kind == "cipher":
+        return cipher(text)
+    if kind == "repeat":
+        return repeat(text, rng)
+    if kind == "blank_numbers":
+        return blank_numbers(text, rng)
+    if kind == "contradict":
+        return contradict(text, rng)
+    if kind == "drop_question":
+        return drop_question(text, rng)
+    if kind == "concat":
+        return concat(text, another())
+    if kind == "markup":
+        return markup(text, rng)
+    if kind == "stub":
+        return stub(rng)
     raise ValueError(f"unknown corruption {kind!r}; signals.quality.corruptions must be among {CORRUPTIONS}")
+
+
+def families_of(kinds) -> np.ndarray:
+    """The family of each corruption kind (a label that is no kind, e.g. "labelled", is its own family)."""
+    return np.asarray([FAMILY_OF.get(str(k), str(k)) for k in kinds], dtype=str)
 
 
 def make_negatives(
     texts: list[str], answers: list[str] | None = None, seed: int = 0, types: list[str] | None = None,
     per_prompt: int = 1,
 ) -> tuple[list[str], list[str], np.ndarray]:
-    """(negatives, their types, source): `per_prompt` negatives per text, negative j derived from
-    texts[source[j]] (source[j] = j % len(texts); evaluation keeps each pair on one side). Types are dealt
-    round-robin over a seeded permutation, so each type gets an equal share of random prompts, and each
-    round shifts a prompt to the next type (its negatives differ in kind). `leak` needs an answer: rows
-    without one get the next type instead."""
+    """(negatives, their kinds, source): `per_prompt` negatives per text, negative j derived from
+    texts[source[j]] (source[j] = j % len(texts); evaluation keeps each pair on one side). Kinds are dealt
+    round-robin over a seeded permutation, so each kind gets an equal share of random prompts, and each
+    round shifts a prompt to the next kind (its negatives differ in kind). `leak` needs an answer: rows
+    without one get the next kind instead."""
     types = list(types or CORRUPTIONS)
     bad = [t for t in types if t not in CORRUPTIONS]
     if bad:
@@ -169,7 +351,7 @@ def make_negatives(
     return out_t, out_k, np.arange(len(out_t)) % len(texts)
 
 
-# ---------------------------------------------------------------- probe
+# ---------------------------------------------------------------- probe (supervised)
 def fit_linear_probe(X: sp.csr_matrix, y: np.ndarray, C: float, min_support: float, max_features: int,
                      seed: int = 0) -> dict:
     cols = select_columns(X, min_support, max_features)
@@ -180,35 +362,162 @@ def fit_linear_probe(X: sp.csr_matrix, y: np.ndarray, C: float, min_support: flo
 
 
 def probe_scores(model: dict, X: sp.csr_matrix) -> np.ndarray:
-    """P(good) per row."""
+    """The probe's P(good) per row (the probe alone; quality_scores combines it with the other signals)."""
     return 1.0 / (1.0 + np.exp(-linear_score(model, X)))
 
 
-def score_from_json(path: str | Path, X: sp.csr_matrix) -> np.ndarray:
-    """Reload `signals/quality.json` and score CSR codes X (P(good))."""
-    return probe_scores(storage.read_json(path), X).astype(np.float32)
+# ---------------------------------------------------------------- novelty (unsupervised)
+def default_bands(width: int) -> list[tuple[int, int]]:
+    return [(0, int(width))]
 
 
+def fit_novelty(X_pos: sp.csr_matrix, bands: list[tuple[int, int]]) -> dict:
+    """Document frequency of every latent among the positives (a sample of the pool), per code band."""
+    A = sp.csr_matrix(X_pos)
+    df = np.bincount(A.indices[A.data > 0], minlength=A.shape[1])
+    out = {"n": int(A.shape[0]), "bands": []}
+    for a, b in bands:
+        seen = np.flatnonzero(df[a:b]) + a
+        out["bands"].append({"start": int(a), "end": int(b), "columns": seen.tolist(), "df": df[seen].tolist()})
+    return out
+
+
+def novelty_raw(model: dict, X: sp.csr_matrix, loo: bool = False) -> np.ndarray:
+    """(rows, bands): per code band, the mean -log p(latent active) over the row's active latents,
+    p = (df + 1) / (n + 2); a band with no active latent gets the weight of an unseen latent. `loo`: the
+    rows are the positives the model counted; each is scored without its own counts (df - 1, n - 1)."""
+    A = sp.csr_matrix(X, dtype=np.float64, copy=True)
+    A.data = (A.data > 0).astype(np.float64)
+    A.eliminate_zeros()
+    n = model["n"] - (1 if loo else 0)
+    out = np.empty((A.shape[0], len(model["bands"])))
+    unseen = -np.log(1.0 / (n + 2))
+    for k, band in enumerate(model["bands"]):
+        a, b = band["start"], band["end"]
+        w = np.full(b - a, unseen)
+        df = np.asarray(band["df"], float) - (1 if loo else 0)
+        w[np.asarray(band["columns"], np.int64) - a] = -np.log((df + 1.0) / (n + 2))
+        sub = A[:, a:b]
+        count = np.diff(sub.indptr)
+        total = np.asarray(sub @ w).ravel()
+        out[:, k] = np.where(count > 0, total / np.maximum(count, 1), unseen)
+    return out
+
+
+# ---------------------------------------------------------------- signals, references, combination
+def raw_signals(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None, loo: bool = False) -> dict:
+    """Per signal, its raw badness of each row (higher = worse): probe -logit, novelty per band, log length."""
+    raw = {"probe": -linear_score(model, X), "novelty": novelty_raw(model["novelty"], X, loo)}
+    if n_chars is not None:
+        raw["length"] = np.log(np.maximum(np.asarray(n_chars, float), 1.0))
+    return raw
+
+
+def _robust(x: np.ndarray) -> dict:
+    x = np.asarray(x, float)
+    med = float(np.median(x))
+    scale = 1.4826 * float(np.median(np.abs(x - med)))
+    if not scale > 1e-9:
+        scale = float(np.std(x)) if np.std(x) > 1e-9 else 1.0
+    return {"median": med, "scale": scale}
+
+
+def _z(x: np.ndarray, r: dict) -> np.ndarray:
+    return (np.asarray(x, float) - r["median"]) / r["scale"]
+
+
+def _novelty_mean(R: np.ndarray, bands: list[dict]) -> np.ndarray:
+    return np.mean([_z(R[:, k], r) for k, r in enumerate(bands)], axis=0)
+
+
+def fit_reference(raw: dict) -> dict:
+    """Location and scale of each signal on clean held-out prompts (robust: median, 1.4826 MAD)."""
+    ref: dict[str, Any] = {}
+    if "probe" in raw:
+        ref["probe"] = _robust(raw["probe"])
+    if "novelty" in raw:
+        bands = [_robust(raw["novelty"][:, k]) for k in range(raw["novelty"].shape[1])]
+        ref["novelty"] = {"bands": bands, **_robust(_novelty_mean(raw["novelty"], bands))}
+    if "length" in raw:
+        center = float(np.median(raw["length"]))
+        ref["length"] = {"center": center, **_robust(np.abs(raw["length"] - center))}
+    return ref
+
+
+def zscores(raw: dict, ref: dict) -> dict[str, np.ndarray]:
+    """Each signal's badness in robust SDs above a typical clean prompt's."""
+    z = {}
+    if "probe" in raw and "probe" in ref:
+        z["probe"] = _z(raw["probe"], ref["probe"])
+    if "novelty" in raw and "novelty" in ref:
+        z["novelty"] = _z(_novelty_mean(raw["novelty"], ref["novelty"]["bands"]), ref["novelty"])
+    if "length" in raw and "length" in ref:
+        z["length"] = _z(np.abs(raw["length"] - ref["length"]["center"]), ref["length"])
+    return z
+
+
+def combine(z: dict[str, np.ndarray], signals: list[str] | tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(badness, index into `signals` of the signal that attained it): the max of the signals' z-scores."""
+    missing = [s for s in signals if s not in z]
+    if missing:
+        raise ValueError(f"quality signal(s) {missing} not computed (length needs n_chars)")
+    Z = np.stack([z[s] for s in signals], axis=1)
+    return Z.max(axis=1), Z.argmax(axis=1)
+
+
+def fpr_cut(bad_clean: np.ndarray, rate: float) -> tuple[float, int]:
+    """(z cut, rows trimmed): the smallest cut that at most `rate` of the clean reference rows exceed,
+    after leaving out rows beyond TRIM_Z (presumed pollution of the pool the positives were sampled from)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"signals.quality.max_false_positive_rate must be in [0, 1), got {rate}")
+    bad_clean = np.asarray(bad_clean, float)
+    ref = bad_clean[bad_clean <= TRIM_Z]
+    if len(ref) == 0:
+        return TRIM_Z, len(bad_clean)
+    return float(np.quantile(ref, 1.0 - rate, method="higher")), int(len(bad_clean) - len(ref))
+
+
+def quality_scores(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(quality_score, flag index into model["combine"]) per row; quality_score = -(combined badness), so
+    higher = cleaner and 0 = a typical clean prompt."""
+    return scores_from_raw(model, raw_signals(model, X, n_chars if "length" in model["combine"] else None))
+
+
+def scores_from_raw(model: dict, raw: dict) -> tuple[np.ndarray, np.ndarray]:
+    bad, arg = combine(zscores(raw, model["reference"]), model["combine"])
+    return (-bad).astype(np.float32), arg
+
+
+def score_from_json(path: str | Path, X: sp.csr_matrix, n_chars: np.ndarray | None = None) -> np.ndarray:
+    """Reload `signals/quality.json` and score CSR codes X (+ prompt lengths when `length` is combined)."""
+    return quality_scores(storage.read_json(path), X, n_chars)[0]
+
+
+# ---------------------------------------------------------------- held-out evaluation
 def heldout_scores(
     pos_X: sp.csr_matrix, neg_X: sp.csr_matrix, train_pos: np.ndarray, test_pos: np.ndarray,
     train_neg: np.ndarray, test_neg: np.ndarray, C: float, min_support: float, max_features: int, seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fit on (train_pos, train_neg) rows; P(good) of the test_pos and test_neg rows."""
+    bands: list[tuple[int, int]] | None = None,
+) -> tuple[dict, dict]:
+    """Fit the probe on (train_pos, train_neg) rows and the novelty counts on train_pos (negatives are never
+    counted); raw signals (probe, novelty) of the test_pos and test_neg rows."""
     Xtr = sp.vstack([pos_X[train_pos], neg_X[train_neg]]).tocsr()
     ytr = np.r_[np.ones(len(train_pos)), np.zeros(len(train_neg))]
     model = fit_linear_probe(Xtr, ytr, C, min_support, max_features, seed)
-    return probe_scores(model, pos_X[test_pos]), probe_scores(model, neg_X[test_neg])
+    model["novelty"] = fit_novelty(pos_X[train_pos], bands or default_bands(pos_X.shape[1]))
+    return raw_signals(model, pos_X[test_pos]), raw_signals(model, neg_X[test_neg])
 
 
 def evaluation_splits(
     neg_types: np.ndarray, n_pos: int, seed: int, neg_source: np.ndarray | None = None, folds: int = 2,
+    held_out: bool = True,
 ) -> list[tuple[str, tuple]]:
     """(name, (train_pos, test_pos, train_neg, test_neg)) per fold. Positives are cut into `folds` folds;
     each fold is tested once, by a probe trained on the other folds. `overall`: trained on every
-    corruption type. Per type t: trained without t, tested on t only (t is never seen in training).
-    `neg_source[j]` = the positive negative j was made from: a prompt and its corruptions share a fold
-    (else a test prompt's own corruption would be in training). Without it (labelled negatives)
-    negatives get random folds."""
+    group. Per group t (a corruption family, `held_out`): trained without t, tested on t only (t is never
+    seen in training). `neg_source[j]` = the positive negative j was made from: a prompt and its
+    corruptions share a fold (else a test prompt's own corruption would be in training). Without it
+    (labelled negatives) negatives get random folds."""
     if folds < 2:
         raise ValueError(f"signals.quality.eval_folds must be >= 2, got {folds}")
     rng = np.random.default_rng(seed)
@@ -221,66 +530,158 @@ def evaluation_splits(
         tr_pos, te_pos = np.flatnonzero(pos_fold != f), np.flatnonzero(pos_fold == f)
         tr_neg = neg_fold != f
         splits.append(("overall", (tr_pos, te_pos, np.flatnonzero(tr_neg), np.flatnonzero(~tr_neg))))
-        for t in types if len(types) > 1 else []:
+        for t in types if (held_out and len(types) > 1) else []:
             splits.append((str(t), (tr_pos, te_pos, np.flatnonzero(tr_neg & (neg_types != t)),
                                     np.flatnonzero(~tr_neg & (neg_types == t)))))
     return splits
 
 
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUROC of "good" scores (higher = cleaner) of positives against negatives."""
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
 def pooled_aurocs(splits: list[tuple[str, tuple]], scores: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """One AUROC per split name over the out-of-fold scores of all its folds."""
+    """One AUROC per split name over the out-of-fold scores of all its folds (scores: higher = cleaner)."""
     out = {}
     for name in dict.fromkeys(n for n, _ in splits):
         parts = [sc for (n, _), sc in zip(splits, scores) if n == name]
-        pos, neg = np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts])
-        out[name] = float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+        out[name] = _auroc(np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts]))
     return out
+
+
+def _cat(parts: list[dict], key: str) -> np.ndarray:
+    return np.concatenate([p[key] for p in parts], axis=0)
+
+
+def pooled_signal_aurocs(
+    splits: list[tuple[str, tuple]], raws: list[tuple[dict, dict]], combos: dict[str, tuple[str, ...]],
+    pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, tuple[dict, np.ndarray]]]:
+    """Per split name, the AUROC of each signal alone and of each named combination, over the out-of-fold
+    rows of all its folds; each signal is standardised against that split's out-of-fold positives (as the
+    stage calibrates on them). Also per name: (pooled raw signals of the positives, their rows)."""
+    out, pos_raw = {}, {}
+    for name in dict.fromkeys(n for n, _ in splits):
+        idx = [k for k, (n, _) in enumerate(splits) if n == name]
+        rp = {s: _cat([raws[k][0] for k in idx], s) for s in raws[idx[0]][0]}
+        rn = {s: _cat([raws[k][1] for k in idx], s) for s in raws[idx[0]][1]}
+        te_pos = np.concatenate([splits[k][1][1] for k in idx])
+        te_neg = np.concatenate([splits[k][1][3] for k in idx])
+        if pos_len is not None and neg_len is not None:
+            rp["length"] = np.log(np.maximum(np.asarray(pos_len, float)[te_pos], 1.0))
+            rn["length"] = np.log(np.maximum(np.asarray(neg_len, float)[te_neg], 1.0))
+        ref = fit_reference(rp)
+        zp, zn = zscores(rp, ref), zscores(rn, ref)
+        res = {s: _auroc(-zp[s], -zn[s]) for s in SIGNALS if s in zp}
+        for label, sig in combos.items():
+            if all(s in zp for s in sig):
+                res[label] = _auroc(-combine(zp, sig)[0], -combine(zn, sig)[0])
+        out[name] = res
+        pos_raw[name] = (rp, te_pos)
+    return out, pos_raw
 
 
 def fit_quality_probe(
     pos_X: sp.csr_matrix, neg_X: sp.csr_matrix, neg_types: list[str] | np.ndarray, *, C: float = 0.01,
     min_support: float = 0.01, max_features: int = 4096, seed: int = 0, use_ray: bool = False,
-    neg_source: np.ndarray | None = None, folds: int = 2,
+    neg_source: np.ndarray | None = None, folds: int = 2, bands: list[tuple[int, int]] | None = None,
+    pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None,
+    combine_signals: list[str] | tuple[str, ...] = ("probe", "novelty"), held_out: bool = True,
+    max_false_positive_rate: float = 0.01,
 ) -> tuple[dict, dict]:
-    """Out-of-fold AUROCs (overall + leave-one-corruption-type-out), then the final probe on all rows.
-    `neg_source`: for synthetic negatives, the positive row each one was made from (see evaluation_splits)."""
+    """Out-of-fold AUROCs (overall + leaving one group of negatives out: pass corruption families), per
+    signal and combined; then the final probe on all rows, the novelty counts on all positives, each
+    signal's reference (location, scale) from the out-of-fold positives, and the `max_false_positive_rate`
+    cut on the combined score of those clean held-out positives. `neg_source`: for synthetic negatives,
+    the positive row each one was made from (see evaluation_splits). Lengths (n_chars) enable `length`."""
     neg_types = np.asarray(neg_types, dtype=str)
+    combine_signals = tuple(combine_signals)
     if neg_X.shape[0] != len(neg_types):
         raise ValueError(f"{neg_X.shape[0]} negative rows but {len(neg_types)} negative types")
-    splits = evaluation_splits(neg_types, pos_X.shape[0], seed, neg_source, folds)
-    args = (C, min_support, max_features, seed)
+    bad = [s for s in combine_signals if s not in SIGNALS]
+    if bad or not combine_signals:
+        raise ValueError(f"signals.quality.combine must be a non-empty subset of {SIGNALS}, got {list(combine_signals)}")
+    if "length" in combine_signals and (pos_len is None or neg_len is None):
+        raise ValueError("the length signal needs prompt lengths (pos_len, neg_len)")
+    bands = bands or default_bands(pos_X.shape[1])
+    splits = evaluation_splits(neg_types, pos_X.shape[0], seed, neg_source, folds, held_out)
+    args = (C, min_support, max_features, seed, bands)
     if use_ray:
         import ray
 
         task = ray.remote(num_cpus=1)(heldout_scores)
         p_ref, n_ref = ray.put(pos_X), ray.put(neg_X)
-        scores = ray.get([task.remote(p_ref, n_ref, *s, *args) for _, s in splits])
+        raws = ray.get([task.remote(p_ref, n_ref, *s, *args) for _, s in splits])
     else:
-        scores = [heldout_scores(pos_X, neg_X, *s, *args) for _, s in splits]
-    auroc = pooled_aurocs(splits, scores)
-    per_type = {k: v for k, v in auroc.items() if k != "overall"}
-    metrics: dict[str, Any] = {"auroc_overall": auroc["overall"], "auroc_leave_one_type_out": per_type,
-                               "eval_folds": folds}
-    if per_type:
-        metrics["auroc_loto_mean"] = float(np.mean(list(per_type.values())))
+        raws = [heldout_scores(pos_X, neg_X, *s, *args) for _, s in splits]
+    combos = {"combined": combine_signals, "probe+novelty": ("probe", "novelty")}
+    if pos_len is not None and neg_len is not None:
+        combos["probe+novelty+length"] = ("probe", "novelty", "length")
+    auroc, pos_raw = pooled_signal_aurocs(splits, raws, combos, pos_len, neg_len)
+    per_group = {k: v for k, v in auroc.items() if k != "overall"}
+    metrics: dict[str, Any] = {
+        "combine": list(combine_signals), "auroc_overall": auroc["overall"]["combined"],
+        "auroc_overall_by_signal": auroc["overall"], "eval_folds": folds,
+    }
+    if per_group:
+        fam = {k: v["combined"] for k, v in per_group.items()}
+        metrics.update(
+            auroc_leave_one_family_out=fam, auroc_lofo_mean=float(np.mean(list(fam.values()))),
+            auroc_lofo_min=float(min(fam.values())), n_families=len(fam),
+            auroc_lofo_by_signal={s: {"mean": float(np.mean([v[s] for v in per_group.values()])),
+                                      "min": float(min(v[s] for v in per_group.values()))}
+                                  for s in next(iter(per_group.values()))},
+            auroc_lofo_table=per_group,
+        )
     X = sp.vstack([pos_X, neg_X]).tocsr()
     y = np.r_[np.ones(pos_X.shape[0]), np.zeros(neg_X.shape[0])]
     model = fit_linear_probe(X, y, C, min_support, max_features, seed)
+    model["novelty"] = fit_novelty(pos_X, bands)
+    # The reference: every positive scored out of fold (the "overall" splits test each one once); novelty
+    # with the final counts, each positive without its own (leave-one-out), so its scale is the final one's.
+    rp, te_pos = pos_raw["overall"]
+    rp = {**rp, "novelty": novelty_raw(model["novelty"], pos_X[te_pos], loo=True)}
+    model["reference"] = fit_reference({s: rp[s] for s in rp})
+    model["combine"] = list(combine_signals)
+    bad_clean, _ = combine(zscores(rp, model["reference"]), combine_signals)
+    z_cut, trimmed = fpr_cut(bad_clean, max_false_positive_rate)
+    model["fpr_threshold"] = -z_cut
     metrics.update(n_pos=int(pos_X.shape[0]), n_neg=int(neg_X.shape[0]),
-                   neg_types={str(t): int((neg_types == t).sum()) for t in np.unique(neg_types)})
+                   neg_types={str(t): int((neg_types == t).sum()) for t in np.unique(neg_types)},
+                   calibration={"reference_rows": int(len(bad_clean)), "trimmed_as_pollution": trimmed,
+                                "trim_z": TRIM_Z, "max_false_positive_rate": max_false_positive_rate,
+                                "threshold": -z_cut})
     return model, metrics
 
 
-def keep_mask(scores: np.ndarray, keep_fraction: float, threshold: float | None) -> tuple[np.ndarray, float]:
-    """Everything at or above `threshold`, or the top `keep_fraction` by score; returns (keep, cut)."""
+# ---------------------------------------------------------------- filter
+def keep_mask(scores: np.ndarray, keep_fraction: float | None, threshold: float | None) -> tuple[np.ndarray, float]:
+    """Everything at or above `threshold`, or (legacy quota) the top `keep_fraction` by score; returns (keep, cut)."""
     if threshold is not None:
         return scores >= threshold, float(threshold)
-    if not 0.0 < keep_fraction <= 1.0:
+    if keep_fraction is None or not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"signals.quality.keep_fraction must be in (0, 1], got {keep_fraction}")
     n_keep = int(np.ceil(keep_fraction * len(scores)))
     keep = np.zeros(len(scores), bool)
     keep[np.argsort(-scores, kind="stable")[:n_keep]] = True
     return keep, float(scores[keep].min()) if n_keep else float("inf")
+
+
+def filter_rule(model: dict, cfg: QualityConfig) -> tuple[str, float | None]:
+    """Which rule decides, and its threshold: an explicit `threshold`, else a legacy `keep_fraction` quota
+    (cut known only after scoring), else the model's `max_false_positive_rate` cut."""
+    if cfg.threshold is not None:
+        return "threshold", float(cfg.threshold)
+    if cfg.keep_fraction is not None:
+        return "keep_fraction", None
+    return "max_false_positive_rate", float(model["fpr_threshold"])
+
+
+def flags_for(keep: np.ndarray, flag_idx: np.ndarray, signals: list[str]) -> np.ndarray:
+    """Per row, the signal that flagged a dropped prompt ("" for kept ones)."""
+    names = np.asarray(list(signals), dtype=object)
+    return np.where(keep, "", names[np.asarray(flag_idx, np.int64)]).astype(object)
 
 
 def labelled_rows(prompts: pd.DataFrame, column: str | None) -> np.ndarray | None:
@@ -316,48 +717,65 @@ def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int) -> Quali
 
 def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | None, texts: list[str] | None,
               answers: list[str] | None, featurize: Featurizer | None, cfg: QualityConfig, seed: int,
-              use_ray: bool = True) -> tuple[dict, dict]:
-    """The probe on the codes of `setup.pos` (+ `setup.neg`, or negatives made from `texts`/`answers`,
-    the positives' own prompts, and featurised here)."""
+              use_ray: bool = True, bands: list[tuple[int, int]] | None = None,
+              pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None) -> tuple[dict, dict]:
+    """The probe + novelty on the codes of `setup.pos` (+ `setup.neg`, or negatives made from `texts` /
+    `answers`, the positives' own prompts, featurised here). Lengths: n_chars of the positives (and of
+    labelled negatives; synthetic negatives' are their texts' lengths)."""
     if setup.neg is not None:
         neg_types, neg_source = ["labelled"] * len(setup.neg), None
+        kinds = neg_types
     else:
         if featurize is None:
             raise ValueError("synthetic quality negatives need a featurizer (saerl_ray.features.featurize_texts)")
-        neg_texts, neg_types, neg_source = make_negatives(
+        neg_texts, kinds, neg_source = make_negatives(
             texts, answers, seed=seed, types=cfg.corruptions, per_prompt=cfg.negatives_per_prompt,
         )
+        neg_types = families_of(kinds)
+        neg_len = np.array([len(t) for t in neg_texts], float)
         neg_X = sp.csr_matrix(featurize(neg_texts))
         if neg_X.shape != (len(neg_texts), pos_X.shape[1]):
             raise ValueError(f"featurizer returned shape {neg_X.shape}, expected {(len(neg_texts), pos_X.shape[1])}")
-    return fit_quality_probe(
+    model, metrics = fit_quality_probe(
         pos_X, neg_X, neg_types, C=cfg.C, min_support=cfg.min_support, max_features=cfg.max_features,
-        seed=seed, use_ray=use_ray, neg_source=neg_source, folds=cfg.eval_folds,
+        seed=seed, use_ray=use_ray, neg_source=neg_source, folds=cfg.eval_folds, bands=bands,
+        pos_len=pos_len, neg_len=neg_len, combine_signals=cfg.combine, held_out=cfg.leave_one_family_out,
+        max_false_positive_rate=cfg.max_false_positive_rate,
     )
+    metrics["neg_kinds"] = {str(k): int(v) for k, v in zip(*np.unique(np.asarray(kinds, str), return_counts=True))}
+    return model, metrics
 
 
-def finish_quality(setup: QualitySetup, model: dict, metrics: dict, scores: np.ndarray, cfg: QualityConfig,
-                   out_path: str) -> tuple[np.ndarray, dict]:
-    """Keep flags from every prompt's score, then quality.json."""
-    keep, cut = keep_mask(scores, cfg.keep_fraction, cfg.threshold)
-    metrics.update(label_source=setup.label_source, threshold=cut, kept=int(keep.sum()), dropped=int((~keep).sum()))
+def finish_quality(setup: QualitySetup, model: dict, metrics: dict, scores: np.ndarray, flag_idx: np.ndarray,
+                   cfg: QualityConfig, out_path: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Keep flags from every prompt's score (filter_rule), the flag of each dropped prompt, then quality.json."""
+    rule, cut = filter_rule(model, cfg)
+    keep, cut = keep_mask(scores, cfg.keep_fraction, cut)
+    flags = flags_for(keep, flag_idx, model["combine"])
+    by_flag = {s: int((flags == s).sum()) for s in model["combine"]}
+    metrics.update(label_source=setup.label_source, rule=rule, threshold=cut, kept=int(keep.sum()),
+                   dropped=int((~keep).sum()), dropped_by_signal=by_flag)
     storage.write_json(out_path, {**model, "threshold": cut, "metrics": metrics})
-    return keep, metrics
+    return keep, flags, metrics
 
 
 def run_quality(
     prompts: pd.DataFrame, X: sp.csr_matrix, cfg: QualityConfig, seed: int, featurize: Featurizer | None,
-    out_path: str, use_ray: bool = True,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Stage body on codes in memory: labels or synthetic negatives -> probe -> score every prompt ->
-    keep flags. (The signals stage runs the same steps with the codes left in their part files.)"""
+    out_path: str, use_ray: bool = True, bands: list[tuple[int, int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Stage body on codes in memory: labels or synthetic negatives -> probe + novelty -> score every
+    prompt -> keep flags. (The signals stage runs the same steps with the codes left in their part files.)
+    Returns (quality_score, keep, flag, metrics)."""
     setup = quality_setup(prompts, cfg, seed)
+    n_chars = (prompts["n_chars"].to_numpy(float) if "n_chars" in prompts.columns
+               else prompts["prompt"].str.len().to_numpy(float))
     texts = answers = None
     if setup.neg is None:
         sub = prompts.iloc[setup.pos]
         texts, answers = sub["prompt"].tolist(), sub["answer"].fillna("").tolist()
     model, metrics = fit_setup(setup, X[setup.pos], None if setup.neg is None else X[setup.neg], texts, answers,
-                               featurize, cfg, seed, use_ray)
-    scores = probe_scores(model, X).astype(np.float32)
-    keep, metrics = finish_quality(setup, model, metrics, scores, cfg, out_path)
-    return scores, keep, metrics
+                               featurize, cfg, seed, use_ray, bands, n_chars[setup.pos],
+                               None if setup.neg is None else n_chars[setup.neg])
+    scores, flag_idx = quality_scores(model, X, n_chars)
+    keep, flags, metrics = finish_quality(setup, model, metrics, scores, flag_idx, cfg, out_path)
+    return scores, keep, flags, metrics

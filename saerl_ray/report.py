@@ -388,17 +388,33 @@ def _difficulty_section(run: _Run) -> str:
                                "Predicted difficulty per cluster", "difficulty"))
 
 
+# The filtered-prompts table lists every dropped prompt up to this many (the count is always stated).
+FILTERED_ROWS = 500
+
+
 def _quality_section(run: _Run) -> str:
     df = run.df
     kept = df["keep"].to_numpy(bool)
     cut = float(df.loc[kept, "quality_score"].min()) if kept.any() and (~kept).any() else None
-    low = df[~df["keep"]].sort_values("quality_score").head(15)
-    return ("<h2>Quality</h2>" + _kv_table(_flat(run.summary("signals").get("quality", {})))
-            + _hist(df["quality_score"].to_numpy(float), "Quality probe score (all prompts)", "score", cut)
+    flag = df["quality_flag"] if "quality_flag" in df.columns else pd.Series("", index=df.index)
+    dropped = df.assign(flag=flag.fillna(""))[~kept].sort_values("quality_score")
+    q = run.summary("signals").get("quality", {})
+    lofo = q.get("auroc_lofo_table") or {}
+    shown = dropped.head(FILTERED_ROWS)
+    by_flag = ", ".join(f"{k or 'unflagged'} {v}" for k, v in dropped["flag"].value_counts().items())
+    note = (f"<p>{len(dropped)} of {len(df)} prompts filtered ({q.get('rule', 'rule n/a')}, threshold "
+            f"{_fmt(q.get('threshold'))}; by signal: {by_flag or 'none'})"
+            + (f"; the {FILTERED_ROWS} lowest-scored are listed" if len(dropped) > FILTERED_ROWS else "; all listed")
+            + ". score = quality_score (higher = cleaner, 0 = a typical clean prompt); flag = the signal whose "
+              "z-score against clean held-out prompts was highest.</p>")
+    return ("<h2>Quality</h2>" + _kv_table(_flat(q))
+            + ("<h3>AUROC with each corruption family held out of training</h3>"
+               + _table([{"family": f, **v} for f, v in lofo.items()]) if lofo else "")
+            + _hist(df["quality_score"].to_numpy(float), "Quality score (all prompts)", "score", cut)
             + _per_cluster_box(df["quality_score"].to_numpy(float), run.clusters, "Quality score per cluster", "score")
-            + "<h3>Filtered prompts (lowest scores)</h3>"
-            + _table([{"score": r.quality_score, "source": r.source, "prompt": r.prompt[:300]}
-                      for r in low.itertuples()]))
+            + "<h3>Filtered prompts</h3>" + note
+            + _table([{"score": r.quality_score, "flag": r.flag, "source": r.source, "prompt": r.prompt[:300]}
+                      for r in shown.itertuples()]))
 
 
 def _plan_section(run: _Run) -> str:

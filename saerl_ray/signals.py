@@ -49,6 +49,7 @@ GROUP_ROWS = 32_768
 ASSIGNMENTS_SCHEMA = pa.schema([
     ("id", pa.string()), ("cluster", pa.int32()), ("cluster_dist", pa.float32()),
     ("difficulty_pred", pa.float32()), ("quality_score", pa.float32()), ("keep", pa.bool_()),
+    ("quality_flag", pa.string()),
 ])
 
 
@@ -85,16 +86,17 @@ def load_group(paths: list[str], n_columns: int, cluster_cols: np.ndarray, metri
 
 
 def score_group(paths: list[str], n_columns: int, d_model: dict | None, q_model: dict) -> tuple:
-    """Ray task: predicted difficulty (None for the length fallback) and P(good) of a group's rows."""
+    """Ray task: predicted difficulty (None for the length fallback) and the quality model's raw code
+    signals (probe, novelty per band) of a group's rows; the driver adds length and combines."""
     _, _, X = read_parts(paths, n_columns)
     d = dif.linear_score(d_model, X).astype(np.float32) if d_model is not None else None
-    return d, qual.probe_scores(q_model, X).astype(np.float32)
+    return d, qual.raw_signals(q_model, X)
 
 
 def _meta_columns(path: str, sc) -> list[str]:
     """What the signals need of every prompt: ids, sources, label columns; prompt texts only for the probe sample."""
     have = storage.parquet_columns(path)
-    want = ["id", "source", sc.difficulty.label_column, sc.quality.label_column]
+    want = ["id", "source", "n_chars", sc.difficulty.label_column, sc.quality.label_column]
     return [c for c in dict.fromkeys(w for w in want if w) if c in have]
 
 
@@ -175,17 +177,28 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
         answers = [a or "" for a in text["answer"].to_pylist()]
         del text
     featurize = featurize or default_featurizer(cfg)
+    # Prompt lengths (the `length` signal); the novelty counts read each quality code as its own band.
+    n_chars = (prompts["n_chars"].fillna(0).to_numpy(float) if "n_chars" in prompts.columns
+               else pac.utf8_length(storage.read_parquet(prompts_path, columns=["prompt"])["prompt"]).to_numpy().astype(float))
+    d_sae = stored_codes(cfg.run_dir)[1]
+    q_bands = [(int(code_columns(cfg.run_dir, [c])[0]), int(code_columns(cfg.run_dir, [c])[0]) + d_sae)
+               for c in codes["quality"]]
     q_model, q_metrics = qual.fit_setup(
         q_setup, keep_columns(rows_of(q_setup.pos), q_cols),
         None if q_setup.neg is None else keep_columns(rows_of(q_setup.neg), q_cols), texts, answers,
-        lambda t: keep_columns(featurize(t), q_cols), sc.quality, cfg.seed,
+        lambda t: keep_columns(featurize(t), q_cols), sc.quality, cfg.seed, bands=q_bands,
+        pos_len=n_chars[q_setup.pos], neg_len=None if q_setup.neg is None else n_chars[q_setup.neg],
     )
     phase["fit"] = time.time()
 
     score = ray.remote(num_cpus=1)(score_group)
     d_ref, q_ref = ray.put(d_model), ray.put(q_model)
     scored = ray.get([score.remote(g, n_columns, d_ref, q_ref) for g in groups])
-    score_q = np.concatenate([q for _, q in scored])[perm]
+    q_raw = {k: np.concatenate([q[k] for _, q in scored], axis=0)[perm] for k in scored[0][1]}
+    if "length" in q_model["combine"]:
+        q_raw["length"] = np.log(np.maximum(n_chars, 1.0))
+    score_q, q_flag_idx = qual.scores_from_raw(q_model, q_raw)
+    del q_raw
     if d_model is None:
         difficulty, d_metrics = dif.difficulty_fallback(d_setup, n_tokens, storage.join(tmp, "difficulty.json"))
     else:
@@ -193,11 +206,12 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
         d_metrics = dif.finish_difficulty(d_setup, d_model, d_metrics, difficulty, sc.difficulty,
                                           storage.join(tmp, "difficulty.json"))
     del scored
-    keep, q_metrics = qual.finish_quality(q_setup, q_model, q_metrics, score_q, sc.quality,
-                                          storage.join(tmp, "quality.json"))
+    keep, q_flags, q_metrics = qual.finish_quality(q_setup, q_model, q_metrics, score_q, q_flag_idx, sc.quality,
+                                                   storage.join(tmp, "quality.json"))
     table = pa.table({
         "id": meta["id"], "cluster": km.labels, "cluster_dist": km.dist,
         "difficulty_pred": difficulty.astype(np.float32), "quality_score": score_q, "keep": keep,
+        "quality_flag": pa.array(q_flags, pa.string()),
     }, schema=ASSIGNMENTS_SCHEMA)
     storage.write_parquet(table, storage.join(tmp, "assignments.parquet"))
     phase["score"] = time.time()
@@ -217,8 +231,9 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     d_txt = ("FALLBACK length rank" if d_metrics.get("fallback")
              else f"holdout spearman {_fmt(d_metrics.get('holdout', {}).get('spearman'))}")
     print(f"[signals] {n} prompts: {c.k} clusters (sizes {sizes.min()}-{sizes.max()}, "
-          f"{km.n_iter} rounds), difficulty {d_txt}, quality AUROC {_fmt(q_metrics['auroc_overall'])}, "
-          f"kept {int(keep.sum())}/{n}", flush=True)
+          f"{km.n_iter} rounds), difficulty {d_txt}, quality AUROC {_fmt(q_metrics['auroc_overall'])} "
+          f"(leave-one-family-out mean {_fmt(q_metrics.get('auroc_lofo_mean'))}), "
+          f"kept {int(keep.sum())}/{n} ({q_metrics['rule']})", flush=True)
     return summary
 
 

@@ -5,15 +5,32 @@
 
 Uses the run's MATH-500 prompts (runs ingest/sae/features first if needed) and scores four
 representations with one protocol each, so the numbers are comparable:
-  difficulty_spearman  5-fold CV ElasticNet (alpha/l1 picked by inner CV), Spearman vs `level`
+  difficulty_spearman  5-fold out-of-fold Spearman vs `level` of the estimator the signals stage ships
+                       (saerl_ray.difficulty via validate_difficulty: its column selection, log1p design
+                       (off for the baselines), alpha/l1 grid by inner CV, holdout), fit on each 4/5
   topic_nmi            k-means with K=7 (cosine), NMI vs `subject`
   quality_auroc        logistic probe (the signals stage's, its C and negatives per prompt), 5-fold
                        out-of-fold AUROC on corruptions of held-out prompts
-  quality_auroc_loto   the same, each corruption type also held out of training (mean over types)
+  quality_auroc_loto   alias of quality_auroc_lofo's mean (kept for old readers)
+  quality_auroc_lofo   {rep: {"mean", "min", "families"}}: each corruption FAMILY (13) held out of
+                       training in turn, AUROC on that family + held-out prompts. `sae` = the stage's
+                       combined score (signals.quality.combine: probe, novelty, length); the baselines
+                       their own probe. quality_auroc_lofo_parts: the sae row per signal and combination
+  filter_rate_clean    the share of GSM8K-test (all 1,319, featurised here) and MATH-500 prompts the run's
+                       own quality filter (signals/quality.json, the signals stage run if needed) drops;
+                       filter_rate_clean_detail: per source, the rule, threshold and flags
 Representations: `sae` (the features stage's codes, each metric on the codes its signal reads:
 signals.difficulty/cluster/quality.codes), `length`
 (token count), `tfidf` (word 1-2 grams; SVD-128 for the regression and k-means, the sparse TF-IDF
 itself for the probe), `random` (Gaussian features: the control that must score ~0 / ~0.5).
+Beyond the table (saerl_ray/validate_difficulty.py; `validation.*` config fields):
+  difficulty_spearman_seeds  the SAE difficulty row over `validation.sae_seeds` SAE seeds (the run's SAE
+                       and ones trained with seeds seed+1, ... in <run_dir>/validate/seeds/<k>/):
+                       {"mean", "min", "std", "per_seed", "ensemble", "explained_variance"}
+  difficulty_ood_auroc {"sae", "length"}: mean pairwise AUROC with which the regression fit on every
+                       MATH-500 level orders benchmarks of known hardness (`validation.ood_tiers`, default
+                       GSM8K-test < MATH-500 < AMC23 < OlympiadBench, AIME24; features of a seeded subset in
+                       <run_dir>/validate/ood/); difficulty_ood_detail: per pair, mean prediction, counts
 Writes `<run_dir>/validate/results.json` (the report shows it).
 """
 
@@ -25,18 +42,15 @@ import sys
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.stats import spearmanr
 from sklearn.cluster import KMeans
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import ElasticNetCV
 from sklearn.metrics import normalized_mutual_info_score
-from sklearn.model_selection import KFold
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
 
 from saerl_ray import storage
 from saerl_ray.config import RunConfig
+from saerl_ray.validate_difficulty import difficulty_extras, difficulty_oof, difficulty_spearman, spearman  # noqa: F401
 
 METRICS = ("difficulty_spearman", "topic_nmi", "quality_auroc", "quality_auroc_loto")
 REPS = ("sae", "length", "tfidf", "random")
@@ -54,16 +68,6 @@ def sae_design(X: sp.csr_matrix) -> np.ndarray:
     return np.log1p(np.maximum(_dense(X[:, keep]), 0))
 
 
-def difficulty_spearman(X: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> float:
-    pred = np.zeros_like(y, dtype=float)
-    for tr, te in KFold(folds, shuffle=True, random_state=seed).split(X):
-        model = make_pipeline(StandardScaler(), ElasticNetCV(l1_ratio=[0.1, 0.5, 0.9], alphas=12, cv=3,
-                                                              random_state=seed, max_iter=5000))
-        model.fit(X[tr], y[tr])
-        pred[te] = model.predict(X[te])
-    return float(spearmanr(pred, y).statistic)
-
-
 def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> float:
     Z = normalize(StandardScaler().fit_transform(X)) if X.shape[1] > 1 else X
     labels = KMeans(k, n_init=4, random_state=seed).fit_predict(Z)
@@ -71,17 +75,58 @@ def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> f
 
 
 def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, neg_source: np.ndarray, C: float,
-                  seed: int = 0, folds: int = 5) -> dict:
-    """The signals stage's own probe and splits (quality.fit_quality_probe), `folds`-fold: `overall` tests
-    on corruptions of held-out prompts; `loto` also holds the corruption type out of training.
-    neg_source[j] = the positive negative j was made from (each pair stays in one fold)."""
+                  seed: int = 0, folds: int = 5, combine: tuple[str, ...] = ("probe",), bands=None,
+                  pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None) -> dict:
+    """The signals stage's own model and splits (quality.fit_quality_probe), `folds`-fold: `overall` tests
+    on corruptions of held-out prompts; `lofo` also holds the corruption's family out of training
+    (neg_types: corruption kinds, grouped by quality.FAMILIES; other labels are their own group).
+    `combine`: the signals scored (the baselines: their probe alone). neg_source[j] = the positive
+    negative j was made from (each pair stays in one fold)."""
     import ray
 
-    from saerl_ray.quality import fit_quality_probe
+    from saerl_ray.quality import families_of, fit_quality_probe
 
-    _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), neg_types, C=C, seed=seed,
-                             neg_source=neg_source, folds=folds, use_ray=ray.is_initialized())
-    return {"overall": m["auroc_overall"], "loto": m["auroc_loto_mean"], "by_type": m["auroc_leave_one_type_out"]}
+    _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), families_of(neg_types), C=C, seed=seed,
+                             neg_source=neg_source, folds=folds, use_ray=ray.is_initialized(), bands=bands,
+                             pos_len=pos_len, neg_len=neg_len, combine_signals=combine)
+    lofo = {"mean": m["auroc_lofo_mean"], "min": m["auroc_lofo_min"], "families": m["n_families"]}
+    parts = {k: {**v, "overall": m["auroc_overall_by_signal"][k]} for k, v in m["auroc_lofo_by_signal"].items()}
+    return {"overall": m["auroc_overall"], "loto": lofo["mean"], "lofo": lofo,
+            "by_type": m["auroc_leave_one_family_out"], "parts": parts}
+
+
+def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
+    """The run's own filter (signals/quality.json: trained on the run's pool the way the signals stage
+    does; the stage runs here if it has not) applied to curated prompts: MATH-500 (the run's codes) and
+    GSM8K-test (gsm8k_test.jsonl beside an ingest input; all rows, featurised here). Their share dropped."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from saerl_ray.features import featurize_texts
+    from saerl_ray.pipeline import run_pipeline
+    from saerl_ray.quality import quality_scores
+
+    run_pipeline(cfg, ["signals"])
+    model = storage.read_json(storage.join(cfg.run_dir, "signals", "quality.json"))
+    cut = float(model["threshold"])
+    sets = {"math500": (X_math, math["prompt"].str.len().to_numpy(float))}
+    found = [Path(i.path).parent / "gsm8k_test.jsonl" for i in cfg.ingest.inputs]
+    found = [f for f in found if f.exists()]
+    if found:
+        gsm = [str(q).strip() for q in pd.read_json(found[0], lines=True)["question"]]
+        sets["gsm8k_test"] = (featurize_texts(gsm, cfg.run_dir, cfg), np.array([len(t) for t in gsm], float))
+    detail: dict = {"rule": model.get("metrics", {}).get("rule"), "threshold": cut, "combine": model.get("combine")}
+    dropped = total = 0
+    for name, (X, n_chars) in sets.items():
+        score, flag = quality_scores(model, X, n_chars)
+        drop = score < cut
+        names = np.asarray(model.get("combine", ["probe"]))[flag[drop]]
+        detail[name] = {"n": int(len(score)), "dropped": int(drop.sum()), "rate": float(drop.mean()),
+                        "by_flag": {str(k): int((names == k).sum()) for k in np.unique(names)}}
+        dropped, total = dropped + int(drop.sum()), total + len(score)
+    detail["gsm8k_test_file"] = str(found[0]) if found else None
+    return {"rate": dropped / max(total, 1), "detail": detail}
 
 
 def _load(cfg: RunConfig):
@@ -118,6 +163,10 @@ def validate(cfg: RunConfig) -> dict:
                                                       types=qc.corruptions, per_prompt=qc.negatives_per_prompt)
     neg_types = np.asarray(neg_types)
     X_neg_sae = featurize_texts(neg_texts, cfg.run_dir, cfg)[:, q_cols]
+    # The stage's quality model reads each of its codes as a band (novelty) and prompt lengths in chars.
+    n_q = len(signal_codes(cfg, "quality"))
+    q_bands = [(k * len(q_cols) // n_q, (k + 1) * len(q_cols) // n_q) for k in range(n_q)]
+    q_len = (np.array([len(t) for t in texts], float), np.array([len(t) for t in neg_texts], float))
 
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts + neg_texts)
     svd = TruncatedSVD(128, random_state=cfg.seed).fit(tfidf.transform(texts + neg_texts))
@@ -125,12 +174,14 @@ def validate(cfg: RunConfig) -> dict:
         cfg.model.name, cfg.model.trust_remote_code)
     neg_len = np.array([len(tok(t).input_ids) for t in neg_texts], dtype=float)
     rand = rng.normal(size=(len(texts) + len(neg_texts), 128))
-    # Per representation: (dense design for the regression, for k-means, and non-negative features of
-    # prompts and negatives for the probe, which applies its own log1p design).
+    # Per representation: (features for the regression, for k-means, and non-negative features of
+    # prompts and negatives for the probe, which applies its own log1p design). The regression applies
+    # its own design too: log1p of the SAE codes, the baselines as they are (transform none).
     D_tfidf = svd.transform(tfidf.transform(texts))
     D_len = np.log(n_tokens.astype(float))[:, None]
+    d_cols = code_columns(cfg.run_dir, signal_codes(cfg, "difficulty"))
     reps = {
-        "sae": (sae_design(X_all[:, code_columns(cfg.run_dir, signal_codes(cfg, "difficulty"))]),
+        "sae": (X_all[:, d_cols],
                 sae_design(X_all[:, code_columns(cfg.run_dir, signal_codes(cfg, "cluster"))]), X_all[:, q_cols], X_neg_sae),
         "length": (D_len, D_len, n_tokens.astype(float)[:, None], neg_len[:, None]),
         "tfidf": (D_tfidf, D_tfidf, tfidf.transform(texts), tfidf.transform(neg_texts)),
@@ -138,15 +189,24 @@ def validate(cfg: RunConfig) -> dict:
     }
     res: dict = {m: {} for m in METRICS}
     per_type: dict = {}
+    oof: dict = {}  # out-of-fold difficulty predictions, reused by the seeds / benchmark-order keys
     for name, (D, D_topic, Xp, Xn) in reps.items():
-        res["difficulty_spearman"][name] = difficulty_spearman(D, y, cfg.seed)
+        oof[name] = difficulty_oof(D, y, cfg.signals.difficulty, cfg.seed, transform="log1p" if name == "sae" else "none")
+        res["difficulty_spearman"][name] = spearman(oof[name], y)
         res["topic_nmi"][name] = topic_nmi(D_topic, topics, 7, cfg.seed)
-        q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed)
+        sae_q = dict(combine=tuple(qc.combine), bands=q_bands, pos_len=q_len[0], neg_len=q_len[1]) if name == "sae" else {}
+        q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed, **sae_q)
         res["quality_auroc"][name] = q["overall"]
         res["quality_auroc_loto"][name] = q["loto"]
+        res.setdefault("quality_auroc_lofo", {})[name] = q["lofo"]
+        if name == "sae":
+            res["quality_auroc_lofo_parts"] = q["parts"]
         per_type[name] = q["by_type"]
-    res["quality_auroc_by_type"] = per_type
+    res["quality_auroc_by_type"] = per_type  # per held-out corruption family
+    fr = filter_rate_clean(cfg, math, X_all)
+    res["filter_rate_clean"], res["filter_rate_clean_detail"] = fr["rate"], fr["detail"]
     res["n"] = {"prompts": len(texts), "negatives": len(neg_texts)}
+    res.update(difficulty_extras(cfg, math, y, oof, X_all, n_tokens, d_cols))
     return res
 
 
@@ -160,7 +220,20 @@ def _print_table(res: dict) -> None:
         t.add_column(r, justify="right")
     for m in METRICS:
         t.add_row(m, *[f"{res[m][r]:.3f}" for r in REPS])
+    if "quality_auroc_lofo" in res:
+        t.add_row("quality_auroc_lofo min", *[f"{res['quality_auroc_lofo'][r]['min']:.3f}" for r in REPS])
     Console().print(t)
+    seeds, ood = res.get("difficulty_spearman_seeds"), res.get("difficulty_ood_auroc")
+    if seeds:
+        Console().print(f"difficulty_spearman over SAE seeds {list(seeds['per_seed'])}: mean {seeds['mean']:.3f}, "
+                        f"min {seeds['min']:.3f}, std {seeds['std']:.3f} (length {res['difficulty_spearman']['length']:.3f})"
+                        + (f", seed ensemble {seeds['ensemble']:.3f}" if seeds.get("ensemble") is not None else ""))
+    if ood:
+        Console().print("difficulty_ood_auroc (benchmark order, mean pairwise AUROC): "
+                        + ", ".join(f"{r} {v:.3f}" for r, v in ood.items()))
+    if "filter_rate_clean" in res:
+        Console().print(f"filter_rate_clean (GSM8K-test + MATH-500 dropped by the run's filter): "
+                        f"{res['filter_rate_clean']:.4f}")
 
 
 def main(cfg: RunConfig, as_json: bool = False) -> int:

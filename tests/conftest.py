@@ -94,6 +94,10 @@ def tiny_run_config(run_dir, model_dir, shared_data, **extra):
         "signals.difficulty.n_labelled": None,
         "signals.quality.n_train": 60,
         "plan.batch_size": 8,
+        # validate: no extra SAE seeds, small benchmark subsets (tests/test_validate_on_cpu.py covers both)
+        "validation.data_dir": str(shared_data),
+        "validation.sae_seeds": 1,
+        "validation.ood_max_prompts": 20,
         **extra,
     }
     return load_config(None, overrides)

@@ -5,6 +5,7 @@ import json
 import pyarrow.parquet as pq
 
 from saerl_ray import validate
+from saerl_ray.quality import families_of
 
 from saerl_ray.pipeline import run_pipeline
 
@@ -44,8 +45,18 @@ def test_validate_json_is_the_only_stdout(tmp_path, tiny_config, ray_cluster, ca
         assert set(res[metric]) == set(validate.REPS)
     for rep in validate.REPS:
         assert -1 <= res["difficulty_spearman"][rep] <= 1 and 0 <= res["topic_nmi"][rep] <= 1
-        assert 0 <= res["quality_auroc"][rep] <= 1 and set(res["quality_auroc_by_type"][rep]) == set(cfg.signals.quality.corruptions)
+        families = set(families_of(cfg.signals.quality.corruptions))
+        assert 0 <= res["quality_auroc"][rep] <= 1 and set(res["quality_auroc_by_type"][rep]) == families
+        assert res["quality_auroc_lofo"][rep]["families"] == len(families) >= 12
+        assert res["quality_auroc_lofo"][rep]["min"] <= res["quality_auroc_lofo"][rep]["mean"] == res["quality_auroc_loto"][rep]
+    assert set(res["quality_auroc_lofo_parts"]) >= {"probe", "novelty", "length", "combined"}
+    assert 0 <= res["filter_rate_clean"] <= 1 and res["filter_rate_clean_detail"]["gsm8k_test"]["n"] == 1319
+    assert res["filter_rate_clean_detail"]["math500"]["n"] == 100
     assert res["n"] == {"prompts": 100, "negatives": 100 * cfg.signals.quality.negatives_per_prompt}
+    # The difficulty row over SAE seeds (one here: validation.sae_seeds=1 in the tiny config) and the
+    # benchmark-order check (tests/test_validate_on_cpu.py covers both in depth).
+    assert res["difficulty_spearman_seeds"]["per_seed"] == {"0": res["difficulty_spearman"]["sae"]}
+    assert set(res["difficulty_ood_auroc"]) == {"sae", "length"} and len(res["difficulty_ood_detail"]["pairs"]["sae"]) == 9
     assert json.loads((tmp_path / "run/validate/results.json").read_text()) == res
 
 

@@ -1,10 +1,12 @@
-"""Quality probe (saerl_ray.quality): each corruption does what it says, leave-one-type-out AUROC is
-computed on a type the probe never saw, JSON round trip, keep rules."""
+"""Quality (saerl_ray.quality): each corruption does what it says, leave-one-family-out AUROC is computed
+on a family the probe never saw, the novelty signal needs no negatives, JSON round trip, the
+false-positive-rate cut, keep rules and flags."""
 
 import json
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
@@ -14,9 +16,11 @@ from sklearn.preprocessing import StandardScaler
 
 from saerl_ray.difficulty import design
 from saerl_ray.quality import (
-    CORRUPTIONS, OFFDOMAIN_SENTENCES, evaluation_splits, pooled_aurocs, fit_quality_probe, garble, keep_mask, leak,
-    make_negatives, mismatch, offdomain, probe_scores, score_from_json, shuffle, truncate,
+    CORRUPTIONS, FAMILIES, LEGACY_CORRUPTIONS, OFFDOMAIN_SENTENCES, corrupt, evaluation_splits, families_of,
+    pooled_aurocs, fit_quality_probe, garble, keep_mask, leak, make_negatives, mismatch, offdomain, probe_scores,
+    quality_scores, run_quality, score_from_json, shuffle, truncate,
 )
+from saerl_ray.config import QualityConfig
 
 TEXT = "Find the number of positive integers n such that n squared is less than one hundred and n is odd."
 OTHER = "A triangle has sides of length three four and five so compute its area in square units please."
@@ -63,17 +67,18 @@ def test_garble_replaces_about_a_third_of_characters():
 def test_make_negatives_is_balanced_seeded_and_skips_leak_without_answer():
     texts = [f"{TEXT} variant {i}" for i in range(60)]
     answers = ["" if i % 2 else str(i) for i in range(60)]
-    neg, types, source = make_negatives(texts, answers, seed=7)
-    assert (neg, types) == make_negatives(texts, answers, seed=7)[:2]
+    legacy = list(LEGACY_CORRUPTIONS)
+    neg, types, source = make_negatives(texts, answers, seed=7, types=legacy)
+    assert (neg, types) == make_negatives(texts, answers, seed=7, types=legacy)[:2]
     assert source.tolist() == list(range(60))
-    assert len(neg) == 60 and set(types) <= set(CORRUPTIONS)
+    assert len(neg) == 60 and set(types) <= set(LEGACY_CORRUPTIONS)
     for i, (t, k) in enumerate(zip(neg, types)):
         if k == "leak":
             assert answers[i] and t == leak(texts[i], answers[i])
         if k == "truncate":
             assert texts[i].startswith(t)
     counts = Counter(types)
-    assert counts["leak"] <= 10 and min(counts[k] for k in CORRUPTIONS if k != "leak") >= 10
+    assert counts["leak"] <= 10 and min(counts[k] for k in LEGACY_CORRUPTIONS if k != "leak") >= 10
     with pytest.raises(ValueError, match="unknown corruption 'typo'"):
         make_negatives(texts, answers, types=["typo"])
 
@@ -81,9 +86,9 @@ def test_make_negatives_is_balanced_seeded_and_skips_leak_without_answer():
 def test_more_negatives_per_prompt_vary_the_kind_and_keep_the_first_round():
     texts = [f"{TEXT} variant {i}" for i in range(30)]
     answers = [str(i) for i in range(30)]
-    neg, types, source = make_negatives(texts, answers, seed=3, per_prompt=2)
+    neg, types, source = make_negatives(texts, answers, seed=3, per_prompt=2, types=list(LEGACY_CORRUPTIONS))
     assert len(neg) == 60 and source.tolist() == list(range(30)) * 2
-    assert (neg[:30], types[:30]) == make_negatives(texts, answers, seed=3)[:2]
+    assert (neg[:30], types[:30]) == make_negatives(texts, answers, seed=3, types=list(LEGACY_CORRUPTIONS))[:2]
     assert all(types[i] != types[i + 30] for i in range(30))  # a prompt's two negatives differ in kind
     with pytest.raises(ValueError, match="negatives_per_prompt must be >= 1"):
         make_negatives(texts, answers, per_prompt=0)
@@ -140,28 +145,33 @@ def planted(n=400, d=40, seed=0):
     return sp.csr_matrix(pos), sp.csr_matrix(neg), types
 
 
-def test_leave_one_type_out_tests_a_type_never_seen(ray_cluster):
+def test_leave_one_family_out_tests_a_family_never_seen(ray_cluster):
     pos, neg, types = planted()
     model, m = fit_quality_probe(pos, neg, types, C=1.0, seed=0, use_ray=True)
-    loto = m["auroc_leave_one_type_out"]
-    assert set(loto) == {"A", "B", "C", "copy"}
-    # A held-out type's marker latent never appears in training, so the probe cannot see it: ~chance.
-    # (~50 test negatives per type: chance is 0.5 +- ~0.05.)
+    table = m["auroc_lofo_table"]
+    assert set(table) == set(m["auroc_leave_one_family_out"]) == {"A", "B", "C", "copy"} and m["n_families"] == 4
+    # A held-out family's marker latent never appears in the probe's training, so the probe alone cannot
+    # see it: ~chance (~50 test negatives per family: 0.5 +- ~0.05).
     for t in ["A", "B", "C", "copy"]:
-        assert 0.3 < loto[t] < 0.7
-    # Trained on every type, the held-out rows of A/B/C are easy; copies stay at chance, so overall
-    # sits near (3 * 1.0 + 0.5) / 4.
-    assert 0.8 < m["auroc_overall"] < 0.93
+        assert 0.3 < table[t]["probe"] < 0.7
+    # The novelty signal needs no negatives: a latent no clean prompt uses is rare, whichever family
+    # brought it, so the combined score catches held-out A/B/C; copies of positives stay at chance.
+    for t in "ABC":
+        assert table[t]["novelty"] > 0.95 and m["auroc_leave_one_family_out"][t] > 0.95
+    assert 0.3 < m["auroc_leave_one_family_out"]["copy"] < 0.7
+    assert m["auroc_lofo_min"] == min(m["auroc_leave_one_family_out"].values())
+    # Trained on every family, the probe alone sits near (3 * 1.0 + 0.5) / 4.
+    assert 0.8 < m["auroc_overall_by_signal"]["probe"] < 0.93
     scores = probe_scores(model, neg)
     assert scores[types == "A"].mean() < 0.2 < scores[types == "copy"].mean()
 
 
-def test_shared_corruption_signal_generalises_to_held_out_type():
+def test_shared_corruption_signal_generalises_to_held_out_family():
     pos, neg, types = planted(seed=1)
     neg = neg.tolil()
     neg[np.flatnonzero(types != "copy"), 35] = 2.0  # a latent every real corruption shares
     _, m = fit_quality_probe(pos, neg.tocsr(), types, seed=0)
-    assert all(m["auroc_leave_one_type_out"][t] > 0.9 for t in "ABC")
+    assert all(m["auroc_lofo_table"][t]["probe"] > 0.9 for t in "ABC")
 
 
 def test_json_round_trip_equals_sklearn(tmp_path):
@@ -172,7 +182,9 @@ def test_json_round_trip_equals_sklearn(tmp_path):
     y = np.r_[np.ones(pos.shape[0]), np.zeros(neg.shape[0])]
     D = design(X, np.asarray(model["columns"])).toarray()
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000, random_state=0)).fit(D, y)
-    np.testing.assert_allclose(score_from_json(tmp_path / "q.json", X), ref.predict_proba(D)[:, 1], atol=1e-5)
+    np.testing.assert_allclose(probe_scores(json.loads((tmp_path / "q.json").read_text()), X),
+                               ref.predict_proba(D)[:, 1], atol=1e-5)
+    np.testing.assert_allclose(score_from_json(tmp_path / "q.json", X), quality_scores(model, X)[0], atol=1e-6)
 
 
 def test_keep_rules():
@@ -181,5 +193,133 @@ def test_keep_rules():
     assert keep.tolist() == [True, False, True, True, False] and cut == 0.5
     keep, cut = keep_mask(s, 0.6, 0.6)
     assert keep.tolist() == [True, False, False, True, False] and cut == 0.6
+    keep, cut = keep_mask(s, None, 0.6)
+    assert keep.tolist() == [True, False, False, True, False]
     with pytest.raises(ValueError, match="keep_fraction"):
         keep_mask(s, 0.0, None)
+
+
+REAL = [  # real-looking problems: several sentences, numbers, a question (GSM8K / MATH style)
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "If $f(x) = \\frac{3x-2}{x-2}$, what is the value of $f(-2) +f(-1)+f(0)$? Express your answer as a common fraction.",
+    "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates. Enter your answer in the form $(r,\\theta).$",
+]
+
+
+def test_at_least_twelve_families_each_kind_in_exactly_one():
+    assert len(FAMILIES) >= 12
+    kinds = [k for ks in FAMILIES.values() for k in ks]
+    assert sorted(kinds) == sorted(CORRUPTIONS) and len(set(kinds)) == len(kinds)
+    assert set(LEGACY_CORRUPTIONS) <= set(CORRUPTIONS)
+    assert families_of(["garble", "cipher", "leak", "labelled"]).tolist() == ["char_noise", "char_noise",
+                                                                           "answer_leak", "labelled"]
+
+
+@pytest.mark.parametrize("i", range(len(REAL)))
+def test_every_kind_changes_the_prompt_and_kinds_differ(i):
+    outs = {k: corrupt(k, i, REAL, ["12", "72", "-14/3", "(3, pi/2)"], np.random.default_rng(5)) for k in CORRUPTIONS}
+    for k, t in outs.items():
+        assert t.strip() and t != REAL[i], k
+    assert len(set(outs.values())) == len(outs)  # no two kinds make the same text
+
+
+def test_kinds_do_what_they_say():
+    r = np.random.default_rng(0)
+    t = REAL[0]
+    assert "___" in corrupt("blank_numbers", 0, REAL, ["12"], r) and "12" not in corrupt("blank_numbers", 0, REAL, ["12"], r)
+    assert "?" not in corrupt("drop_question", 0, REAL, ["12"], r)
+    assert corrupt("concat", 0, REAL, ["12"], r).startswith(t) and len(corrupt("concat", 0, REAL, ["12"], r)) > len(t) + 20
+    rep = corrupt("repeat", 0, REAL, ["12"], r)
+    assert len(rep) > len(t) and all(w in rep for w in t.split())
+    con = corrupt("contradict", 0, REAL, ["12"], r)
+    assert con.count("earns") == 2 or con.count("did") >= 3  # a numbered sentence stated twice
+    assert any(tok in corrupt("markup", 0, REAL, ["12"], r) for tok in ("<", "\\", "&", "[", "{{"))
+    assert t not in corrupt("stub", 0, REAL, ["12"], r)
+
+
+def fpr_planted(n=600, d=60, seed=0, pollution=0):
+    """Positives: codes on latents 0..39 (+ `pollution` rows that are really garbage: latents 50..59,
+    unlabelled, as a polluted pool would hand them over); negatives of families A/B/C: positive-like codes
+    plus a marker latent 40/41/42."""
+    rng = np.random.default_rng(seed)
+
+    def codes(m, lo=0, hi=40):
+        X = np.zeros((m, d), np.float32)
+        for r in range(m):
+            X[r, lo + rng.choice(hi - lo, 6, replace=False)] = rng.exponential(1.0, 6)
+        return X
+
+    pos = codes(n)
+    pos[:pollution] = codes(pollution, 50, 60)
+    types = np.array(list("ABC") * (n // 3))
+    neg = codes(n)
+    for j, t in enumerate("ABC"):
+        neg[types == t, 40 + j] = 3.0
+    return sp.csr_matrix(pos), sp.csr_matrix(neg), types
+
+
+def test_fpr_cut_drops_at_most_the_rate_of_clean_held_out_prompts():
+    pos, neg, types = fpr_planted()
+    model, m = fit_quality_probe(pos, neg, types, C=0.1, seed=0, max_false_positive_rate=0.02)
+    # fresh clean prompts from the same distribution, never seen in training
+    fresh, _, _ = fpr_planted(n=3000, seed=9)
+    score, _ = quality_scores(model, fresh)
+    assert (score < model["fpr_threshold"]).mean() <= 0.035  # 0.02 + sampling error of ~600 references
+    assert m["calibration"]["max_false_positive_rate"] == 0.02 and m["calibration"]["trimmed_as_pollution"] == 0
+    # the corruptions themselves fall below it
+    score_neg, _ = quality_scores(model, neg)
+    assert (score_neg < model["fpr_threshold"]).mean() > 0.9
+
+
+def test_polluted_pool_loses_its_pollution_and_almost_nothing_else(tmp_path):
+    """run_quality on a pool with 5% garbage it was not told about: the garbage is dropped (by novelty:
+    the probe never saw that kind), the clean prompts almost all kept, and every drop carries its flag."""
+    n, bad = 600, 30
+    pos, neg, types = fpr_planted(n=n, seed=3, pollution=bad)
+    prompts = pd.DataFrame({"prompt": [f"problem {i} " + "x" * (40 + i % 7) for i in range(n)], "answer": "1"})
+    neg_by_text = {}
+
+    def featurize(texts):  # negatives' codes: the planted ones, dealt in order
+        rows = [neg_by_text.setdefault(t, len(neg_by_text)) % neg.shape[0] for t in texts]
+        return neg[rows]
+
+    cfg = QualityConfig(n_train=n, C=0.1, max_false_positive_rate=0.01, negatives_per_prompt=1)
+    score, keep, flags, m = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / "q.json"), use_ray=False)
+    assert not keep[:bad].any()  # all the pollution dropped
+    assert (~keep[bad:]).mean() <= 0.03  # clean rows: the rate + a little
+    assert set(flags[~keep]) <= {"probe", "novelty"} and (flags[keep] == "").all() and (flags[:bad] != "").all()
+    assert m["rule"] == "max_false_positive_rate" and m["dropped"] == int((~keep).sum())
+    assert m["calibration"]["trimmed_as_pollution"] >= bad // 2  # garbage left out of the reference quantile
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert saved["threshold"] == m["threshold"] and saved["combine"] == ["probe", "novelty"]
+    # the legacy quota and the explicit threshold still work
+    _, keep_q, _, mq = run_quality(prompts, pos, QualityConfig(n_train=n, C=0.1, negatives_per_prompt=1,
+                                   keep_fraction=0.5), 0, featurize, str(tmp_path / "q2.json"), use_ray=False)
+    assert keep_q.sum() == n // 2 and mq["rule"] == "keep_fraction"
+
+
+def test_report_lists_every_filtered_prompt_with_score_and_flag():
+    from saerl_ray import report
+
+    n = 40
+    df = pd.DataFrame({"id": [str(i) for i in range(n)], "prompt": [f"prompt number {i}" for i in range(n)],
+                       "source": "gsm8k", "cluster": np.arange(n) % 2, "quality_score": np.linspace(-9, 1, n),
+                       "keep": np.arange(n) >= 3, "quality_flag": ["novelty", "probe", "probe"] + [""] * (n - 3)})
+
+    class Run:
+        def __init__(self):
+            self.df, self.clusters = df, df["cluster"].to_numpy()
+
+        def summary(self, stage):
+            return {"quality": {"rule": "max_false_positive_rate", "threshold": -5.0,
+                                "auroc_lofo_table": {"stub": {"probe": 0.6, "novelty": 0.99, "combined": 0.98}}}}
+
+    page = report._quality_section(Run())
+    assert "3 of 40 prompts filtered" in page and "max_false_positive_rate" in page
+    for i, f in enumerate(["novelty", "probe", "probe"]):
+        assert f"prompt number {i}</td>" in page
+    assert page.count(">novelty<") == 2 and page.count(">probe<") >= 2  # flags in the rows (+ LOFO header)
+    assert "prompt number 3<" not in page  # kept prompts are not listed
+    assert "stub" in page  # the leave-one-family-out table

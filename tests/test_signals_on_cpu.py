@@ -22,7 +22,7 @@ from saerl_ray.config import ConfigError, load_config, signal_codes
 from saerl_ray.difficulty import predict_from_json
 from saerl_ray.featureio import code_columns, load_features, stored_codes
 from saerl_ray.ingest import prompt_id
-from saerl_ray.quality import CORRUPTIONS, score_from_json
+from saerl_ray.quality import FAMILIES, score_from_json
 from saerl_ray.stage import Stage
 
 D_SAE, TOP_K = 256, 24
@@ -137,7 +137,12 @@ def test_signals_stage_contract(run_dir, ray_cluster, capsys):
     assert summary["difficulty"]["n_labelled"] == 100 and not summary["difficulty"]["fallback"]
     assert summary["difficulty"]["label_source"] == "prompts.difficulty"
     q = summary["quality"]
-    assert set(q["auroc_leave_one_type_out"]) == set(CORRUPTIONS) and q["n_pos"] == 60
+    assert set(q["auroc_leave_one_family_out"]) == set(FAMILIES) and q["n_pos"] == 60 and q["n_families"] == 13
+    assert q["rule"] == "keep_fraction"  # set in config(): the legacy quota still works
+    # Every dropped prompt says which signal flagged it; kept ones carry "".
+    assert (sig.loc[sig["keep"], "quality_flag"] == "").all()
+    assert set(sig.loc[~sig["keep"], "quality_flag"]) <= {"probe", "novelty"} and (sig.loc[~sig["keep"], "quality_flag"] != "").all()
+    assert sum(q["dropped_by_signal"].values()) == (~sig["keep"]).sum()
     assert sig["keep"].sum() == summary["kept"] == math.ceil(0.9 * 140)
     assert sig.loc[sig["keep"], "quality_score"].min() >= sig.loc[~sig["keep"], "quality_score"].max()
     assert "[signals] 140 prompts" in capsys.readouterr().out
