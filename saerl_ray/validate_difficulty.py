@@ -220,7 +220,7 @@ def difficulty_extras(cfg: RunConfig, math: pd.DataFrame, y: np.ndarray, oof: di
         X_k, ev[cfg.seed + k] = seed_codes(cfg, k, list(math["id"]), math["prompt"].tolist())
         preds.append(difficulty_oof(X_k[:, d_cols], y, dc, cfg.seed))
         per_seed[cfg.seed + k] = spearman(preds[-1], y)
-        print(f"[validate] difficulty, SAE seed {cfg.seed + k}: Spearman {per_seed[cfg.seed + k]}", flush=True)
+        print(f"[validate] difficulty, SAE seed {cfg.seed + k}: Spearman {per_seed[cfg.seed + k] or 0.0:.3f}", flush=True)
     out: dict[str, Any] = {"difficulty_spearman_seeds": seeds_summary(
         per_seed, spearman(np.mean(preds, axis=0), y) if len(preds) > 1 else None, ev)}
     if not vc.ood:
