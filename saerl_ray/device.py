@@ -123,12 +123,19 @@ def _unique_bytes(module: torch.nn.Module, seen: set[int]) -> int:
     return total
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks for the common HF causal-LM layouts."""
+    base = getattr(model, "model", model)
+    for attr in ("layers", "h", "blocks"):
+        if hasattr(base, attr):
+            return getattr(base, attr)
+    raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
+
+
 def module_sizes(model) -> list[tuple[str, int, bool]]:
     """(device_map key, parameter bytes, is a decoder layer) in forward order: the base model's
     children before the layer list, each layer, the children after it, then the CausalLM's own
     children (lm_head). Tied parameters count towards the first module that holds them."""
-    from saerl_ray.models import decoder_layers
-
     layers = decoder_layers(model)
     base_name, base = next(((n, m) for n, m in model.named_children() if any(c is layers for c in m.children())),
                            (None, None))

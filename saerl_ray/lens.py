@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from saerl_ray.device import Placement, input_device, model_device_map
-from saerl_ray.models import DTYPES, decoder_layers, hook_name, load_model, model_config
+from saerl_ray.device import Placement, decoder_layers, input_device, model_device_map
+from saerl_ray.models import DTYPES, hook_name, load_model, model_config
 
 
 @dataclass(frozen=True)

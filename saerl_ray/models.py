@@ -177,15 +177,6 @@ def load_for_generation(name: str, dtype: str = "float32", trust_remote_code: bo
                       device_map=model_device_map(placement, config), config=config)
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The list of decoder blocks for the common HF causal-LM layouts."""
-    base = getattr(model, "model", model)
-    for attr in ("layers", "h", "blocks"):
-        if hasattr(base, attr):
-            return getattr(base, attr)
-    raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
-
-
 def hook_name(layer: int) -> str:
     return f"model.layers.{layer}"
 
