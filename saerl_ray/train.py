@@ -49,12 +49,17 @@ def stage_fingerprint(cfg: RunConfig, policy: str) -> str:
 
 
 def backend_stage(cfg: RunConfig, name: str):
-    """(the backend's Stage under `<run_dir>/<name>`, the resolved policy path)."""
+    """(the backend's Stage under `<run_dir>/<name>`, the resolved policy path, and the summary of a
+    run of this config that already finished, else None: then there is nothing to do)."""
     from saerl_ray.models import resolve
     from saerl_ray.stage import Stage
 
     policy = str(resolve(cfg.train.policy or cfg.model.name))
-    return Stage(cfg.run_dir, name, stage_fingerprint(cfg, policy)), policy
+    st = Stage(cfg.run_dir, name, stage_fingerprint(cfg, policy))
+    if not st.done():
+        return st, policy, None
+    print(f"[saerl-ray] {name}: {st.out} is done for this config; nothing to do", flush=True)
+    return st, policy, st.summary()
 
 
 def join_ray(cfg: RunConfig, env: dict[str, str]) -> None:
@@ -65,3 +70,49 @@ def join_ray(cfg: RunConfig, env: dict[str, str]) -> None:
 
     os.environ.update({k: os.environ.get(k, v) for k, v in env.items()})
     init_ray(cfg.ray)
+
+
+def common_train_errors(cfg: RunConfig, backend: str, local_io: str) -> list[str]:
+    """The `train.*` checks every GPU backend shares, each error naming its field; `local_io` says what
+    the backend writes with local file I/O (why an object-store run_dir is refused)."""
+    from saerl_ray import storage
+
+    t, errors = cfg.train, []
+    if t.prompts_per_step is not None and t.prompts_per_step < 1:
+        errors.append(f"train.prompts_per_step must be >= 1 (or null for plan.batch_size), got {t.prompts_per_step}")
+    if not t.temperature > 0:
+        errors.append(f"train.temperature must be > 0 with the {backend} backend, got {t.temperature}: "
+                      "greedy groups are identical, so every group-normalised advantage is 0")
+    if t.kl_coef < 0:
+        errors.append(f"train.kl_coef must be >= 0, got {t.kl_coef}")
+    elif t.algo == "dapo" and t.kl_coef > 0:
+        errors.append(f"train.kl_coef={t.kl_coef} with train.algo=dapo: DAPO has no KL term; "
+                      "set train.kl_coef: 0 or use train.algo: grpo")
+    if t.save_every < 0:
+        errors.append(f"train.save_every must be >= 0 (0 = no checkpoints), got {t.save_every}")
+    if t.heldout_every < 0:
+        errors.append(f"train.heldout_every must be >= 0, got {t.heldout_every}")
+    elif t.heldout_every and not t.heldout_file:
+        errors.append(f"train.heldout_every={t.heldout_every} needs train.heldout_file")
+    if t.steps < 1:
+        errors.append(f"train.steps must be >= 1, got {t.steps}")
+    if storage.is_uri(cfg.run_dir):
+        errors.append(f"run_dir={cfg.run_dir!r}: train.backend={t.backend} writes {local_io} with local file I/O; "
+                      "use a filesystem path (a shared volume on a cluster)")
+    return errors
+
+
+def read_plan_in_order(cfg: RunConfig, columns: list[str]):
+    """The plan with row i = position i (the sampler serves positions, the backend's dataset is indexed by them)."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    plan_path = Path(cfg.run_dir) / "plan" / "plan.parquet"
+    if not plan_path.exists():
+        raise FileNotFoundError(f"{plan_path} not found: run `saerl-ray plan` first")
+    plan = pq.read_table(plan_path, columns=["position", *columns])
+    pos = plan.column("position").to_pylist()
+    if pos != list(range(len(pos))):
+        raise ValueError(f"{plan_path}: column 'position' must be 0..{len(pos) - 1} in row order")
+    return plan

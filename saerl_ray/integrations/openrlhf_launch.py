@@ -47,7 +47,9 @@ import pyarrow.parquet as pq
 from saerl_ray.config import ConfigError, RunConfig
 from saerl_ray.reward import ANSWER_INSTRUCTION as INSTRUCTION
 from saerl_ray.sampler import SAMPLER_NAMESPACE
-from saerl_ray.train import backend_stage, join_ray, prompts_per_step, stage_fingerprint  # noqa: F401 (part of this module's API)
+from saerl_ray.train import (  # noqa: F401 (stage_fingerprint: part of this module's API)
+    backend_stage, common_train_errors, join_ray, prompts_per_step, read_plan_in_order, stage_fingerprint,
+)
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 REWARD_FILE = Path(__file__).with_name("openrlhf_reward.py")
@@ -70,13 +72,7 @@ def out_dir(cfg: RunConfig) -> Path:
 
 def write_prompt_file(cfg: RunConfig, sampler_actor: str, group_size: int) -> Path:
     """Plan -> OpenRLHF prompt dataset, row i = plan position i (the sampler yields positions)."""
-    plan_path = Path(cfg.run_dir) / "plan" / "plan.parquet"
-    if not plan_path.exists():
-        raise FileNotFoundError(f"{plan_path} not found: run `saerl-ray plan` first")
-    plan = pq.read_table(plan_path, columns=["position", "id", "prompt", "answer", "source", "cluster"])
-    pos = plan.column("position").to_pylist()
-    if pos != list(range(len(pos))):
-        raise ValueError(f"{plan_path}: column 'position' must be 0..{len(pos) - 1} in row order")
+    plan = read_plan_in_order(cfg, ["id", "prompt", "answer", "source", "cluster"])
     labels = [
         json.dumps({"id": i, "answer": a, "cluster": int(c), "sampler": sampler_actor, "n": group_size})
         for i, a, c in zip(plan.column("id").to_pylist(), plan.column("answer").to_pylist(), plan.column("cluster").to_pylist())
@@ -123,31 +119,9 @@ def check_config(cfg: RunConfig) -> None:
     for flag in UNSUPPORTED:
         if flag in t.extra_args:
             errors.append(f"train.extra_args: {flag} is not supported with the curriculum trainer")
-    if t.prompts_per_step is not None and t.prompts_per_step < 1:
-        errors.append(f"train.prompts_per_step must be >= 1 (or null for plan.batch_size), got {t.prompts_per_step}")
-    if not t.temperature > 0:
-        errors.append(f"train.temperature must be > 0 with the OpenRLHF backend, got {t.temperature}: "
-                      "greedy groups are identical, so every group-normalised advantage is 0")
-    if t.kl_coef < 0:
-        errors.append(f"train.kl_coef must be >= 0, got {t.kl_coef}")
-    elif t.algo == "dapo" and t.kl_coef > 0:
-        errors.append(f"train.kl_coef={t.kl_coef} with train.algo=dapo: DAPO has no KL term; "
-                      "set train.kl_coef: 0 or use train.algo: grpo")
     if t.lr_scheduler not in LR_SCHEDULERS:
         errors.append(f"train.lr_scheduler={t.lr_scheduler!r} has no OpenRLHF mapping ({sorted(LR_SCHEDULERS)})")
-    if t.save_every < 0:
-        errors.append(f"train.save_every must be >= 0 (0 = no checkpoints), got {t.save_every}")
-    if t.heldout_every < 0:
-        errors.append(f"train.heldout_every must be >= 0, got {t.heldout_every}")
-    elif t.heldout_every and not t.heldout_file:
-        errors.append(f"train.heldout_every={t.heldout_every} needs train.heldout_file")
-    if t.steps < 1:
-        errors.append(f"train.steps must be >= 1, got {t.steps}")
-    from saerl_ray import storage
-
-    if storage.is_uri(cfg.run_dir):
-        errors.append(f"run_dir={cfg.run_dir!r}: train.backend=openrlhf writes DeepSpeed checkpoints and the "
-                      "model with local file I/O; use a filesystem path (a shared volume on a cluster)")
+    errors += common_train_errors(cfg, "OpenRLHF", "DeepSpeed checkpoints and the model")
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -298,10 +272,9 @@ def run(cfg: RunConfig) -> dict:
 
     t0 = time.time()
     check_config(cfg)  # before Ray, the sampler or any file: a bad field costs nothing
-    st, policy = backend_stage(cfg, STAGE)
-    if st.done():
-        print(f"[saerl-ray] openrlhf: {st.out} is done for this config; nothing to do", flush=True)
-        return st.summary()
+    st, policy, done = backend_stage(cfg, STAGE)
+    if done is not None:
+        return done
     # An interrupted run with the same config keeps its checkpoints when train.resume is on.
     out = Path(st.begin(keep_partial=cfg.train.resume))
     # OpenRLHF's own ray.init (skipped: Ray is up) would set these as a runtime_env. Under a job they come

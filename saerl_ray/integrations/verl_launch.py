@@ -54,7 +54,9 @@ import pyarrow.parquet as pq
 from saerl_ray.config import ConfigError, RunConfig
 from saerl_ray.reward import ANSWER_INSTRUCTION as INSTRUCTION
 from saerl_ray.sampler import SAMPLER_NAMESPACE
-from saerl_ray.train import backend_stage, join_ray, prompts_per_step, stage_fingerprint  # noqa: F401 (part of this module's API)
+from saerl_ray.train import (  # noqa: F401 (stage_fingerprint: part of this module's API)
+    backend_stage, common_train_errors, join_ray, prompts_per_step, read_plan_in_order, stage_fingerprint,
+)
 
 STAGE = "verl"
 VERL_VERSION = "0.9.1"
@@ -116,36 +118,14 @@ def check_config(cfg: RunConfig) -> None:
         for protected, why in PROTECTED.items():
             if key == protected or key.startswith(protected + "."):
                 errors.append(f"train.extra_args: {arg!r} sets {protected}, which the curriculum backend fixes: {why}")
-    if t.prompts_per_step is not None and t.prompts_per_step < 1:
-        errors.append(f"train.prompts_per_step must be >= 1 (or null for plan.batch_size), got {t.prompts_per_step}")
-    if not t.temperature > 0:
-        errors.append(f"train.temperature must be > 0 with the verl backend, got {t.temperature}: "
-                      "greedy groups are identical, so every group-normalised advantage is 0")
-    if t.kl_coef < 0:
-        errors.append(f"train.kl_coef must be >= 0, got {t.kl_coef}")
-    elif t.algo == "dapo" and t.kl_coef > 0:
-        errors.append(f"train.kl_coef={t.kl_coef} with train.algo=dapo: DAPO has no KL term; "
-                      "set train.kl_coef: 0 or use train.algo: grpo")
     if t.lr_scheduler not in LR_SCHEDULERS:
         errors.append(f"train.lr_scheduler={t.lr_scheduler!r} has no verl mapping (verl {VERL_VERSION} "
                       f"optim.lr_scheduler_type is one of {sorted(LR_SCHEDULERS)})")
-    if t.save_every < 0:
-        errors.append(f"train.save_every must be >= 0 (0 = no checkpoints), got {t.save_every}")
-    if t.heldout_every < 0:
-        errors.append(f"train.heldout_every must be >= 0, got {t.heldout_every}")
-    elif t.heldout_every and not t.heldout_file:
-        errors.append(f"train.heldout_every={t.heldout_every} needs train.heldout_file")
-    if t.steps < 1:
-        errors.append(f"train.steps must be >= 1, got {t.steps}")
     if t.num_workers < 1:
         errors.append(f"train.num_workers must be >= 1 (GPUs), got {t.num_workers}")
     if t.algo == "dapo" and t.max_new_tokens < 2:
         errors.append(f"train.max_new_tokens={t.max_new_tokens} leaves no room for DAPO's overlong buffer")
-    from saerl_ray import storage
-
-    if storage.is_uri(cfg.run_dir):
-        errors.append(f"run_dir={cfg.run_dir!r}: train.backend=verl writes its dataset and checkpoints with local "
-                      "file I/O (trainer.default_local_dir); use a filesystem path (a shared volume on a cluster)")
+    errors += common_train_errors(cfg, "verl", "its dataset and checkpoints (trainer.default_local_dir)")
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -265,13 +245,8 @@ def _chat(prompt: str) -> list[dict[str, str]]:
 
 def write_dataset(cfg: RunConfig) -> Path:
     """Plan -> verl RL parquet, row i = plan position i (the sampler yields positions)."""
-    plan_path = Path(cfg.run_dir) / "plan" / "plan.parquet"
-    if not plan_path.exists():
-        raise FileNotFoundError(f"{plan_path} not found: run `saerl-ray plan` first")
-    plan = pq.read_table(plan_path, columns=["position", "id", "prompt", "answer", "source", "cluster"])
-    pos = plan.column("position").to_pylist()
-    if pos != list(range(len(pos))):
-        raise ValueError(f"{plan_path}: column 'position' must be 0..{len(pos) - 1} in row order")
+    plan = read_plan_in_order(cfg, ["id", "prompt", "answer", "source", "cluster"])
+    pos = range(plan.num_rows)
     ids, answers = plan.column("id").to_pylist(), plan.column("answer").to_pylist()
     clusters = plan.column("cluster").to_pylist()
     table = pa.table({
@@ -323,17 +298,16 @@ def override_value(overrides: list[str], key: str, default: str) -> str:
 
 def run(cfg: RunConfig) -> dict:
     """`saerl-ray train --train.backend verl`: start the sampler, write the dataset, run verl."""
-    from saerl_ray.integrations.openrlhf_launch import actor_name
     import ray
 
+    from saerl_ray.integrations.openrlhf_launch import actor_name
     from saerl_ray.sampler import get_or_create_sampler
 
     t0 = time.time()
     check_config(cfg)  # before Ray, the sampler or any file: a bad field costs nothing
-    st, policy = backend_stage(cfg, STAGE)
-    if st.done():
-        print(f"[saerl-ray] verl: {st.out} is done for this config; nothing to do", flush=True)
-        return st.summary()
+    st, policy, done = backend_stage(cfg, STAGE)
+    if done is not None:
+        return done
     st.begin(keep_partial=cfg.train.resume)  # an interrupted run keeps its checkpoints when resuming
     join_ray(cfg, VERL_ENV)
     sampler = get_or_create_sampler(cfg)
