@@ -20,6 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+# One source for these names: the stages take their tuples from here (typing.get_args).
+Code = Literal["pooled", "last", "mean", "halves"]
+Variant = Literal["saerl", "shuffled", "length", "no_mix", "full_mix", "no_filter"]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -154,8 +159,8 @@ class FeaturesConfig(Section):
     threads_per_actor: int = Field(1, description="Torch threads inside each actor.")
     pooling: Literal["mean", "max", "sum", "binary"] = Field("max", description=(
         "How the token codes become the `pooled` code of a prompt (docs/decisions.md)."))
-    codes: list[Literal["pooled", "last", "mean", "halves"]] = Field(
-        default_factory=lambda: ["pooled", "last", "mean", "halves"], description=(
+    codes: list[Code] = Field(
+        default_factory=lambda: list(get_args(Code)), description=(
             "Codes stored per prompt, each a d_sae-wide band of columns in this order (docs/run_dir.md): "
             "pooled = `pooling` of the token codes, top_k latents (topic, difficulty); last = the last "
             "prompt token's code (does the prompt end like a whole question); mean = mean-pooled token "
@@ -294,7 +299,7 @@ class PlanConfig(Section):
     batch_size: int = Field(32, description="Prompts per training batch (the trainer's rollout batch).")
     mixing_ratio: float = Field(0.125, description=(
         "Fraction of each batch's tail swapped with the next batch (\"moderate batch mixing\"); in [0, 0.5]."))
-    variant: Literal["saerl", "shuffled", "length", "no_mix", "full_mix", "no_filter"] = Field(
+    variant: Variant = Field(
         "saerl", description="saerl: the full method; the others are ablations built by the same code.")
     split: str = Field("train", description="Only prompts of this split are planned.")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import get_args
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import scipy.sparse as sp
 import torch
 
 from saerl_ray import storage
-from saerl_ray.config import FeaturesConfig, RunConfig, fingerprint
+from saerl_ray.config import Code, FeaturesConfig, RunConfig, fingerprint
 from saerl_ray.device import Placement, auto_tokens_per_batch, batch_limits, current_placement
 from saerl_ray.lens import encode_prompts, iter_residuals, load_lens_model
 from saerl_ray.models import load_tokenizer
@@ -90,7 +91,7 @@ def top_k_dense(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(x).scatter_(1, idx, vals)
 
 
-CODES = ("pooled", "last", "mean", "halves")
+CODES = get_args(Code)
 
 
 def n_columns(d_sae: int, codes: list[str]) -> int:

@@ -30,7 +30,7 @@ partner cluster's), `no_filter` (keep=False rows kept).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -39,10 +39,10 @@ import pyarrow.parquet as pq
 from scipy.stats import spearmanr
 
 from saerl_ray import storage
-from saerl_ray.config import RunConfig, fingerprint
+from saerl_ray.config import RunConfig, Variant, fingerprint
 from saerl_ray.stage import Stage, marker_of
 
-VARIANTS = ("saerl", "shuffled", "length", "no_mix", "full_mix", "no_filter")
+VARIANTS = get_args(Variant)
 FULL_MIX = 0.5
 
 PLAN_SCHEMA = pa.schema([
