@@ -12,7 +12,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv run test browser test-multinode test-slow test-openrlhf test-verl bench clean
+.PHONY: venv run run-s3 test browser test-multinode test-slow test-openrlhf test-verl bench clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 run: venv
 	$(BIN)/saerl-ray models pull smollm2
 	$(BIN)/saerl-ray run --config $(CONFIG)
+
+# The main job with run_dir on a local S3 server (moto): every stage in the bucket, nothing in the working dir.
+run-s3: venv
+	$(BIN)/saerl-ray models pull smollm2
+	$(BIN)/python benchmarks/s3_run.py --config $(CONFIG)
 
 # The dependency check (deps-check below) waits on the registry, not the CPU: it runs beside pytest.
 test: venv browser
