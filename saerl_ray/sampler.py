@@ -600,8 +600,6 @@ class CurriculumState:
         if i is not None:
             line |= {"id": self.text["id"][i].as_py(), "position": i, "cluster": int(self.labels[self.cluster[i]])}
         self.decisions.append(line | extra | {"reason": reason})
-        if len(self.decisions) >= MAX_BUFFERED_DECISIONS and self.store is not None and not self._replaying:
-            self.checkpoint(wait=False)  # through the one writer thread, so segments stay in order
 
     # ------------------------------------------------------------ durability
 
@@ -616,6 +614,10 @@ class CurriculumState:
         except BaseException:
             self._reload()
             raise
+        if len(self.decisions) >= MAX_BUFFERED_DECISIONS:
+            # Only here, between operations: a snapshot taken inside one (from _log, as it once was)
+            # holds half of it, and the replay of its record then applies that half twice.
+            self.checkpoint(wait=False)  # through the one writer thread, so segments stay in order
 
     def _reload(self) -> None:
         self.store.wait()
