@@ -8,7 +8,7 @@ Starts moto's S3 server on a free localhost port (saerl_ray.testing.S3Server, wh
 AWS_* variables), runs `saerl-ray run -c CONFIG --run_dir s3://runs/<name>` as a subprocess, then lists
 the bucket. Compared in the same run: the working directory's files (git status, ignored files
 included) before and after. Extra arguments after `--` go to `saerl-ray run`. Last stdout line: one
-JSON object (stage timings, objects per stage, bytes, whether the working dir stayed untouched).
+JSON object (wall time, objects and bytes per stage, whether the working dir stayed untouched).
 """
 
 from __future__ import annotations
@@ -52,11 +52,8 @@ def main() -> None:
         stages = {}
         for name in PIPELINE:
             files = storage.list_dir(storage.join(run_dir, name), recursive=True)
-            done = storage.join(run_dir, name, "_DONE.json")
-            summary = storage.read_json(storage.join(run_dir, name, "summary.json")) if storage.exists(done) else {}
-            stages[name] = {"done": storage.exists(done), "objects": len(files),
-                            "bytes": sum(storage.stat(storage.join(run_dir, name, f))[0] for f in files),
-                            "seconds": summary.get("seconds")}
+            stages[name] = {"done": "_DONE.json" in files, "objects": len(files),
+                            "bytes": sum(storage.stat(storage.join(run_dir, name, f))[0] for f in files)}
     created = sorted(working_dir_files() - before)
     result = {"run_dir": run_dir, "rc": rc, "seconds": round(seconds, 1), "stages": stages,
               "all_done": all(s["done"] for s in stages.values()), "working_dir_new_files": created[:20]}

@@ -72,8 +72,6 @@ def compute_dtype(dtype: str, placement: Placement | None = None) -> str:
     fp32 (docs/decisions.md), natively ~2x faster."""
     if dtype != "auto":
         return dtype
-    import torch
-
     if (placement or Placement()).is_cuda:
         return "bfloat16"
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
