@@ -55,8 +55,10 @@ def iter_band(run_dir: str | Path, code: str):
     """Per part file, in `prompts` order: (ids, X, peaks) for one stored code. X: csr (rows, d_sae) of
     that code's band; peaks: for `pooled`, the character span [start, end) in the prompt of each entry's
     peak token, (X.nnz, 2) int32 aligned with X.data; None for other codes or parts without peaks."""
-    _, d = stored_codes(run_dir)
-    band = int(code_columns(run_dir, [code])[0]) // d
+    codes, d = stored_codes(run_dir)
+    if code not in codes:
+        code_columns(run_dir, [code])  # raises, naming the stored codes and the fix
+    band = codes.index(code)
     for path in part_paths(run_dir):
         table = storage.read_parquet(path)
         yield (np.asarray(table.column("id").to_pylist(), dtype=object),

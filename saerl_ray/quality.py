@@ -536,7 +536,7 @@ def evaluation_splits(
     return splits
 
 
-def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     """AUROC of "good" scores (higher = cleaner) of positives against negatives."""
     return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
@@ -546,7 +546,7 @@ def pooled_aurocs(splits: list[tuple[str, tuple]], scores: list[tuple[np.ndarray
     out = {}
     for name in dict.fromkeys(n for n, _ in splits):
         parts = [sc for (n, _), sc in zip(splits, scores) if n == name]
-        out[name] = _auroc(np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts]))
+        out[name] = auroc(np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts]))
     return out
 
 
@@ -573,10 +573,10 @@ def pooled_signal_aurocs(
             rn["length"] = np.log(np.maximum(np.asarray(neg_len, float)[te_neg], 1.0))
         ref = fit_reference(rp)
         zp, zn = zscores(rp, ref), zscores(rn, ref)
-        res = {s: _auroc(-zp[s], -zn[s]) for s in SIGNALS if s in zp}
+        res = {s: auroc(-zp[s], -zn[s]) for s in SIGNALS if s in zp}
         for label, sig in combos.items():
             if all(s in zp for s in sig):
-                res[label] = _auroc(-combine(zp, sig)[0], -combine(zn, sig)[0])
+                res[label] = auroc(-combine(zp, sig)[0], -combine(zn, sig)[0])
         out[name] = res
         pos_raw[name] = (rp, te_pos)
     return out, pos_raw

@@ -453,7 +453,9 @@ def run(cfg: RunConfig) -> dict:
     st = Stage(cfg.run_dir, "train", fp)
     if st.done():
         return st.summary()
-    prompts_per_step = tc.prompts_per_step or cfg.plan.batch_size
+    from saerl_ray.train import prompts_per_step as step_prompts
+
+    prompts_per_step = step_prompts(cfg)
     step_layout(prompts_per_step, tc.num_generations, tc.num_workers)  # fail before starting anything
     algo_settings(tc.algo, tc.kl_coef)
     tmp = st.begin(keep_partial=tc.resume)

@@ -105,7 +105,7 @@ def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
 
     from saerl_ray.features import featurize_texts
     from saerl_ray.pipeline import run_pipeline
-    from saerl_ray.quality import quality_scores
+    from saerl_ray.quality import flags_for, keep_mask, quality_scores
 
     run_pipeline(cfg, ["signals"])
     model = storage.read_json(storage.join(cfg.run_dir, "signals", "quality.json"))
@@ -120,10 +120,11 @@ def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
     dropped = total = 0
     for name, (X, n_chars) in sets.items():
         score, flag = quality_scores(model, X, n_chars)
-        drop = score < cut
-        names = np.asarray(model.get("combine", ["probe"]))[flag[drop]]
+        keep, _ = keep_mask(score, None, cut)  # the filter's own rule and flags, applied to clean prompts
+        flags = flags_for(keep, flag, model.get("combine", ["probe"]))
+        drop = ~keep
         detail[name] = {"n": int(len(score)), "dropped": int(drop.sum()), "rate": float(drop.mean()),
-                        "by_flag": {str(k): int((names == k).sum()) for k in np.unique(names)}}
+                        "by_flag": {str(k): int((flags == k).sum()) for k in np.unique(flags[drop])}}
         dropped, total = dropped + int(drop.sum()), total + len(score)
     detail["gsm8k_test_file"] = str(found[0]) if found else None
     return {"rate": dropped / max(total, 1), "detail": detail}

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.stats import rankdata
 
 from saerl_ray import difficulty as dif
+from saerl_ray import quality
 from saerl_ray import storage
 from saerl_ray.config import ConfigError, DifficultyConfig, IngestConfig, InputSpec, RunConfig, fingerprint
 from saerl_ray.stage import MARKER, PARTIAL, Stage, marker_of
@@ -77,9 +77,7 @@ def auroc(hard: np.ndarray, easy: np.ndarray) -> float:
     hard, easy = np.asarray(hard, float).ravel(), np.asarray(easy, float).ravel()
     if not len(hard) or not len(easy):
         raise ValueError("auroc needs scores on both sides")
-    ranks = rankdata(np.concatenate([hard, easy]))  # average ranks: a tie counts 1/2
-    u = ranks[: len(hard)].sum() - len(hard) * (len(hard) + 1) / 2
-    return float(u / (len(hard) * len(easy)))
+    return quality.auroc(hard, easy)  # roc_auc_score: the same U statistic, ties 1/2
 
 
 def pairwise_auroc(scores: dict[str, np.ndarray], tiers: list[list[str]]) -> dict[str, Any]:
@@ -149,12 +147,13 @@ def seed_codes(cfg: RunConfig, k: int, ids: list[str], texts: list[str]) -> tupl
     summary = sae.run(scfg)
     st = Stage(side, "math500", fingerprint(cfg.features, marker_of(side, "sae"), _ids_digest(ids)))
     path = storage.join(side, "math500", "codes.npz")
-    if not st.done():
-        out = st.begin(keep_partial=False)
-        X = featurize_texts(texts, side, scfg)
-        _save_csr(X, storage.join(out, "codes.npz"))
-        st.commit({"rows": X.shape[0], "n_columns": X.shape[1], "sae_seed": scfg.seed})
-    return _load_csr(path), summary.get("explained_variance")
+    if st.done():
+        return _load_csr(path), summary.get("explained_variance")
+    out = st.begin(keep_partial=False)
+    X = featurize_texts(texts, side, scfg)
+    _save_csr(X, storage.join(out, "codes.npz"))
+    st.commit({"rows": X.shape[0], "n_columns": X.shape[1], "sae_seed": scfg.seed})
+    return X, summary.get("explained_variance")
 
 
 def _subset_lines(path: str, n: int, seed: int) -> str:

@@ -103,12 +103,12 @@ def run(tmp_path, smollm2_dir, shared_data, ray_cluster, monkeypatch):
     """Plan + sampler actor + prompt file + parsed OpenRLHF args, as `openrlhf_launch.run` makes them."""
 
     def setup(algo="grpo", mode="static", steps=4):
-        from saerl_ray.sampler import get_or_create_sampler
+        from saerl_ray.sampler import actor_name, get_or_create_sampler
 
         cfg = make_cfg(tmp_path, smollm2_dir, algo, mode, steps)
         plan = write_plan(cfg.run_dir, shared_data)
         sampler = get_or_create_sampler(cfg)
-        name = launch.actor_name(sampler)
+        name = actor_name(cfg.run_dir)
         flags = launch.build_flags(cfg, launch.out_dir(cfg) / "prompts.parquet", str(smollm2_dir))
         launch.write_prompt_file(cfg, name, GROUP)
         args = launch.parse_flags(flags)
@@ -453,12 +453,12 @@ def test_reward_func_scores_groups_and_never_raises(reward_state):
 @pytest.fixture
 def sampler_run(tmp_path, shared_data, ray_cluster):
     """A plan and its CurriculumSampler actor; labels as the launcher writes them."""
-    from saerl_ray.sampler import get_or_create_sampler
+    from saerl_ray.sampler import actor_name, get_or_create_sampler
 
     cfg = make_cfg(tmp_path, tmp_path, mode="online")
     plan = write_plan(cfg.run_dir, shared_data)
     sampler = get_or_create_sampler(cfg)
-    name = launch.actor_name(sampler)
+    name = actor_name(cfg.run_dir)
 
     def label(i, n=1):
         return json.dumps({"id": i, "answer": "7", "cluster": 0, "sampler": name, "n": n})

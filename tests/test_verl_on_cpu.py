@@ -65,13 +65,12 @@ def run(tmp_path, tiny_model_dir, ray_cluster):
     """Plan + sampler actor + verl dataset + composed verl config, as `verl_launch.run` makes them."""
 
     def setup(algo="grpo", mode="static", steps=3, extra=()):
-        from saerl_ray.integrations.openrlhf_launch import actor_name
-        from saerl_ray.sampler import get_or_create_sampler
+        from saerl_ray.sampler import actor_name, get_or_create_sampler
 
         cfg = make_cfg(tmp_path, tiny_model_dir, algo, mode, steps, extra)
         plan = write_plan(cfg.run_dir)
         sampler = get_or_create_sampler(cfg)
-        name = actor_name(sampler)
+        name = actor_name(cfg.run_dir)
         dataset = launch.write_dataset(cfg)
         overrides = launch.build_overrides(cfg, dataset, str(tiny_model_dir), name)
         config = launch.compose(overrides)

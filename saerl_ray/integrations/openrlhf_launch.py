@@ -46,7 +46,6 @@ import pyarrow.parquet as pq
 
 from saerl_ray.config import ConfigError, RunConfig
 from saerl_ray.reward import ANSWER_INSTRUCTION as INSTRUCTION
-from saerl_ray.sampler import SAMPLER_NAMESPACE
 from saerl_ray.train import (  # noqa: F401 (stage_fingerprint: part of this module's API)
     backend_stage, common_train_errors, join_ray, prompts_per_step, read_plan_in_order, stage_fingerprint,
 )
@@ -211,18 +210,6 @@ def trainer_env(sampler_actor: str, main_prompts: int, reports_file: str | Path 
     return env
 
 
-def actor_name(handle: Any) -> str:
-    """The registered name of a named actor handle (namespace "saerl")."""
-    import ray
-
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] != SAMPLER_NAMESPACE:
-            continue
-        if ray.get_actor(entry["name"], namespace=SAMPLER_NAMESPACE)._actor_id == handle._actor_id:
-            return entry["name"]
-    raise RuntimeError("the CurriculumSampler actor has no name in namespace 'saerl'")
-
-
 class _Parsed(Exception):
     def __init__(self, parsed: Any):
         super().__init__("parsed")
@@ -268,7 +255,7 @@ def run(cfg: RunConfig) -> dict:
 
     import ray
 
-    from saerl_ray.sampler import get_or_create_sampler
+    from saerl_ray.sampler import actor_name, get_or_create_sampler
 
     t0 = time.time()
     check_config(cfg)  # before Ray, the sampler or any file: a bad field costs nothing
@@ -282,7 +269,7 @@ def run(cfg: RunConfig) -> dict:
     # and Ray then garbage-collects the driver's own working dir under it.
     join_ray(cfg, OPENRLHF_ENV)
     sampler = get_or_create_sampler(cfg)
-    name = actor_name(sampler)
+    name = actor_name(cfg.run_dir)
     flags = build_flags(cfg, out / "prompts.parquet", policy)
     group = int(flag_value(flags, "--rollout.n_samples_per_prompt", "1"))
     write_prompt_file(cfg, name, group)

@@ -300,8 +300,7 @@ def run(cfg: RunConfig) -> dict:
     """`saerl-ray train --train.backend verl`: start the sampler, write the dataset, run verl."""
     import ray
 
-    from saerl_ray.integrations.openrlhf_launch import actor_name
-    from saerl_ray.sampler import get_or_create_sampler
+    from saerl_ray.sampler import actor_name, get_or_create_sampler
 
     t0 = time.time()
     check_config(cfg)  # before Ray, the sampler or any file: a bad field costs nothing
@@ -311,7 +310,7 @@ def run(cfg: RunConfig) -> dict:
     st.begin(keep_partial=cfg.train.resume)  # an interrupted run keeps its checkpoints when resuming
     join_ray(cfg, VERL_ENV)
     sampler = get_or_create_sampler(cfg)
-    name = actor_name(sampler)
+    name = actor_name(cfg.run_dir)
     dataset = write_dataset(cfg)
     write_heldout_file(cfg)
     overrides = build_overrides(cfg, dataset, policy, name)
