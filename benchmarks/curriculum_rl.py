@@ -1,25 +1,31 @@
-"""Curriculum ablation: GRPO on CPU with SmolLM2, the SaeRL plan against shuffled / length / no-mix plans.
+"""Curriculum ablation with error bars: GRPO on CPU with SmolLM2, the SaeRL plan against a shuffled plan
+(and optionally length / no-mix), several seeds per arm.
 
-    # the recorded run (~1 h on 2 cores: labels 4 min, SAE 4 min, ~9 min per arm):
+    # the recorded run (resumable: rerun the same command to continue after an interruption):
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/curriculum_rl.py --out runs/bench_rl
+    # statistics of whatever (arm, seed) runs are finished so far, without training:
+    .venv/bin/python benchmarks/curriculum_rl.py --out runs/bench_rl --report-only
     # smoke version (minutes):
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/curriculum_rl.py --out runs/bench_rl_quick --quick
 
 Task (`--task`). `arithmetic` (default): the single calculations inside GSM8K-train's reference
 solutions ("What is 48 / 2?", operands <= --max-operand), the real subset a 135M model partly solves on
-CPU (greedy ~6%; whole GSM8K problems: 0-3%, so GRPO groups are all-wrong and nothing is learned).
-Its difficulty labels are the policy's own pass rates on `--n-labelled` prompts (the `label` stage,
-k=8), as in the paper. `gsm8k`: short whole problems with a small integer answer; labels = the
-reference solution's step count on the labelled subset. Either way the rows are split once (seeded)
-into a training pool and a held-out set, the proxy predicts the unlabelled rows, and the upstream
-stages (ingest -> [label] -> sae -> features -> signals) run once in `<out>/base`; every arm copies
-them, builds its own plan (`plan.variant`) and trains with the same seed, steps and hyperparameters
-(`saerl-ray train`, TRL backend, online sampler). Held-out greedy accuracy every `--eval-every` steps.
+CPU (whole GSM8K problems: 0-3%, so GRPO groups are all-wrong and nothing is learned). Its difficulty
+labels are the policy's own pass rates on `--n-labelled` prompts (the `label` stage, k=8), as in the
+paper. `gsm8k`: short whole problems with a small integer answer; labels = the reference solution's
+step count on the labelled subset. The rows are split once (`--split-seed`) into a training pool and a
+held-out set; the upstream stages (ingest -> [label] -> sae -> features -> signals) run once in
+`<out>/base`. Every (arm, seed) run copies them into `<out>/<arm>-s<seed>`, builds its own plan
+(`plan.variant`, plan seed = seed) and trains with that seed (`saerl-ray train`, TRL backend, online
+sampler); the stages' own markers make a finished run a no-op and an interrupted one resume from its
+last checkpoint. Held-out greedy accuracy every `--eval-every` steps.
 
-Baseline = the `shuffled` arm. Target = its final held-out accuracy; steps-to-target = first evaluated
-step at which an arm reaches it. Printed: per-arm curves, final accuracy, steps-to-target, and the
-ratio saerl / shuffled steps (the paper reports ~0.8). Last stdout line: one JSON object. A PNG of the
-curves goes to `<out>/curves.png`.
+What is reported, per arm over seeds (mean and 95% t-interval): final held-out accuracy, area under the
+learning curve (mean accuracy over steps 0..steps, trapezoid), steps-to-target (target = the shuffled
+arm's mean final accuracy; a run that never reaches it counts as steps + eval_every, and `reached`
+says how many did); and the paired difference saerl - shuffled (same seed) of final accuracy and AUC.
+Also the median seconds per GRPO step. Last stdout line: one JSON object; curves (mean and band per
+arm, thin lines per seed) in `<out>/curves.png`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 ARMS = ["saerl", "shuffled", "length", "no_mix"]
+STAGES = ["plan", "train"]
 UPSTREAM = ["ingest", "sae", "features", "signals"]
 
 
@@ -86,7 +93,7 @@ def write_task(out: Path, args) -> tuple[Path, Path]:
     n_train, n_heldout = args.n_train, args.n_heldout
     if len(rows) < n_train + n_heldout:
         sys.exit(f"only {len(rows)} GSM8K rows match; lower --n-train/--n-heldout or loosen the task filter")
-    random.Random(args.seed).shuffle(rows)
+    random.Random(args.split_seed).shuffle(rows)
     train, heldout = rows[:n_train], rows[n_train : n_train + n_heldout]
     if args.task == "gsm8k":  # arithmetic: labels are the policy's pass rates (the label stage)
         for r in train[: args.n_labelled]:  # the small labelled subset the difficulty proxy learns from
@@ -108,7 +115,7 @@ def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dic
     return {
         **labels,
         "run_dir": str(out / "base"),
-        "seed": args.seed,
+        "seed": args.split_seed,
         "model.name": args.model,
         "ingest.inputs": [{"path": str(train_file), "preset": "gsm8k", "split": "train",
                            "columns": {"difficulty": "difficulty"}}],
@@ -123,9 +130,10 @@ def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dic
         "train.num_generations": args.num_generations,
         "train.max_new_tokens": args.max_new_tokens,
         "train.learning_rate": args.lr,
+        "train.trainable_layers": args.trainable_layers,
         "train.num_workers": 1,
         "train.cpus_per_worker": args.cpus,
-        "train.save_every": max(args.steps, 1),
+        "train.save_every": args.save_every,
         "train.heldout_file": str(heldout_file),
         "train.heldout_every": args.eval_every,
     }
@@ -135,21 +143,152 @@ def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None
     return next((step for step, acc in curve if acc >= target and step > 0), None)
 
 
-def plot(curves: dict[str, list], path: Path, target: float) -> None:
+def auc(curve: list[tuple[int, float]]) -> float:
+    """Mean held-out accuracy over the run: the trapezoid area under the curve divided by its span."""
+    xs, ys = [s for s, _ in curve], [a for _, a in curve]
+    span = xs[-1] - xs[0]
+    if span <= 0:
+        return ys[-1]
+    return sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1)) / span
+
+
+def mean_ci95(values: list[float]) -> tuple[float, list[float] | None]:
+    """Mean and the 95% Student-t interval over seeds (None with fewer than two values)."""
+    import numpy as np
+    from scipy import stats
+
+    a = np.asarray(values, dtype=float)
+    m = float(a.mean())
+    if len(a) < 2:
+        return m, None
+    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a)))
+    return m, [m - half, m + half]
+
+
+def step_seconds(metrics_path: Path) -> float | None:
+    """Median wall time between consecutive logged GRPO steps (robust to the held-out evaluations)."""
+    import numpy as np
+
+    if not metrics_path.exists():
+        return None
+    times = [json.loads(x)["time"] for x in metrics_path.read_text().splitlines() if '"loss"' in x]
+    gaps = np.diff(times)
+    gaps = gaps[gaps > 0]  # a resumed run restarts its clock
+    return float(np.median(gaps)) if len(gaps) else None
+
+
+def run_one(arm: str, seed: int, out: Path, overrides: dict, upstream: list[str]) -> dict:
+    """One (arm, seed) run: upstream outputs copied from base, then plan + train (each a resumable stage)."""
+    from saerl_ray.config import load_config
+    from saerl_ray.pipeline import run_pipeline
+
+    run_dir = out / f"{arm}-s{seed}"
+    for stage in upstream:  # same upstream outputs (and markers) for every run
+        base_marker = (out / "base" / stage / "_DONE.json").read_text()
+        done = run_dir / stage / "_DONE.json"
+        if not done.exists() or done.read_text() != base_marker:  # absent, or left by an older base
+            shutil.rmtree(run_dir / stage, ignore_errors=True)
+            shutil.copytree(out / "base" / stage, run_dir / stage)
+    cfg = load_config(None, {**overrides, "run_dir": str(run_dir), "plan.variant": arm, "seed": seed})
+    summary = run_pipeline(cfg, STAGES)["train"]
+    return finished(run_dir) or summary
+
+
+def finished(run_dir: Path) -> dict | None:
+    """A finished run's curve and cost, read back from its train stage (None when unfinished)."""
+    if not (run_dir / "train" / "_DONE.json").exists():
+        return None
+    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    curve = [tuple(x) for x in summary.get("heldout_curve", [])]
+    if not curve:
+        return None
+    return {"curve": curve, "mean_pass_rate": summary.get("mean_pass_rate"), "seconds": summary.get("seconds"),
+            "step_seconds": step_seconds(run_dir / "train" / "metrics.jsonl")}
+
+
+def summarise(runs: dict[str, dict[int, dict]], steps: int, eval_every: int) -> dict:
+    """Per-arm means and intervals, and the paired saerl - shuffled differences, over the seeds every
+    arm finished (a seed some arm lacks is left out, so the arms are compared on the same seeds)."""
+    seeds = sorted(set.intersection(*(set(r) for r in runs.values()))) if runs else []
+    if not seeds or "shuffled" not in runs:
+        return {"seeds": 0}
+    target = mean_ci95([runs["shuffled"][s]["curve"][-1][1] for s in seeds])[0]
+    censor = steps + eval_every
+    arms = {}
+    for arm, by_seed in runs.items():
+        finals = [by_seed[s]["curve"][-1][1] for s in seeds]
+        aucs = [auc(by_seed[s]["curve"]) for s in seeds]
+        stt = [steps_to_target(by_seed[s]["curve"], target) for s in seeds]
+        fm, fci = mean_ci95(finals)
+        am, aci = mean_ci95(aucs)
+        sm, sci = mean_ci95([censor if x is None else x for x in stt])
+        start = mean_ci95([by_seed[s]["curve"][0][1] for s in seeds])[0]
+        arms[arm] = {
+            "final_accuracy_mean": fm, "final_accuracy_ci95": fci, "auc_mean": am, "auc_ci95": aci,
+            "steps_to_target_mean": sm, "steps_to_target_ci95": sci, "reached": sum(x is not None for x in stt),
+            "start_accuracy": start, "final_accuracy": finals, "auc": aucs, "steps_to_target": stt,
+        }
+    line = {"seeds": len(seeds), "seed_list": seeds, "baseline": "shuffled", "target_accuracy": target,
+            "steps_to_target_censored_at": censor, "arms": arms}
+    if "saerl" in runs:
+        for key, fn in (("final_accuracy", lambda c: c[-1][1]), ("auc", auc)):
+            diffs = [fn(runs["saerl"][s]["curve"]) - fn(runs["shuffled"][s]["curve"]) for s in seeds]
+            m, ci = mean_ci95(diffs)
+            line.setdefault("paired_diff_saerl_vs_shuffled", {})[key] = {"mean": m, "ci95": ci, "per_seed": diffs}
+    return line
+
+
+def plot(runs: dict[str, dict[int, dict]], path: Path, target: float | None) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, curve in curves.items():
-        ax.plot([s for s, _ in curve], [a for _, a in curve], marker="o", label=arm)
-    ax.axhline(target, color="grey", linestyle=":", label="target (shuffled final)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (arm, by_seed) in enumerate(runs.items()):
+        colour = f"C{i}"
+        curves = [c["curve"] for c in by_seed.values()]
+        for c in curves:
+            ax.plot([s for s, _ in c], [a for _, a in c], color=colour, alpha=0.25, linewidth=0.8)
+        xs = [s for s, _ in curves[0]]
+        same = [c for c in curves if [s for s, _ in c] == xs]
+        ys = np.array([[a for _, a in c] for c in same])
+        mean = ys.mean(0)
+        ax.plot(xs, mean, color=colour, marker="o", label=f"{arm} (mean of {len(same)})")
+        if len(same) > 1:
+            half = 1.96 * ys.std(0, ddof=1) / np.sqrt(len(same))
+            ax.fill_between(xs, mean - half, mean + half, color=colour, alpha=0.15)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", label="target (shuffled mean final)")
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel("held-out accuracy (greedy)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def collect(out: Path, arms: list[str], seeds: list[int]) -> dict[str, dict[int, dict]]:
+    runs: dict[str, dict[int, dict]] = {}
+    for arm in arms:
+        for seed in seeds:
+            r = finished(out / f"{arm}-s{seed}")
+            if r is not None:
+                runs.setdefault(arm, {})[seed] = r
+    return runs
+
+
+def print_table(line: dict) -> None:
+    def ci(x):
+        return "n/a" if x is None else f"[{x[0]:.3f}, {x[1]:.3f}]"
+
+    print(f"{line['seeds']} seed(s) {line.get('seed_list')}; target (shuffled mean final) {line.get('target_accuracy')}")
+    for arm, a in line.get("arms", {}).items():
+        print(f"{arm:>9}: start {a['start_accuracy']:.3f}  final {a['final_accuracy_mean']:.3f} {ci(a['final_accuracy_ci95'])}  "
+              f"AUC {a['auc_mean']:.3f} {ci(a['auc_ci95'])}  steps-to-target {a['steps_to_target_mean']:.1f} "
+              f"{ci(a['steps_to_target_ci95'])} (reached {a['reached']}/{line['seeds']})")
+    for key, d in line.get("paired_diff_saerl_vs_shuffled", {}).items():
+        print(f"saerl - shuffled, {key}: {d['mean']:+.3f} {ci(d['ci95'])}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,83 +298,66 @@ def main(argv: list[str] | None = None) -> dict:
                    help="arithmetic: GSM8K's own calculations (learnable by 135M on CPU); gsm8k: whole problems")
     p.add_argument("--max-operand", type=int, default=100, help="arithmetic task: largest operand")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--eval-every", type=int, default=3)
+    p.add_argument("--arms", nargs="+", default=["saerl", "shuffled"], choices=ARMS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--split-seed", type=int, default=0, help="train/held-out split and upstream stages (shared by all runs)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint cadence: what an interrupted run resumes from")
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--trainable-layers", type=int, default=4, help="train.trainable_layers (0: all layers)")
+    p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--n-train", type=int, default=400)
-    p.add_argument("--n-heldout", type=int, default=64)
+    p.add_argument("--n-heldout", type=int, default=256)
     p.add_argument("--n-labelled", type=int, default=128,
-                   help="training prompts whose reference-solution step count labels the difficulty proxy")
+                   help="training prompts whose pass rate (arithmetic) or step count (gsm8k) labels the proxy")
     p.add_argument("--max-answer", type=int, default=20)
     p.add_argument("--max-chars", type=int, default=220)
     p.add_argument("--sae-layer", type=int, default=12)
-    p.add_argument("--sae-tokens", type=int, default=300_000)
+    p.add_argument("--sae-tokens", type=int, default=200_000)
     p.add_argument("--clusters", type=int, default=4)
     p.add_argument("--cpus", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true", help="statistics of the finished runs; trains nothing")
     p.add_argument("--quick", action="store_true", help="a few steps on a small pool: checks the wiring, not the claim")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.eval_every, args.n_train, args.n_heldout = 4, 2, 48, 8
-        args.max_new_tokens, args.sae_tokens, args.prompts_per_step, args.n_labelled = 32, 50_000, 2, 24
+        args.steps, args.eval_every, args.save_every, args.n_train, args.n_heldout = 4, 2, 2, 48, 8
+        args.max_new_tokens, args.sae_tokens, args.prompts_per_step, args.n_labelled = 12, 50_000, 2, 24
+        args.num_generations, args.seeds = 4, args.seeds[:2]
+    args.trainable_layers = args.trainable_layers or None
     if "shuffled" not in args.arms:
         sys.exit("the shuffled arm is the baseline: keep it in --arms")
 
-    from saerl_ray.pipeline import run_pipeline
-    from saerl_ray.config import load_config
-
     out = Path(args.out).resolve()
-    train_file, heldout_file = write_task(out, args)
-    overrides = base_overrides(args, out, train_file, heldout_file)
     t0 = time.time()
-    upstream = UPSTREAM if args.task == "gsm8k" else ["ingest", "label", "sae", "features", "signals"]
-    run_pipeline(load_config(None, overrides), upstream)
-    results: dict[str, dict] = {}
-    for arm in args.arms:
-        arm_dir = out / arm
-        for stage in upstream:  # same upstream outputs (and markers) for every arm
-            base_marker = (out / "base" / stage / "_DONE.json").read_text()
-            done = arm_dir / stage / "_DONE.json"
-            if not done.exists() or done.read_text() != base_marker:  # absent, or left by an older base
-                shutil.rmtree(arm_dir / stage, ignore_errors=True)
-                shutil.copytree(out / "base" / stage, arm_dir / stage)
-        cfg = load_config(None, {**overrides, "run_dir": str(arm_dir), "plan.variant": arm})
-        t = time.time()
-        summary = run_pipeline(cfg, ["plan", "train"])["train"]
-        results[arm] = {
-            "curve": [tuple(x) for x in summary["heldout_curve"]],
-            "mean_pass_rate": summary["mean_pass_rate"],
-            "seconds": time.time() - t,
-        }
-        print(f"[bench] {arm}: curve {results[arm]['curve']}", flush=True)
-    target = results["shuffled"]["curve"][-1][1]
-    for arm, r in results.items():
-        r["final_accuracy"] = r["curve"][-1][1]
-        r["steps_to_target"] = steps_to_target(r["curve"], target)
-        print(f"{arm:>9}: final {r['final_accuracy']:.3f}  steps-to-target {r['steps_to_target']}  "
-              f"train pass rate {r['mean_pass_rate']:.3f}  ({r['seconds']:.0f}s)")
-    plot({a: r["curve"] for a, r in results.items()}, out / "curves.png", target)
-    base_steps = results["shuffled"]["steps_to_target"]
-    saerl_steps = results.get("saerl", {}).get("steps_to_target")
-    ratio = saerl_steps / base_steps if saerl_steps and base_steps else None
-    line = {
-        "baseline": "shuffled",
-        "target_accuracy": target,
-        "steps_to_target": {a: r["steps_to_target"] for a, r in results.items()},
-        "final_accuracy": {a: r["final_accuracy"] for a, r in results.items()},
-        "ratio_saerl_vs_shuffled_steps": ratio,
-        "final_accuracy_gain_saerl_vs_shuffled": (
-            results["saerl"]["final_accuracy"] - target if "saerl" in results else None
-        ),
-        "steps": args.steps, "eval_every": args.eval_every, "n_train": args.n_train, "n_heldout": args.n_heldout,
-        "task": args.task, "seed": args.seed, "curves": {a: r["curve"] for a, r in results.items()},
-        "seconds": time.time() - t0, "png": str(out / "curves.png"),
-    }
-    print(f"saerl/shuffled steps-to-target ratio: {ratio}")
+    if not args.report_only:
+        from saerl_ray.config import load_config
+        from saerl_ray.pipeline import run_pipeline
+
+        train_file, heldout_file = write_task(out, args)
+        overrides = base_overrides(args, out, train_file, heldout_file)
+        upstream = UPSTREAM if args.task == "gsm8k" else ["ingest", "label", "sae", "features", "signals"]
+        run_pipeline(load_config(None, overrides), upstream)
+        for seed in args.seeds:  # seed-major: the arms of one seed finish together (the paired difference)
+            for arm in args.arms:
+                r = run_one(arm, seed, out, overrides, upstream)
+                print(f"[bench] {arm} seed {seed}: curve {r['curve']}  step {r['step_seconds']}s", flush=True)
+    runs = collect(out, args.arms, args.seeds)
+    line = summarise(runs, args.steps, args.eval_every)
+    if line["seeds"]:
+        plot({a: {s: runs[a][s] for s in line["seed_list"]} for a in runs}, out / "curves.png", line["target_accuracy"])
+        line["png"] = str(out / "curves.png")
+        print_table(line)
+    step_s = [r["step_seconds"] for by_seed in runs.values() for r in by_seed.values() if r.get("step_seconds")]
+    line.update({
+        "step_seconds_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
+        "task": args.task, "steps": args.steps, "eval_every": args.eval_every, "n_train": args.n_train,
+        "n_heldout": args.n_heldout, "prompts_per_step": args.prompts_per_step,
+        "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens,
+        "trainable_layers": args.trainable_layers, "lr": args.lr, "seconds": time.time() - t0,
+    })
     print(json.dumps(line))
     return line
 

@@ -382,12 +382,23 @@ class TrainConfig(Section):
         "jsonl of {\"prompt\", \"answer\"} rows graded greedily every heldout_every steps (a held-out "
         "accuracy curve); null: none."))
     heldout_every: int = Field(0, description="Steps between held-out evaluations; 0: off.")
+    trainable_layers: int | None = Field(None, description=(
+        "Update only the top N decoder layers (and the final norm); embeddings, the (tied) LM head and the "
+        "layers below stay frozen, so a CPU step costs a fraction of a full one. null: train everything "
+        "(trl only)."))
 
     @field_validator("num_generations")
     @classmethod
     def _groups(cls, v: int) -> int:
         if v < 2:
             raise ValueError("num_generations must be >= 2 (GRPO normalises rewards within a group)")
+        return v
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _some_layers(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("trainable_layers must be >= 1 (or null to train every layer)")
         return v
 
 

@@ -96,6 +96,9 @@ def common_train_errors(cfg: RunConfig, backend: str, local_io: str) -> list[str
         errors.append(f"train.heldout_every={t.heldout_every} needs train.heldout_file")
     if t.steps < 1:
         errors.append(f"train.steps must be >= 1, got {t.steps}")
+    if t.trainable_layers is not None:
+        errors.append(f"train.trainable_layers={t.trainable_layers}: partial updates are a TRL-backend option; "
+                      f"{backend} trains every layer (set it to null)")
     if storage.is_uri(cfg.run_dir):
         errors.append(f"run_dir={cfg.run_dir!r}: train.backend={t.backend} writes {local_io} with local file I/O; "
                       "use a filesystem path (a shared volume on a cluster)")

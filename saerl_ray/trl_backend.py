@@ -84,6 +84,25 @@ def local_slice(batch: list[dict], num_generations: int, rank: int, world: int) 
     return repeated[rank * per_rank : (rank + 1) * per_rank]
 
 
+def freeze_below(model, trainable_layers: int | None) -> int:
+    """Leave only the top `trainable_layers` decoder blocks and the final norm trainable; returns the
+    number of trainable parameters. The frozen bottom still runs forward, but autograd keeps none of
+    its activations and the tied embedding/LM-head matrix (a third of a 135M model) gets no gradient."""
+    from saerl_ray.device import decoder_layers
+
+    if trainable_layers is None:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = decoder_layers(model)
+    if not 1 <= trainable_layers <= len(layers):
+        raise ValueError(f"train.trainable_layers={trainable_layers}: the policy has {len(layers)} decoder layers")
+    model.requires_grad_(False)
+    keep = list(layers[len(layers) - trainable_layers:])
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    for module in keep + ([norm] if norm is not None else []):
+        module.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def to_example(row: dict) -> dict:
     """A sampler row as a TRL conversational example; extra columns reach the reward function."""
     missing = [k for k in ("id", "prompt", "answer") if not row.get(k)]
@@ -137,7 +156,7 @@ def read_heldout(path: str | None) -> list[dict]:
     return rows
 
 
-def heldout_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 16) -> float:
+def heldout_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64) -> float:
     """Greedy accuracy of the current policy on held-out rows (the accuracy curve of a run)."""
     from saerl_ray.evaluate import generate, render_prompts
 
@@ -315,6 +334,7 @@ def train_loop_per_worker(config: dict) -> None:
     tok = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
     tok.padding_side = "left"
     model = load_model(policy, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    freeze_below(model, tc.trainable_layers)
 
     prompts_per_step = config["prompts_per_step"]
     per_device = step_layout(prompts_per_step, tc.num_generations, world)

@@ -4,6 +4,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from saerl_ray import trl_backend as tb
 from saerl_ray.config import load_config
@@ -88,7 +89,8 @@ def test_grpo_two_steps_on_two_ray_train_workers_reports_to_the_sampler(
         "run_dir": str(run_dir), "model.name": str(tiny_model_dir), "plan.batch_size": 2,
         "sampler.mode": "static",
         "train.steps": 2, "train.num_workers": 2, "train.cpus_per_worker": 0.5, "train.num_generations": 4,
-        "train.max_new_tokens": 8, "train.save_every": 1,
+        "train.max_new_tokens": 8, "train.save_every": 1, "train.trainable_layers": 1,
+        "train.learning_rate": 1e-2,
     })
     summary = tb.run(cfg)
     lines = [json.loads(x) for x in (run_dir / "train/metrics.jsonl").read_text().splitlines()]
@@ -102,6 +104,28 @@ def test_grpo_two_steps_on_two_ray_train_workers_reports_to_the_sampler(
     assert summary["sampler"]["reported"] == 4
     assert (run_dir / "train/model/config.json").exists()
     assert (run_dir / "train/_DONE.json").exists()
+    # trainable_layers=1: the top block moved, the embeddings (tied LM head) and lower blocks did not.
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(run_dir / "train/model").state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("model.layers.3.", "model.norm.")) for k in moved), sorted(moved)
+
+
+def test_freeze_below_leaves_only_the_top_layers_and_final_norm_trainable():
+    from saerl_ray.testing import tiny_model
+
+    model = tiny_model(num_layers=4)
+    total = sum(p.numel() for p in model.parameters())
+    assert tb.freeze_below(model, None) == total
+    n = tb.freeze_below(model, 2)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(("model.layers.2.", "model.layers.3.", "model.norm.")) for name in trainable)
+    assert any(name.startswith("model.layers.2.") for name in trainable)
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
+    with pytest.raises(ValueError, match="has 4 decoder layers"):
+        tb.freeze_below(model, 5)
 
 
 @pytest.mark.slow

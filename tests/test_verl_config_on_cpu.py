@@ -99,6 +99,7 @@ def test_extra_args_are_hydra_overrides_that_come_last(tmp_path):
     ({"save_every": -2}, "train.save_every"),
     ({"heldout_every": 5}, "train.heldout_every"),
     ({"steps": 0}, "train.steps"),
+    ({"trainable_layers": 4}, "train.trainable_layers"),
     ({"num_workers": 0}, "train.num_workers"),
     ({"extra_args": ["--rollout.temperature", "0.9"]}, "train.extra_args"),  # an OpenRLHF flag, not an override
     ({"extra_args": ["data.shuffle=true"]}, "train.extra_args"),

@@ -1,0 +1,47 @@
+"""The statistics `benchmarks/curriculum_rl.py` reports: what its JSON line claims rests on them."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "curriculum_rl", Path(__file__).resolve().parents[1] / "benchmarks" / "curriculum_rl.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def run(*accs: float, every: int = 10) -> dict:
+    return {"curve": [(i * every, a) for i, a in enumerate(accs)]}
+
+
+def test_auc_is_the_trapezoid_mean_accuracy_over_the_run():
+    assert bench.auc([(0, 0.0), (10, 1.0)]) == pytest.approx(0.5)
+    assert bench.auc([(0, 0.2), (10, 0.2), (30, 0.6)]) == pytest.approx((10 * 0.2 + 20 * 0.4) / 30)
+
+
+def test_ci95_is_the_student_t_interval():
+    m, ci = bench.mean_ci95([0.0, 1.0])
+    assert m == 0.5 and ci == pytest.approx([0.5 - 12.7062 * 0.5, 0.5 + 12.7062 * 0.5], rel=1e-4)
+    assert bench.mean_ci95([0.3]) == (0.3, None)
+
+
+def test_arms_are_compared_on_the_seeds_both_finished_and_paired_by_seed():
+    runs = {
+        "shuffled": {0: run(0.1, 0.2, 0.3), 1: run(0.1, 0.1, 0.1), 2: run(0.1, 0.5, 0.5)},
+        "saerl": {0: run(0.1, 0.3, 0.4), 1: run(0.1, 0.2, 0.2)},  # seed 2 unfinished
+    }
+    line = bench.summarise(runs, steps=20, eval_every=10)
+    assert line["seeds"] == 2 and line["seed_list"] == [0, 1]
+    assert line["target_accuracy"] == pytest.approx(0.2)  # shuffled's mean final over seeds 0 and 1
+    diff = line["paired_diff_saerl_vs_shuffled"]["final_accuracy"]
+    assert diff["per_seed"] == pytest.approx([0.1, 0.1]) and diff["mean"] == pytest.approx(0.1)
+    s = line["arms"]["saerl"]
+    assert s["steps_to_target"] == [10, 10] and s["reached"] == 2
+    # a run that never reaches the target counts as censored at steps + eval_every
+    assert line["arms"]["shuffled"]["steps_to_target"] == [10, None]
+    assert line["arms"]["shuffled"]["steps_to_target_mean"] == pytest.approx(20.0)
+
+
+def test_without_a_finished_baseline_nothing_is_claimed():
+    assert bench.summarise({"saerl": {0: run(0.1, 0.2)}}, steps=10, eval_every=10) == {"seeds": 0}
