@@ -131,6 +131,7 @@ def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dic
         "train.max_new_tokens": args.max_new_tokens,
         "train.learning_rate": args.lr,
         "train.trainable_layers": args.trainable_layers,
+        "train.gradient_checkpointing": args.gradient_checkpointing,
         "train.num_workers": 1,
         "train.cpus_per_worker": args.cpus,
         "train.save_every": args.save_every,
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--trainable-layers", type=int, default=4, help="train.trainable_layers (0: all layers)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="TRL's default; off here: a 135M policy on CPU has memory to spare and it costs compute")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-heldout", type=int, default=256)

@@ -382,6 +382,9 @@ class TrainConfig(Section):
         "jsonl of {\"prompt\", \"answer\"} rows graded greedily every heldout_every steps (a held-out "
         "accuracy curve); null: none."))
     heldout_every: int = Field(0, description="Steps between held-out evaluations; 0: off.")
+    gradient_checkpointing: bool = Field(True, description=(
+        "Recompute activations in the backward pass instead of keeping them: less memory, about a third more "
+        "compute. Worth it on a GPU for large policies; a small policy on CPU trains faster without."))
     trainable_layers: int | None = Field(None, description=(
         "Update only the top N decoder layers (and the final norm); embeddings, the (tied) LM head and the "
         "layers below stay frozen, so a CPU step costs a fraction of a full one. null: train everything "

@@ -358,6 +358,7 @@ def train_loop_per_worker(config: dict) -> None:
         report_to=[],
         seed=cfg.seed,
         dataloader_num_workers=0,
+        gradient_checkpointing=tc.gradient_checkpointing,
         disable_tqdm=rank != 0,
         lr_scheduler_type=tc.lr_scheduler,
         **algo_settings(tc.algo, tc.kl_coef),

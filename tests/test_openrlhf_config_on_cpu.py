@@ -49,6 +49,8 @@ def test_each_train_field_becomes_its_openrlhf_flag(tmp_path):
 
     g = flags_of(tmp_path, lr_scheduler="linear", save_every=0, resume=False)
     assert value(g, "--actor.lr_scheduler") == "linear"
+    assert "--actor.gradient_checkpointing_enable" in f
+    assert "--actor.gradient_checkpointing_enable" not in flags_of(tmp_path, gradient_checkpointing=False)
     assert value(g, "--ckpt.save_steps") == "-1" and "--ckpt.load_enable" not in g  # never; start fresh
     assert value(g, "--rollout.batch_size") == str(BATCH)  # prompts_per_step unset: one plan batch per step
     assert float(value(g, "--algo.kl.init_coef")) == 0.0  # the config's default, not a hard-coded 1e-3

@@ -90,7 +90,7 @@ def test_grpo_two_steps_on_two_ray_train_workers_reports_to_the_sampler(
         "sampler.mode": "static",
         "train.steps": 2, "train.num_workers": 2, "train.cpus_per_worker": 0.5, "train.num_generations": 4,
         "train.max_new_tokens": 8, "train.save_every": 1, "train.trainable_layers": 1,
-        "train.learning_rate": 1e-2,
+        "train.learning_rate": 1e-2, "train.gradient_checkpointing": False,
     })
     summary = tb.run(cfg)
     lines = [json.loads(x) for x in (run_dir / "train/metrics.jsonl").read_text().splitlines()]

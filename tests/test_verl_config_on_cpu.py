@@ -60,6 +60,10 @@ def test_each_train_field_becomes_its_verl_override(tmp_path):
     assert value(o, "reward.custom_reward_function.path") == str(launch.REWARD_FILE)
     assert value(o, "trainer.test_freq") == "-1" and value(o, "data.val_max_samples") == "1"  # no held-out set
 
+    assert value(o, "actor_rollout_ref.model.enable_gradient_checkpointing") == "true"
+    assert value(overrides_of(tmp_path, gradient_checkpointing=False),
+                 "actor_rollout_ref.model.enable_gradient_checkpointing") == "false"
+
     g = overrides_of(tmp_path, save_every=0, resume=False)
     assert value(g, "trainer.save_freq") == "-1" and value(g, "trainer.resume_mode") == "disable"
     assert value(g, "data.train_batch_size") == str(BATCH)  # prompts_per_step unset: one plan batch per step

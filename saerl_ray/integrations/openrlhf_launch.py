@@ -29,6 +29,8 @@ How `train.*` reaches OpenRLHF 0.11.2 (`check_config` refuses what has no faithf
     resume            -> --ckpt.load_enable; false also empties openrlhf/ (its checkpoints) first
     heldout_file/_every -> --eval.dataset <openrlhf/heldout.parquet> --eval.steps, greedy, 1 sample
     num_workers       -> GPUs: actor, reference and vLLM engines, colocated (hybrid engine)
+    gradient_checkpointing -> --actor.gradient_checkpointing_enable (when true)
+    trainable_layers  -> refused unless null (OpenRLHF updates every layer)
     use_gpu, cpus_per_worker: TRL/Ray Train placement only; OpenRLHF always places its own GPU actors.
 """
 
@@ -177,7 +179,7 @@ def build_flags(cfg: RunConfig, prompt_file: Path, policy: str) -> list[str]:
         "--vllm.num_engines", str(gpus), "--vllm.tensor_parallel_size", "1",
         "--vllm.gpu_memory_utilization", "0.5",
         "--train.colocate_all", "--vllm.enable_sleep", "--ds.enable_sleep",
-        "--actor.gradient_checkpointing_enable",
+        *(["--actor.gradient_checkpointing_enable"] if t.gradient_checkpointing else []),
         "--reward.remote_url", str(REWARD_FILE),
         "--ckpt.output_dir", str(out / "model"),
         "--ckpt.path", str(out / "ckpt"),

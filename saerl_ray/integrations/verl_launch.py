@@ -32,6 +32,8 @@ How `train.*` reaches verl 0.9.1 (`check_config` refuses what has no faithful ma
     resume            -> trainer.resume_mode auto | disable (false also empties verl/ first)
     heldout_file/_every -> data.val_files <verl/heldout.parquet>, trainer.test_freq (verl's greedy val_kwargs)
     num_workers       -> trainer.n_gpus_per_node (one node; FSDP actor + vLLM rollout, hybrid engine)
+    gradient_checkpointing -> actor_rollout_ref.model.enable_gradient_checkpointing
+    trainable_layers  -> refused unless null (verl updates every layer)
     use_gpu, cpus_per_worker: TRL/Ray Train placement only; verl places its own GPU workers.
 Presets: GRPO = algorithm.adv_estimator=grpo, group-std normalisation, verl's default clip (0.2) and
 token-mean loss. DAPO = grpo advantages, clip-higher (clip_ratio_low 0.2 / clip_ratio_high 0.28),
@@ -186,7 +188,7 @@ def build_overrides(cfg: RunConfig, dataset: Path, policy: str, sampler_actor: s
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={micro}",
         f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={micro}",
-        "actor_rollout_ref.model.enable_gradient_checkpointing=true",
+        f"actor_rollout_ref.model.enable_gradient_checkpointing={str(t.gradient_checkpointing).lower()}",
         # Hybrid engine: the FSDP actor and vLLM share every GPU and sleep in turn.
         "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
         "actor_rollout_ref.rollout.gpu_memory_utilization=0.5",
