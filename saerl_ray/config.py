@@ -45,6 +45,21 @@ class RayConfig(Section):
         "Seconds a configured address may take to answer before the run fails with an error naming it."))
 
 
+# What every stage that generates (label, train, eval) appends by default, so the policy answers in the form we grade.
+ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class PromptConfig(Section):
+    """How the policy is prompted: the same text for labelling, training, held-out and eval generation
+    (the lens reads the bare problem unless model.chat_template)."""
+
+    system: str | None = Field(None, description=(
+        "System turn before every problem; null: the chat template's own default."))
+    instruction: str = Field(ANSWER_INSTRUCTION, description=(
+        "Line appended to every problem; \"\" for none. The reward reads the last \\boxed{}, \"the answer "
+        "is\" or number either way."))
+
+
 class ModelConfig(Section):
     """Language model whose activations the SAE reads (and the default policy)."""
 
@@ -468,6 +483,7 @@ class RunConfig(Section):
         "Seed of every random choice: SAE training, subsets, k-means seeding, corruptions, planning, rollouts."))
     ray: RayConfig = Field(default_factory=RayConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     sae: SAEConfig = Field(default_factory=SAEConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)

@@ -27,7 +27,7 @@ from saerl_ray import storage
 from saerl_ray.config import RunConfig, UserError, fingerprint
 from saerl_ray.device import input_device
 from saerl_ray.ingest import last_boxed
-from saerl_ray.reward import extract_answer, format_messages, gold_text, math_reward
+from saerl_ray.reward import ANSWER_INSTRUCTION, extract_answer, format_messages, gold_text, math_reward, prompt_style
 from saerl_ray.stage import Stage
 
 
@@ -99,14 +99,13 @@ def load_benchmark(data_dir: str | Path, name: str, limit: int | None = None) ->
     return rows
 
 
-def render_prompts(tokenizer, problems: list[str]) -> list[str]:
+def render_prompts(tokenizer, problems: list[str], instruction: str = ANSWER_INSTRUCTION,
+                   system: str | None = None) -> list[str]:
     """Problems as the policy sees them: the chat template when the tokenizer has one, else plain text."""
+    chats = [format_messages(p, instruction, system) for p in problems]
     if getattr(tokenizer, "chat_template", None):
-        return [
-            tokenizer.apply_chat_template(format_messages(p), tokenize=False, add_generation_prompt=True)
-            for p in problems
-        ]
-    return [format_messages(p)[-1]["content"] + "\n" for p in problems]
+        return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    return ["\n".join(m["content"] for m in c) + "\n" for c in chats]
 
 
 @torch.inference_mode()
@@ -146,9 +145,10 @@ def generate(
     return out
 
 
-def evaluate_benchmark(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int, name: str) -> list[dict]:
-    """Greedy completions for the rows, graded: one record per row."""
-    prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
+def evaluate_benchmark(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int, name: str,
+                       style: dict | None = None) -> list[dict]:
+    """Greedy completions for the rows, graded: one record per row (`style`: `reward.prompt_style`)."""
+    prompts = render_prompts(tokenizer, [r["prompt"] for r in rows], **(style or {}))
     completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc=name)
     return [
         {
@@ -197,7 +197,7 @@ def run(cfg: RunConfig) -> dict:
 
     name = cfg.eval.model or cfg.model.name
     path = resolve(name)
-    st = Stage(cfg.run_dir, "eval", fingerprint(cfg.eval, cfg.model, path, _model_stamp(path)))
+    st = Stage(cfg.run_dir, "eval", fingerprint(cfg.eval, cfg.model, cfg.prompt, path, _model_stamp(path)))
     if st.done():
         return st.summary()
     for b in cfg.eval.benchmarks:  # fail on a bad benchmark name/file before loading the model
@@ -210,7 +210,8 @@ def run(cfg: RunConfig) -> dict:
     records: list[dict] = []
     for b in cfg.eval.benchmarks:
         rows = load_benchmark(cfg.eval.data_dir, b, cfg.eval.limit)
-        records += evaluate_benchmark(model, tok, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, b)
+        records += evaluate_benchmark(model, tok, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, b,
+                                      prompt_style(cfg.prompt))
     results = {"model": name, **summarise(records, cfg.eval.benchmarks), "seconds": time.time() - t0}
     storage.write_text(storage.join(tmp, "completions.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     storage.write_json(storage.join(tmp, "results.json"), results)

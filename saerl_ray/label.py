@@ -26,7 +26,7 @@ import torch
 
 from saerl_ray import storage
 from saerl_ray.config import RunConfig, fingerprint
-from saerl_ray.reward import math_reward
+from saerl_ray.reward import math_reward, prompt_style
 from saerl_ray.stage import Stage, marker_of
 
 SCHEMA = pa.schema([("id", pa.string()), ("pass_rate", pa.float64()), ("k", pa.int32()), ("correct", pa.int32())])
@@ -53,8 +53,10 @@ def use_vllm() -> bool:
 class HFSampler:
     """k sampled completions per prompt with HF `generate` (CPU, or the GPUs this process holds)."""
 
-    def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
+    def __init__(self, model_name: str, dtype: str, trust_remote_code: bool, style: dict | None = None):
         from saerl_ray.models import load_for_generation, load_tokenizer
+
+        self.style = style or {}  # reward.prompt_style: the prompts the policy is trained on
 
         self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
         # bf16 on the process's GPU(s) when it holds any (vLLM absent), `dtype` on CPU.
@@ -64,7 +66,7 @@ class HFSampler:
         from saerl_ray.evaluate import generate, render_prompts
 
         torch.manual_seed(seed)
-        prompts = render_prompts(self.tok, problems)
+        prompts = render_prompts(self.tok, problems, **self.style)
         return generate(
             self.model, self.tok, prompts, max_new_tokens, batch_size=len(prompts),
             num_return_sequences=k, temperature=temperature, desc="label chunk",
@@ -74,8 +76,10 @@ class HFSampler:
 class VLLMSampler:
     """k sampled completions per prompt with vLLM (GPU nodes; `n=k` shares the prompt's KV cache)."""
 
-    def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
+    def __init__(self, model_name: str, dtype: str, trust_remote_code: bool, style: dict | None = None):
         from vllm import LLM
+
+        self.style = style or {}
 
         from saerl_ray.models import load_tokenizer, resolve
 
@@ -88,7 +92,7 @@ class VLLMSampler:
         from saerl_ray.evaluate import render_prompts
 
         params = SamplingParams(n=k, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
-        outputs = self.llm.generate(render_prompts(self.tok, problems), params, use_tqdm=False)
+        outputs = self.llm.generate(render_prompts(self.tok, problems, **self.style), params, use_tqdm=False)
         return [[o.text for o in out.outputs] for out in outputs]
 
 
@@ -111,7 +115,7 @@ def run(cfg: RunConfig) -> dict:
 
     lc = cfg.label
     model_name = lc.model or cfg.train.policy or cfg.model.name
-    fp = fingerprint(lc, cfg.model, model_name, cfg.seed, marker_of(cfg.run_dir, "ingest"))
+    fp = fingerprint(lc, cfg.model, cfg.prompt, model_name, cfg.seed, marker_of(cfg.run_dir, "ingest"))
     st = Stage(cfg.run_dir, "label", fp)
     if st.done():
         return st.summary()
@@ -125,7 +129,8 @@ def run(cfg: RunConfig) -> dict:
     todo = [s for s in starts if f"chunk-{s // lc.batch_size:05d}.parquet" not in have]
     backend = "vllm" if use_vllm() else "hf"
     if todo:
-        sampler = (VLLMSampler if backend == "vllm" else HFSampler)(model_name, cfg.model.dtype, cfg.model.trust_remote_code)
+        sampler = (VLLMSampler if backend == "vllm" else HFSampler)(model_name, cfg.model.dtype, cfg.model.trust_remote_code,
+                                                                  prompt_style(cfg.prompt))
         bar = tqdm(total=len(rows), initial=len(rows) - sum(min(lc.batch_size, len(rows) - s) for s in todo),
                    desc=f"label k={lc.k}", unit="prompt")
         for s in todo:

@@ -24,6 +24,7 @@ import sys
 
 from math_verify import parse, verify
 
+from saerl_ray.config import ANSWER_INSTRUCTION  # re-exported: the default instruction
 from saerl_ray.ingest import last_boxed
 
 # Only the tail of a completion can hold its final answer; scanning megabytes of runaway text is waste.
@@ -41,13 +42,15 @@ _DIGITS = re.compile(r"\d+")
 _TEXTBF = re.compile(r"\\textbf\{\s*\(?\s*([^{}]*?)\s*\)?\s*\}")
 
 
-# The instruction every stage (label, train, eval) appends, so the policy answers in the form we grade.
-ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+def format_messages(problem: str, instruction: str = ANSWER_INSTRUCTION, system: str | None = None) -> list[dict[str, str]]:
+    """A problem as a one-turn chat: the instruction on its own line, after an optional system turn."""
+    user = f"{problem.strip()}\n{instruction}" if instruction else problem.strip()
+    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
 
 
-def format_messages(problem: str) -> list[dict[str, str]]:
-    """A problem as a one-turn chat asking for a boxed final answer."""
-    return [{"role": "user", "content": f"{problem.strip()}\n{ANSWER_INSTRUCTION}"}]
+def prompt_style(prompt_cfg) -> dict[str, str | None]:
+    """`format_messages` / `render_prompts` keywords from the run's `prompt` section."""
+    return {"instruction": prompt_cfg.instruction, "system": prompt_cfg.system}
 
 
 def extract_answer(completion: str) -> str | None:

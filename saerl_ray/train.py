@@ -41,11 +41,12 @@ def prompts_per_step(cfg: RunConfig) -> int:
 
 def stage_fingerprint(cfg: RunConfig, policy: str) -> str:
     """What decides a rerun: the train section (backend included; not `resume`, which says how, not
-    what), the sampler's rules, the policy, the seed, the plan it reads and the resolved step size."""
+    what), the prompt text, the sampler's rules, the policy, the seed, the plan it reads and the
+    resolved step size."""
     from saerl_ray.stage import marker_of
 
     train = cfg.train.model_dump(mode="json", exclude={"resume"})
-    return fingerprint(train, cfg.sampler, cfg.seed, policy, prompts_per_step(cfg), marker_of(cfg.run_dir, "plan"))
+    return fingerprint(train, cfg.prompt, cfg.sampler, cfg.seed, policy, prompts_per_step(cfg), marker_of(cfg.run_dir, "plan"))
 
 
 def backend_stage(cfg: RunConfig, name: str):

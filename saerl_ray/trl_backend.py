@@ -43,7 +43,7 @@ import torch
 
 from saerl_ray import storage
 from saerl_ray.config import RunConfig, fingerprint
-from saerl_ray.reward import format_messages, math_reward
+from saerl_ray.reward import format_messages, math_reward, prompt_style
 from saerl_ray.sampler import SamplerClient
 from saerl_ray.stage import Stage, marker_of
 
@@ -103,13 +103,14 @@ def freeze_below(model, trainable_layers: int | None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def to_example(row: dict) -> dict:
-    """A sampler row as a TRL conversational example; extra columns reach the reward function."""
+def to_example(row: dict, style: dict | None = None) -> dict:
+    """A sampler row as a TRL conversational example (`style`: `reward.prompt_style`); extra columns
+    reach the reward function."""
     missing = [k for k in ("id", "prompt", "answer") if not row.get(k)]
     if missing:
         raise ValueError(f"sampler served a row without {missing} (id={row.get('id')!r}); plan rows need a gold answer")
     return {
-        "prompt": format_messages(row["prompt"]),
+        "prompt": format_messages(row["prompt"], **(style or {})),
         "id": row["id"],
         "answer": row["answer"],
         "cluster": int(row.get("cluster", -1)),
@@ -156,14 +157,15 @@ def read_heldout(path: str | None) -> list[dict]:
     return rows
 
 
-def heldout_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64) -> float:
+def heldout_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64,
+                     style: dict | None = None) -> float:
     """Greedy accuracy of the current policy on held-out rows (the accuracy curve of a run)."""
     from saerl_ray.evaluate import generate, render_prompts
 
     was_training = model.training
     model.eval()
     try:
-        prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
+        prompts = render_prompts(tokenizer, [r["prompt"] for r in rows], **(style or {}))
         completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="held-out")
     finally:
         model.train(was_training)
@@ -193,8 +195,10 @@ def _broadcast(obj: Any) -> Any:
 class SamplerStream(torch.utils.data.IterableDataset):
     """One item per optimisation step: this rank's list of examples, taken in plan order from the sampler."""
 
-    def __init__(self, sampler, prompts_per_step: int, num_generations: int, rank: int, world: int):
+    def __init__(self, sampler, prompts_per_step: int, num_generations: int, rank: int, world: int,
+                 style: dict | None = None):
         self.sampler = sampler  # a SamplerClient on rank 0, None elsewhere
+        self.style = style
         self.prompts_per_step = prompts_per_step
         self.num_generations = num_generations
         self.rank, self.world = rank, world
@@ -206,7 +210,7 @@ class SamplerStream(torch.utils.data.IterableDataset):
             raise RuntimeError("the curriculum sampler returned an empty batch (plan exhausted?)")
         if len(batch) != self.prompts_per_step:
             raise RuntimeError(f"sampler served {len(batch)} prompts, expected {self.prompts_per_step}")
-        return [to_example(r) for r in batch]
+        return [to_example(r, self.style) for r in batch]
 
     def __iter__(self) -> Iterator[list[dict]]:
         while True:
@@ -263,8 +267,9 @@ def _trainer_classes():
     class CurriculumCallback(TrainerCallback):
         """Rank 0: per-step metrics line; sampler state saved into every checkpoint folder."""
 
-        def __init__(self, reward: CurriculumReward, metrics_path: str, rank: int, heldout: list[dict], heldout_every: int):
-            self.reward, self.metrics_path, self.rank = reward, metrics_path, rank
+        def __init__(self, reward: CurriculumReward, metrics_path: str, rank: int, heldout: list[dict], heldout_every: int,
+                     style: dict):
+            self.reward, self.metrics_path, self.rank, self.style = reward, metrics_path, rank, style
             self.heldout, self.heldout_every = heldout, heldout_every
             self.t0 = time.time()
             # Object stores cannot append: the whole (small) file is rewritten per line, after a resume too.
@@ -283,7 +288,7 @@ def _trainer_classes():
             every = self.heldout_every
             if self.rank != 0 or not self.heldout or not every or state.global_step % every:
                 return
-            acc = heldout_accuracy(model, processing_class, self.heldout, args.max_completion_length)
+            acc = heldout_accuracy(model, processing_class, self.heldout, args.max_completion_length, style=self.style)
             self._append({"step": state.global_step, "heldout_accuracy": acc, "heldout_n": len(self.heldout)})
 
         def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -365,7 +370,8 @@ def train_loop_per_worker(config: dict) -> None:
     )
     reward = CurriculumReward(sampler, rank)
     trainer_cls, callback_cls = _trainer_classes()
-    stream = SamplerStream(sampler, prompts_per_step, tc.num_generations, rank, world)
+    style = prompt_style(cfg.prompt)
+    stream = SamplerStream(sampler, prompts_per_step, tc.num_generations, rank, world, style)
     placeholder = _placeholder_dataset()
     trainer = trainer_cls(
         model=model,
@@ -375,7 +381,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_dataset=placeholder,
         stream=stream,
         callbacks=[
-            callback_cls(reward, config["metrics_path"], rank, read_heldout(tc.heldout_file), tc.heldout_every),
+            callback_cls(reward, config["metrics_path"], rank, read_heldout(tc.heldout_file), tc.heldout_every, style),
             RayTrainReportCallback(),
         ],
     )
@@ -470,7 +476,7 @@ def run(cfg: RunConfig) -> dict:
 
     tc = cfg.train
     policy = resolve(tc.policy or cfg.model.name)
-    fp = fingerprint(tc, cfg.sampler, cfg.model, cfg.seed, policy, marker_of(cfg.run_dir, "plan"))
+    fp = fingerprint(tc, cfg.sampler, cfg.model, cfg.prompt, cfg.seed, policy, marker_of(cfg.run_dir, "plan"))
     st = Stage(cfg.run_dir, "train", fp)
     if st.done():
         return st.summary()

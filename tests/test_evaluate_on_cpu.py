@@ -73,3 +73,19 @@ def test_eval_stage_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, shared_da
     stamp = (run_dir / "eval/_DONE.json").read_text()
     assert cli_main(args) == 0
     assert (run_dir / "eval/_DONE.json").read_text() == stamp
+
+
+def test_prompt_section_reaches_the_rendered_prompt():
+    from saerl_ray.config import ANSWER_INSTRUCTION, load_config
+    from saerl_ray.reward import prompt_style
+    from saerl_ray.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    default = render_prompts(tok, ["What is 1+1?"])[0]
+    assert "What is 1+1?\n" + ANSWER_INSTRUCTION in default
+    cfg = load_config(None, {"prompt.system": "Answer with the number only.", "prompt.instruction": ""})
+    short = render_prompts(tok, ["What is 1+1?"], **prompt_style(cfg.prompt))[0]
+    assert "Answer with the number only." in short and ANSWER_INSTRUCTION not in short
+    assert short.index("Answer with the number only.") < short.index("What is 1+1?")
+    tok.chat_template = None  # no template: plain text, system line first
+    assert render_prompts(tok, ["x?"], **prompt_style(cfg.prompt)) == ["Answer with the number only.\nx?\n"]

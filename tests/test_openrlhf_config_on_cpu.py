@@ -69,6 +69,7 @@ def test_extra_args_still_win_over_mapped_fields(tmp_path):
     ({"save_every": -2}, "train.save_every"),
     ({"heldout_every": 5}, "train.heldout_every"),
     ({"steps": 0}, "train.steps"),
+    ({"prompt.system": "Be brief."}, "prompt.system"),
     ({"trainable_layers": 4}, "train.trainable_layers"),
     ({"extra_args": ["--train.async_enable"]}, "train.extra_args"),
     ({"run_dir": "s3://bucket/run"}, "run_dir"),

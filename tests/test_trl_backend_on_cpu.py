@@ -54,6 +54,8 @@ def test_served_row_without_answer_is_named():
         tb.to_example({"id": "abc", "prompt": "1+1?", "answer": ""})
     ex = tb.to_example({"id": "abc", "prompt": "1+1?", "answer": "2", "cluster": 3, "difficulty_pred": 0.5})
     assert ex["prompt"][0]["role"] == "user" and "\\boxed{}" in ex["prompt"][0]["content"]
+    short = tb.to_example({"id": "abc", "prompt": "1+1?", "answer": "2"}, {"instruction": "", "system": "Be brief."})
+    assert short["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]
 
 
 def write_plan(run_dir, shared_data, n=12, batch_size=2):

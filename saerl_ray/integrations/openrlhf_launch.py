@@ -47,7 +47,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saerl_ray.config import ConfigError, RunConfig
-from saerl_ray.reward import ANSWER_INSTRUCTION as INSTRUCTION
 from saerl_ray.train import (  # noqa: F401 (stage_fingerprint: part of this module's API)
     backend_stage, common_train_errors, join_ray, prompts_per_step, read_plan_in_order, stage_fingerprint,
 )
@@ -79,7 +78,7 @@ def write_prompt_file(cfg: RunConfig, sampler_actor: str, group_size: int) -> Pa
         for i, a, c in zip(plan.column("id").to_pylist(), plan.column("answer").to_pylist(), plan.column("cluster").to_pylist())
     ]
     table = pa.table({
-        "prompt": [f"{p}\n{INSTRUCTION}" for p in plan.column("prompt").to_pylist()],
+        "prompt": [user_text(p, cfg) for p in plan.column("prompt").to_pylist()],
         "label": labels,
         "datasource": plan.column("source"),
     })
@@ -113,6 +112,13 @@ def algo_flags(algo: str, max_new_tokens: int, kl_coef: float = 0.0) -> list[str
 
 
 
+def user_text(problem: str, cfg: RunConfig) -> str:
+    """The user turn OpenRLHF's chat template wraps: the problem and `prompt.instruction`."""
+    from saerl_ray.reward import format_messages
+
+    return format_messages(problem, cfg.prompt.instruction)[-1]["content"]
+
+
 def check_config(cfg: RunConfig) -> None:
     """Refuse `train.*` values the OpenRLHF backend cannot honour; each error names its field."""
     t = cfg.train
@@ -120,6 +126,8 @@ def check_config(cfg: RunConfig) -> None:
     for flag in UNSUPPORTED:
         if flag in t.extra_args:
             errors.append(f"train.extra_args: {flag} is not supported with the curriculum trainer")
+    if cfg.prompt.system is not None:
+        errors.append("prompt.system: OpenRLHF renders the prompt column as a single user turn; set it to null")
     if t.lr_scheduler not in LR_SCHEDULERS:
         errors.append(f"train.lr_scheduler={t.lr_scheduler!r} has no OpenRLHF mapping ({sorted(LR_SCHEDULERS)})")
     errors += common_train_errors(cfg, "OpenRLHF", "DeepSpeed checkpoints and the model")
@@ -139,7 +147,7 @@ def write_heldout_file(cfg: RunConfig) -> Path | None:
     if not rows:
         raise ConfigError(f"train.heldout_file {t.heldout_file}: no rows")
     table = pa.table({
-        "prompt": [f"{r['prompt']}\n{INSTRUCTION}" for r in rows],
+        "prompt": [user_text(r["prompt"], cfg) for r in rows],
         "label": [json.dumps({"answer": r["answer"]}) for r in rows],
         "datasource": ["heldout"] * len(rows),
     })

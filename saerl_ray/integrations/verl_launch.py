@@ -54,7 +54,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saerl_ray.config import ConfigError, RunConfig
-from saerl_ray.reward import ANSWER_INSTRUCTION as INSTRUCTION
 from saerl_ray.sampler import SAMPLER_NAMESPACE
 from saerl_ray.train import (  # noqa: F401 (stage_fingerprint: part of this module's API)
     backend_stage, common_train_errors, join_ray, prompts_per_step, read_plan_in_order, stage_fingerprint,
@@ -241,8 +240,10 @@ def validate(config: Any) -> None:
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
 
 
-def _chat(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"{prompt}\n{INSTRUCTION}"}]
+def _chat(prompt: str, cfg: RunConfig) -> list[dict[str, str]]:
+    from saerl_ray.reward import format_messages, prompt_style
+
+    return format_messages(prompt, **prompt_style(cfg.prompt))
 
 
 def write_dataset(cfg: RunConfig) -> Path:
@@ -252,7 +253,7 @@ def write_dataset(cfg: RunConfig) -> Path:
     ids, answers = plan.column("id").to_pylist(), plan.column("answer").to_pylist()
     clusters = plan.column("cluster").to_pylist()
     table = pa.table({
-        "prompt": [_chat(p) for p in plan.column("prompt").to_pylist()],
+        "prompt": [_chat(p, cfg) for p in plan.column("prompt").to_pylist()],
         "data_source": [str(s) for s in plan.column("source").to_pylist()],
         "ability": ["math"] * len(pos),
         "reward_model": [{"style": "rule", "ground_truth": str(a)} for a in answers],
@@ -276,7 +277,7 @@ def write_heldout_file(cfg: RunConfig) -> Path | None:
     if not rows:
         raise ConfigError(f"train.heldout_file {t.heldout_file}: no rows")
     table = pa.table({
-        "prompt": [_chat(r["prompt"]) for r in rows],
+        "prompt": [_chat(r["prompt"], cfg) for r in rows],
         "data_source": ["heldout"] * len(rows),
         "ability": ["math"] * len(rows),
         "reward_model": [{"style": "rule", "ground_truth": str(r["answer"])} for r in rows],
