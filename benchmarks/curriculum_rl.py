@@ -35,6 +35,7 @@ import json
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -142,7 +143,9 @@ def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dic
     }
 
 
-PROTOCOL_ARGS = ["task", "max_operand", "max_answer", "max_chars", "model", "split_seed", "steps", "eval_every",
+# Bump when code outside the arguments changes what a run measures (constants below, the train stage).
+PROTOCOL_VERSION = 1
+PROTOCOL_ARGS = ["cpus", "task", "max_operand", "max_answer", "max_chars", "model", "split_seed", "steps", "eval_every",
                  "prompts_per_step", "num_generations", "max_new_tokens", "trainable_layers",
                  "gradient_checkpointing", "lr", "n_train", "n_heldout", "n_labelled", "sae_layer", "sae_tokens",
                  "clusters", "system", "instruction"]
@@ -152,7 +155,7 @@ def protocol(args) -> tuple[dict, str]:
     """Everything that shapes a run's result, and its short hash: results of other protocols never mix."""
     import hashlib
 
-    p = {k: getattr(args, k) for k in PROTOCOL_ARGS}
+    p = {k: getattr(args, k) for k in PROTOCOL_ARGS} | {"version": PROTOCOL_VERSION}
     return p, hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -187,15 +190,13 @@ def mean_ci95(values: list[float]) -> tuple[float, list[float] | None]:
 
 
 def step_seconds(metrics_path: Path) -> float | None:
-    """Median wall time between consecutive logged GRPO steps (robust to the held-out evaluations)."""
-    import numpy as np
+    """Median of TRL's own `step_time` over the steps after the first (held-out evaluations excluded)."""
+    import statistics
 
     if not metrics_path.exists():
         return None
-    times = [json.loads(x)["time"] for x in metrics_path.read_text().splitlines() if '"loss"' in x]
-    gaps = np.diff(times)
-    gaps = gaps[gaps > 0]  # a resumed run restarts its clock
-    return float(np.median(gaps)) if len(gaps) else None
+    times = [float(json.loads(x)["step_time"]) for x in metrics_path.read_text().splitlines() if '"step_time"' in x]
+    return statistics.median(times[1:] or times) if times else None
 
 
 def run_one(arm: str, seed: int, out: Path, overrides: dict, upstream: list[str]) -> dict:
@@ -212,7 +213,10 @@ def run_one(arm: str, seed: int, out: Path, overrides: dict, upstream: list[str]
             shutil.copytree(out / "base" / stage, run_dir / stage)
     cfg = load_config(None, {**overrides, "run_dir": str(run_dir), "plan.variant": arm, "seed": seed})
     run_pipeline(cfg, STAGES)
-    return finished(run_dir)
+    r = finished(run_dir)
+    if r is None:
+        raise RuntimeError(f"{run_dir}: the train stage finished without a held-out curve")
+    return r
 
 
 def finished(run_dir: Path) -> dict | None:
@@ -278,7 +282,9 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, target: float | None) -> 
         mean = ys.mean(0)
         ax.plot(xs, mean, color=colour, marker="o", label=f"{arm} (mean of {len(same)})")
         if len(same) > 1:
-            half = 1.96 * ys.std(0, ddof=1) / np.sqrt(len(same))
+            from scipy import stats
+
+            half = stats.t.ppf(0.975, len(same) - 1) * ys.std(0, ddof=1) / np.sqrt(len(same))  # as the table
             ax.fill_between(xs, mean - half, mean + half, color=colour, alpha=0.15)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", label="target (shuffled mean final)")
@@ -289,13 +295,28 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, target: float | None) -> 
     fig.savefig(path, dpi=120)
 
 
-def collect(results: Path, arms: list[str], seeds: list[int], tag: str) -> dict[str, dict[int, dict]]:
+def upstream_of(out: Path, upstream: list[str]) -> dict[str, str] | None:
+    """The base's stage fingerprints (None before it exists, e.g. --report-only in a fresh clone)."""
+    try:
+        return {s: json.loads((out / "base" / s / "_DONE.json").read_text())["fingerprint"] for s in upstream}
+    except FileNotFoundError:
+        return None
+
+
+def collect(results: Path, arms: list[str], seeds: list[int], tag: str,
+            upstream: dict[str, str] | None = None) -> dict[str, dict[int, dict]]:
+    """Finished runs of this protocol; with `upstream`, only those trained on the same base stages."""
     runs: dict[str, dict[int, dict]] = {}
     for arm in arms:
         for seed in seeds:
             path = result_path(results, arm, seed, tag)
-            if path.exists():
-                runs.setdefault(arm, {})[seed] = json.loads(path.read_text())
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            if upstream is not None and r.get("upstream") != upstream:
+                print(f"[bench] {path.name}: trained on another base (its upstream fingerprints differ); left out")
+                continue
+            runs.setdefault(arm, {})[seed] = r
     return runs
 
 
@@ -359,40 +380,40 @@ def main(argv: list[str] | None = None) -> dict:
     args.trainable_layers = args.trainable_layers or None
     if "shuffled" not in args.arms:
         sys.exit("the shuffled arm is the baseline: keep it in --arms")
+    if args.eval_every < 1 or args.steps % args.eval_every:
+        sys.exit(f"--eval-every ({args.eval_every}) must divide --steps ({args.steps}): the curve must end at the last step")
 
     out = Path(args.out).resolve()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     proto, tag = protocol(args)
     t0 = time.time()
+    upstream = UPSTREAM if args.task == "gsm8k" else ["ingest", "label", "sae", "features", "signals"]
     if not args.report_only:
         from saerl_ray.config import load_config
         from saerl_ray.pipeline import run_pipeline
 
         train_file, heldout_file = write_task(out, args)
         overrides = base_overrides(args, out, train_file, heldout_file)
-        upstream = UPSTREAM if args.task == "gsm8k" else ["ingest", "label", "sae", "features", "signals"]
         run_pipeline(load_config(None, overrides), upstream)
         for seed in args.seeds:  # seed-major: the arms of one seed finish together (the paired difference)
             for arm in args.arms:
                 path = result_path(results, arm, seed, tag)
-                if path.exists():
+                if path.exists() and json.loads(path.read_text()).get("upstream") == upstream_of(out, upstream):
                     continue
                 r = run_one(arm, seed, out, overrides, upstream)
-                r |= {"arm": arm, "seed": seed, "protocol": proto, "tag": tag,
-                      "upstream": {s: json.loads((out / "base" / s / "_DONE.json").read_text())["fingerprint"]
-                                   for s in upstream}}
+                r |= {"arm": arm, "seed": seed, "protocol": proto, "tag": tag, "upstream": upstream_of(out, upstream)}
                 path.write_text(json.dumps(r, indent=1) + "\n")
                 print(f"[bench] {arm} seed {seed}: curve {r['curve']}  step {r['step_seconds']}s -> {path}", flush=True)
-    runs = collect(results, args.arms, args.seeds, tag)
+    runs = collect(results, args.arms, args.seeds, tag, upstream_of(out, upstream))
     line = summarise(runs, args.steps, args.eval_every)
     if line["seeds"]:
         plot({a: {s: runs[a][s] for s in line["seed_list"]} for a in runs}, out / "curves.png", line["target_accuracy"])
         line["png"] = str(out / "curves.png")
         print_table(line)
-    step_s = [r["step_seconds"] for by_seed in runs.values() for r in by_seed.values() if r.get("step_seconds")]
+    step_s = sorted(r["step_seconds"] for by_seed in runs.values() for r in by_seed.values() if r.get("step_seconds"))
     line.update({
-        "step_seconds_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
+        "step_seconds_median": statistics.median(step_s) if step_s else None,
         "task": args.task, "steps": args.steps, "eval_every": args.eval_every, "n_train": args.n_train,
         "n_heldout": args.n_heldout, "prompts_per_step": args.prompts_per_step,
         "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens,
