@@ -110,7 +110,7 @@ def write_task(out: Path, args) -> tuple[Path, Path]:
 def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dict:
     labels = {
         "label.n_prompts": args.n_labelled, "label.k": 8,
-        "label.max_new_tokens": args.max_new_tokens, "label.batch_size": 8,
+        "label.max_new_tokens": args.label_new_tokens, "label.batch_size": 8,
         "signals.difficulty.label_file": str(out / "base" / "label" / "pass_rates.parquet"),
     } if args.task == "arithmetic" else {}
     return {
@@ -146,7 +146,7 @@ def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dic
 # Bump when code outside the arguments changes what a run measures (constants below, the train stage).
 PROTOCOL_VERSION = 1
 PROTOCOL_ARGS = ["cpus", "task", "max_operand", "max_answer", "max_chars", "model", "split_seed", "steps", "eval_every",
-                 "prompts_per_step", "num_generations", "max_new_tokens", "trainable_layers",
+                 "prompts_per_step", "num_generations", "max_new_tokens", "label_new_tokens", "trainable_layers",
                  "gradient_checkpointing", "lr", "n_train", "n_heldout", "n_labelled", "sae_layer", "sae_tokens",
                  "clusters", "system", "instruction"]
 
@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--label-new-tokens", type=int, default=48,
+                   help="label stage budget: at 16 tokens 93/128 prompts were all-wrong and the proxy kept no feature")
     p.add_argument("--trainable-layers", type=int, default=4, help="train.trainable_layers (0: all layers)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="TRL's default; off here: a 135M policy on CPU has memory to spare and it costs compute")
@@ -376,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.results = str(Path(args.out) / "results")  # a smoke run never lands in the recorded results
         args.steps, args.eval_every, args.save_every, args.n_train, args.n_heldout = 4, 2, 2, 48, 8
         args.max_new_tokens, args.sae_tokens, args.prompts_per_step, args.n_labelled = 12, 50_000, 2, 24
+        args.label_new_tokens = 12
         args.num_generations, args.seeds = 4, args.seeds[:2]
     args.trainable_layers = args.trainable_layers or None
     if "shuffled" not in args.arms:

@@ -50,8 +50,7 @@ ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer with
 
 
 class PromptConfig(Section):
-    """How the policy is prompted: the same text for labelling, training, held-out and eval generation
-    (the lens reads the bare problem unless model.chat_template)."""
+    """How the policy is prompted when label, train, held-out and eval generate (never the lens)."""
 
     system: str | None = Field(None, description=(
         "System turn before every problem; null: the chat template's own default."))
@@ -398,8 +397,8 @@ class TrainConfig(Section):
         "accuracy curve); null: none."))
     heldout_every: int = Field(0, description="Steps between held-out evaluations; 0: off.")
     gradient_checkpointing: bool = Field(True, description=(
-        "Recompute activations in the backward pass instead of keeping them: less memory, about a third more "
-        "compute. Worth it on a GPU for large policies; a small policy on CPU trains faster without."))
+        "Recompute activations in the backward pass instead of keeping them: less memory for more compute "
+        "(worth it on a GPU for large policies; no measurable difference for the 135M policy on CPU)."))
     trainable_layers: int | None = Field(None, description=(
         "Update only the top N decoder layers (and the final norm); embeddings, the (tied) LM head and the "
         "layers below stay frozen, so a CPU step costs a fraction of a full one. null: train everything "

@@ -265,12 +265,24 @@ def difficulty_setup(prompts: pd.DataFrame, cfg: DifficultyConfig, seed: int) ->
 
 
 def difficulty_fallback(setup: DifficultySetup, n_tokens: np.ndarray, out_path: str) -> tuple[np.ndarray, dict]:
-    """No usable labels: the token-count rank, flagged as such in the JSON and the metrics."""
+    """No usable labels (or a fit that learned nothing): the token-count rank, flagged as such in the JSON
+    and the metrics."""
     pred = length_fallback(n_tokens).astype(np.float32)
     summary = {"fallback": True, "method": "n_tokens rank", "reason": setup.reason, "label_source": setup.label_source}
     storage.write_json(out_path, summary)
-    print(f"[signals] WARNING difficulty: NO LABELS ({setup.reason}); using the token-count rank as difficulty")
+    print(f"[signals] WARNING difficulty: NO USABLE FIT ({setup.reason}); using the token-count rank as difficulty")
     return pred, summary
+
+
+def empty_fit(setup: DifficultySetup, metrics: dict) -> bool:
+    """A fit that kept no feature predicts one constant: no order at all. Like a run without labels it
+    then falls back to the length rank, and `setup.reason` says why (sparse labels, e.g. a policy that
+    solves almost nothing, make cross-validation pick the largest penalty)."""
+    if metrics.get("nonzero_coef", 1) > 0:
+        return False
+    setup.reason = (f"the ElasticNet fit on {len(setup.train)} labelled prompts kept no feature (CV chose "
+                    f"alpha={metrics.get('alpha')}, l1_ratio={metrics.get('l1_ratio')}): its prediction is a constant")
+    return True
 
 
 def fit_setup(setup: DifficultySetup, X_train: sp.csr_matrix, cfg: DifficultyConfig, seed: int,
@@ -301,5 +313,7 @@ def run_difficulty(
     if setup.train is None:
         return difficulty_fallback(setup, n_tokens, out_path)
     model, metrics = fit_setup(setup, X[setup.train], cfg, seed, use_ray)
+    if empty_fit(setup, metrics):
+        return difficulty_fallback(setup, n_tokens, out_path)
     pred = linear_score(model, X).astype(np.float32)
     return pred, finish_difficulty(setup, model, metrics, pred, cfg, out_path)

@@ -4,8 +4,8 @@
     saerl-ray eval --run-dir runs/m --eval.model runs/m/train/model --eval.benchmarks '[math500, gsm8k]'
 
 Greedy decoding with HF `generate`, batched with left padding, through the model's chat template; the
-user turn asks for the final answer in \\boxed{} (`saerl_ray.reward.format_messages`), and
-`math_reward` grades it. Writes `<run_dir>/eval/results.json` (per benchmark n / correct / accuracy,
+prompt is the run's `prompt` section (by default the user turn asks for the final answer in \\boxed{};
+`saerl_ray.reward.format_messages`), and `math_reward` grades it. Writes `<run_dir>/eval/results.json` (per benchmark n / correct / accuracy,
 plus the unweighted average over benchmarks, as the paper reports) and `eval/completions.jsonl`.
 
 Why on the driver and not a Ray actor pool: on a CPU node torch already uses every core inside one

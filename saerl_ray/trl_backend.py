@@ -103,6 +103,13 @@ def freeze_below(model, trainable_layers: int | None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def skip_frozen_backward(model) -> None:
+    """Undo what HF's `gradient_checkpointing_enable` adds for reentrant checkpointing: a hook that makes
+    the embeddings' output require grad. With the bottom blocks frozen it would run the backward pass
+    through every one of them; TRL checkpoints non-reentrantly, which needs no such hook."""
+    model.disable_input_require_grads()
+
+
 def to_example(row: dict, style: dict | None = None) -> dict:
     """A sampler row as a TRL conversational example (`style`: `reward.prompt_style`); extra columns
     reach the reward function."""
@@ -268,8 +275,9 @@ def _trainer_classes():
         """Rank 0: per-step metrics line; sampler state saved into every checkpoint folder."""
 
         def __init__(self, reward: CurriculumReward, metrics_path: str, rank: int, heldout: list[dict], heldout_every: int,
-                     style: dict):
+                     style: dict, frozen_bottom: bool):
             self.reward, self.metrics_path, self.rank, self.style = reward, metrics_path, rank, style
+            self.frozen_bottom = frozen_bottom
             self.heldout, self.heldout_every = heldout, heldout_every
             self.t0 = time.time()
             # Object stores cannot append: the whole (small) file is rewritten per line, after a resume too.
@@ -292,6 +300,9 @@ def _trainer_classes():
             self._append({"step": state.global_step, "heldout_accuracy": acc, "heldout_n": len(self.heldout)})
 
         def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+            # The Trainer turned checkpointing on just before this call (and hooked the embeddings).
+            if self.frozen_bottom and args.gradient_checkpointing:
+                skip_frozen_backward(model)
             if state.global_step == 0:  # the curve starts at the untrained policy
                 self._heldout(args, state, model, processing_class)
 
@@ -381,7 +392,8 @@ def train_loop_per_worker(config: dict) -> None:
         train_dataset=placeholder,
         stream=stream,
         callbacks=[
-            callback_cls(reward, config["metrics_path"], rank, read_heldout(tc.heldout_file), tc.heldout_every, style),
+            callback_cls(reward, config["metrics_path"], rank, read_heldout(tc.heldout_file), tc.heldout_every, style,
+                         tc.trainable_layers is not None),
             RayTrainReportCallback(),
         ],
     )

@@ -98,3 +98,15 @@ def test_no_labels_falls_back_to_length_rank_loudly(tmp_path, capsys):
     assert m["fallback"] and "WARNING" in capsys.readouterr().out
     with pytest.raises(ValueError, match="fallback"):
         predict_from_json(tmp_path / "d.json", sp.csr_matrix((4, 8)))
+
+
+def test_a_fit_that_keeps_no_feature_falls_back_to_length_rank(tmp_path, capsys):
+    X, y = synthetic_codes(n=120)
+    prompts = pd.DataFrame({"id": [f"p{i}" for i in range(120)], "source": "s", "difficulty": y})
+    n_tokens = np.arange(120)[::-1]
+    # A penalty so large that every coefficient is zero: the fit predicts one constant, i.e. no order.
+    cfg = DifficultyConfig(folds=3, alphas=[1e3], l1_ratios=[0.9])
+    pred, m = run_difficulty(prompts, X, n_tokens, cfg, seed=0, out_path=tmp_path / "d.json", use_ray=False)
+    assert m["fallback"] and "kept no feature" in m["reason"]
+    np.testing.assert_allclose(pred, (n_tokens - n_tokens.min()) / (len(n_tokens) - 1))
+    assert "NO USABLE FIT" in capsys.readouterr().out

@@ -125,6 +125,10 @@ def test_heldout_file_becomes_an_eval_set_the_reward_file_does_not_report(tmp_pa
     assert value(f, "--eval.temperature") == "0" and value(f, "--eval.n_samples_per_prompt") == "1"
     rows = pq.read_table(path).to_pylist()
     assert [r["prompt"].split("\n")[0] for r in rows] == ["0+0?", "1+1?", "2+2?"]
+    assert all(r["prompt"].endswith("\\boxed{}.") for r in rows)  # the default instruction line
+    bare = pq.read_table(launch.write_heldout_file(cfg_with(tmp_path, heldout_file=str(heldout), heldout_every=4,
+                                                            **{"prompt.instruction": ""}))).to_pylist()
+    assert [r["prompt"] for r in bare] == ["0+0?", "1+1?", "2+2?"]  # prompt.instruction reaches OpenRLHF's text
     labels = [parse_label(r["label"]) for r in rows]
     assert [lb["answer"] for lb in labels] == ["0", "2", "4"] and all(lb["sampler"] is None for lb in labels)
     assert Path(path).parent == launch.out_dir(cfg)

@@ -159,6 +159,11 @@ def test_dataset_is_verls_rl_format_in_plan_order(tmp_path):
     assert {r["data_source"] for r in rows} == {"gsm8k"} and {r["ability"] for r in rows} == {"math"}
     assert all(r["prompt"][0]["role"] == "user" and r["prompt"][0]["content"].startswith(p)
                for r, p in zip(rows, plan.column("prompt").to_pylist()))
+    # the prompt section reaches verl's chat list: a system turn first, the bare problem without instruction
+    styled = cfg_with(tmp_path, **{"prompt.system": "Be brief.", "prompt.instruction": ""})
+    first = pq.read_table(launch.write_dataset(styled)).to_pylist()[0]["prompt"]
+    assert first == [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": plan.column("prompt")[0].as_py().strip()}]
 
 
 def test_reward_function_scores_like_the_other_backends_and_never_raises():

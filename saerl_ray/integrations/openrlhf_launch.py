@@ -53,7 +53,6 @@ from saerl_ray.train import (  # noqa: F401 (stage_fingerprint: part of this mod
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 REWARD_FILE = Path(__file__).with_name("openrlhf_reward.py")
-# Appended to every training prompt: the reward reads the last \boxed{} answer.
 # OpenRLHF's driver sets these in its own ray.init, which it skips when Ray is already up (ours).
 OPENRLHF_ENV = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 # The async trainer builds its own loader in another actor; only the sync/hybrid trainer is patched.
@@ -127,7 +126,8 @@ def check_config(cfg: RunConfig) -> None:
         if flag in t.extra_args:
             errors.append(f"train.extra_args: {flag} is not supported with the curriculum trainer")
     if cfg.prompt.system is not None:
-        errors.append("prompt.system: OpenRLHF renders the prompt column as a single user turn; set it to null")
+        errors.append("prompt.system: the OpenRLHF backend writes its prompt column as text (one user turn); "
+                      "set it to null")
     if t.lr_scheduler not in LR_SCHEDULERS:
         errors.append(f"train.lr_scheduler={t.lr_scheduler!r} has no OpenRLHF mapping ({sorted(LR_SCHEDULERS)})")
     errors += common_train_errors(cfg, "OpenRLHF", "DeepSpeed checkpoints and the model")
