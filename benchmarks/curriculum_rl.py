@@ -43,7 +43,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 ARMS = ["saerl", "shuffled", "length", "no_mix"]
-STAGES = ["plan", "train"]
 UPSTREAM = ["ingest", "sae", "features", "signals"]
 
 
@@ -212,7 +211,13 @@ def run_one(arm: str, seed: int, out: Path, overrides: dict, upstream: list[str]
             shutil.rmtree(run_dir / stage, ignore_errors=True)
             shutil.copytree(out / "base" / stage, run_dir / stage)
     cfg = load_config(None, {**overrides, "run_dir": str(run_dir), "plan.variant": arm, "seed": seed})
-    run_pipeline(cfg, STAGES)
+    marker = run_dir / "plan" / "_DONE.json"
+    before = marker.read_text() if marker.exists() else None
+    run_pipeline(cfg, ["plan"])
+    if marker.read_text() != before:  # a new plan: the sampler state and checkpoints of the old one are void
+        shutil.rmtree(run_dir / "sampler", ignore_errors=True)
+        shutil.rmtree(run_dir / "train", ignore_errors=True)
+    run_pipeline(cfg, ["train"])
     r = finished(run_dir)
     if r is None:
         raise RuntimeError(f"{run_dir}: the train stage finished without a held-out curve")

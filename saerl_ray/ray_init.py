@@ -67,6 +67,19 @@ def leave_job_working_dir() -> None:
         os.chdir(tempfile.mkdtemp(prefix="saerl-driver-"))
 
 
+# Ray Train's placement-group cleaner polls the state API, which needs the dashboard a private local
+# cluster runs without, and logs a warning on every poll (hundreds per training run).
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+QUIET_HOOK = "saerl_ray.ray_init.quiet_worker_logs"
+
+
+def quiet_worker_logs() -> None:
+    """Worker setup hook of a local cluster without a dashboard (see CLEANER_LOGGER)."""
+    import logging
+
+    logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join the cluster this process belongs to, or start a private local one. Idempotent."""
     import ray
@@ -87,7 +100,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         wait_reachable(address, cfg.connect_timeout_s)
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host, **kwargs)
+        ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host,
+                 runtime_env=None if cfg.include_dashboard else {"worker_process_setup_hook": QUIET_HOOK}, **kwargs)
     ctx = ray.data.DataContext.get_current()
     # Not on a terminal, Ray Data's bars turn into a progress banner every few seconds in the log.
     ctx.enable_progress_bars = sys.stderr.isatty() and os.environ.get("CI") is None

@@ -849,12 +849,19 @@ class SamplerClient:
     def _call(self, method: str, *args: Any) -> Any:
         deadline = time.monotonic() + self.retry_s
         delay = 0.05
+        init_failed = False
         while True:
             try:
                 if self._stale:
                     self._reconnect()
                 return ray.get(getattr(self.actor, method).remote(*args))
-            except (ray.exceptions.RayActorError, storage.StorageError):
+            except (ray.exceptions.RayActorError, storage.StorageError) as e:
+                # A constructor that raised twice in a row (state for another plan, a bad config) will
+                # raise again: say so now instead of retrying for retry_s.
+                if getattr(e, "actor_init_failed", False):
+                    if init_failed:
+                        raise
+                    init_failed = True
                 if time.monotonic() > deadline:
                     raise
                 self._stale = True

@@ -416,6 +416,32 @@ def write_plan_stage(run_dir, table):
     st.commit({"planned": table.num_rows})
 
 
+def test_client_fails_fast_when_the_actor_cannot_be_built(ray_cluster, tmp_path, monkeypatch):
+    from saerl_ray import sampler as sampler_mod
+    from saerl_ray.sampler import SamplerClient
+
+    waits = []
+
+    def sleep(s):  # the client's back-off between tries
+        waits.append(s)
+        if len(waits) > 3:
+            raise AssertionError("the client kept retrying a constructor that fails every time")
+
+
+    run_dir = tmp_path / "run"
+    write_plan_stage(run_dir, plan_table(n_clusters=3, per_cluster=8))
+    cfg = load_config(None, {"run_dir": str(run_dir), "plan.batch_size": B})
+    first = get_or_create_sampler(cfg)
+    ray.get(first.checkpoint.remote())  # state for this plan
+    ray.kill(first)
+    wait_until_gone(actor_name(cfg.run_dir))
+    write_plan_stage(run_dir, plan_table(n_clusters=3, per_cluster=9))  # re-planned: the state is stale
+    monkeypatch.setattr(sampler_mod.time, "sleep", sleep)
+    with pytest.raises(ray.exceptions.RayActorError, match="different plan"):
+        SamplerClient(cfg, retry_s=3600)
+    assert len(waits) == 1  # one retry (a restart could have been transient), then the error
+
+
 def test_actor_kill_and_restore_serves_each_prompt_once(ray_cluster, tmp_path):
     table = plan_table(n_clusters=3, per_cluster=16, ratio=0.25)
     run_dir = tmp_path / "run"
