@@ -168,11 +168,11 @@ def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None
 
 def auc(curve: list[tuple[int, float]]) -> float:
     """Mean held-out accuracy over the run: the trapezoid area under the curve divided by its span."""
+    import numpy as np
+
     xs, ys = [s for s, _ in curve], [a for _, a in curve]
     span = xs[-1] - xs[0]
-    if span <= 0:
-        return ys[-1]
-    return sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1)) / span
+    return float(np.trapezoid(ys, xs) / span) if span > 0 else ys[-1]
 
 
 def mean_ci95(values: list[float]) -> tuple[float, list[float] | None]:
@@ -190,8 +190,6 @@ def mean_ci95(values: list[float]) -> tuple[float, list[float] | None]:
 
 def step_seconds(metrics_path: Path) -> float | None:
     """Median of TRL's own `step_time` over the steps after the first (held-out evaluations excluded)."""
-    import statistics
-
     if not metrics_path.exists():
         return None
     times = [float(json.loads(x)["step_time"]) for x in metrics_path.read_text().splitlines() if '"step_time"' in x]

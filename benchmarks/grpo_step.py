@@ -44,9 +44,8 @@ def write_plan(run_dir: Path, n: int) -> None:
     import pyarrow as pa
 
     from curriculum_rl import gsm8k_arithmetic
-    from saerl_ray import storage
     from saerl_ray.plan import PLAN_SCHEMA
-    from saerl_ray.stage import Stage
+    from saerl_ray.testing import commit_plan
 
     rows = gsm8k_arithmetic(100)[:n]
     table = pa.table({
@@ -54,9 +53,7 @@ def write_plan(run_dir: Path, n: int) -> None:
         "prompt": [r["question"] for r in rows], "answer": [r["answer"].split("####")[1].strip() for r in rows],
         "source": ["gsm8k_calc"] * n, "cluster": [0] * n, "difficulty_pred": [0.0] * n, "mixed": [False] * n,
     }, schema=PLAN_SCHEMA)
-    st = Stage(str(run_dir), "plan", "grpo-step-bench")
-    storage.write_parquet(table, storage.join(st.begin(keep_partial=False), "plan.parquet"))
-    st.commit({"planned": n})
+    commit_plan(run_dir, table, "grpo-step-bench")
 
 
 def step_seconds(run_dir: Path) -> list[float]:

@@ -39,9 +39,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def synthetic_plan(run_dir: str, n: int, k: int, batch: int, seed: int) -> pa.Table:
-    from saerl_ray import storage
     from saerl_ray.plan import PLAN_SCHEMA, build_plan
-    from saerl_ray.stage import Stage
+    from saerl_ray.testing import commit_plan
 
     rng = np.random.default_rng(seed)
     ids = np.array([f"{i:016x}" for i in rng.permutation(n)], dtype=object)
@@ -54,10 +53,7 @@ def synthetic_plan(run_dir: str, n: int, k: int, batch: int, seed: int) -> pa.Ta
         "answer": [str(i % 1009) for i in range(m)], "source": ["synthetic"] * m,
         "cluster": p["cluster"], "difficulty_pred": p["difficulty_pred"], "mixed": p["mixed"],
     }, schema=PLAN_SCHEMA)
-    st = Stage(run_dir, "plan", "bench")
-    out = st.begin(keep_partial=False)
-    storage.write_parquet(table, storage.join(out, "plan.parquet"), row_group_size=65536)
-    st.commit({"planned": m})
+    commit_plan(run_dir, table, "bench", row_group_size=65536)
     return table
 
 

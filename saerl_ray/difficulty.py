@@ -274,21 +274,18 @@ def difficulty_fallback(setup: DifficultySetup, n_tokens: np.ndarray, out_path: 
     return pred, summary
 
 
-def empty_fit(setup: DifficultySetup, metrics: dict) -> bool:
-    """A fit that kept no feature predicts one constant: no order at all. Like a run without labels it
-    then falls back to the length rank, and `setup.reason` says why (sparse labels, e.g. a policy that
-    solves almost nothing, make cross-validation pick the largest penalty)."""
+def fit_setup(setup: DifficultySetup, X_train: sp.csr_matrix, cfg: DifficultyConfig, seed: int,
+              use_ray: bool = True) -> tuple[dict | None, dict]:
+    """fit_difficulty on the codes of `setup.train` (X_train: those rows, in that order). A fit that kept
+    no feature predicts one constant, no order at all: its model comes back None, and `setup.reason`
+    says why, so the caller falls back to the length rank as for a run without labels (sparse labels,
+    e.g. a policy that solves almost nothing, make cross-validation pick the largest penalty)."""
+    model, metrics = fit_config(X_train, setup.y_all[setup.train], cfg, seed, use_ray)
     if metrics.get("nonzero_coef", 1) > 0:
-        return False
+        return model, metrics
     setup.reason = (f"the ElasticNet fit on {len(setup.train)} labelled prompts kept no feature (CV chose "
                     f"alpha={metrics.get('alpha')}, l1_ratio={metrics.get('l1_ratio')}): its prediction is a constant")
-    return True
-
-
-def fit_setup(setup: DifficultySetup, X_train: sp.csr_matrix, cfg: DifficultyConfig, seed: int,
-              use_ray: bool = True) -> tuple[dict, dict]:
-    """fit_difficulty on the codes of `setup.train` (X_train: those rows, in that order)."""
-    return fit_config(X_train, setup.y_all[setup.train], cfg, seed, use_ray)
+    return None, metrics
 
 
 def finish_difficulty(setup: DifficultySetup, model: dict, metrics: dict, pred: np.ndarray, cfg: DifficultyConfig,
@@ -313,7 +310,7 @@ def run_difficulty(
     if setup.train is None:
         return difficulty_fallback(setup, n_tokens, out_path)
     model, metrics = fit_setup(setup, X[setup.train], cfg, seed, use_ray)
-    if empty_fit(setup, metrics):
+    if model is None:
         return difficulty_fallback(setup, n_tokens, out_path)
     pred = linear_score(model, X).astype(np.float32)
     return pred, finish_difficulty(setup, model, metrics, pred, cfg, out_path)

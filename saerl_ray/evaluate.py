@@ -24,10 +24,10 @@ from typing import Callable
 import torch
 
 from saerl_ray import storage
-from saerl_ray.config import RunConfig, UserError, fingerprint
+from saerl_ray.config import ANSWER_INSTRUCTION, RunConfig, UserError, fingerprint
 from saerl_ray.device import input_device
 from saerl_ray.ingest import last_boxed
-from saerl_ray.reward import ANSWER_INSTRUCTION, extract_answer, format_messages, gold_text, math_reward, prompt_style
+from saerl_ray.reward import extract_answer, format_messages, gold_text, math_reward, prompt_style
 from saerl_ray.stage import Stage
 
 

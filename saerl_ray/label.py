@@ -57,7 +57,6 @@ class HFSampler:
         from saerl_ray.models import load_for_generation, load_tokenizer
 
         self.style = style or {}  # reward.prompt_style: the prompts the policy is trained on
-
         self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
         # bf16 on the process's GPU(s) when it holds any (vLLM absent), `dtype` on CPU.
         self.model = load_for_generation(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -79,10 +78,9 @@ class VLLMSampler:
     def __init__(self, model_name: str, dtype: str, trust_remote_code: bool, style: dict | None = None):
         from vllm import LLM
 
-        self.style = style or {}
-
         from saerl_ray.models import load_tokenizer, resolve
 
+        self.style = style or {}
         self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
         self.llm = LLM(model=resolve(model_name), dtype=dtype, trust_remote_code=trust_remote_code)
 

@@ -24,7 +24,7 @@ import sys
 
 from math_verify import parse, verify
 
-from saerl_ray.config import ANSWER_INSTRUCTION  # re-exported: the default instruction
+from saerl_ray.config import ANSWER_INSTRUCTION
 from saerl_ray.ingest import last_boxed
 
 # Only the tail of a completion can hold its final answer; scanning megabytes of runaway text is waste.

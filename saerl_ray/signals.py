@@ -169,8 +169,6 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     d_model = None
     if d_setup.train is not None:
         d_model, d_metrics = dif.fit_setup(d_setup, keep_columns(rows_of(d_setup.train), d_cols), sc.difficulty, cfg.seed)
-        if dif.empty_fit(d_setup, d_metrics):
-            d_model = None
     q_cols = code_columns(cfg.run_dir, codes["quality"])
     texts = answers = None
     if q_setup.neg is None:

@@ -52,6 +52,17 @@ def save_tiny_model(path: str | Path, num_layers: int = 4, hidden: int = 64, see
     return path
 
 
+def commit_plan(run_dir: str | Path, table, fingerprint: str = "handmade-plan", **parquet_kwargs) -> None:
+    """A hand-made plan table (plan.PLAN_SCHEMA columns) committed as the run's plan stage, as the
+    `plan` stage would leave it: what sampler and trainer tests and benchmarks start from."""
+    from saerl_ray import storage
+    from saerl_ray.stage import Stage
+
+    st = Stage(run_dir, "plan", fingerprint)
+    storage.write_parquet(table, storage.join(st.begin(keep_partial=False), "plan.parquet"), **parquet_kwargs)
+    st.commit({"planned": table.num_rows})
+
+
 # ------------------------------------------------------------------ a real S3-compatible server
 
 

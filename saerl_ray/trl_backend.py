@@ -84,14 +84,14 @@ def local_slice(batch: list[dict], num_generations: int, rank: int, world: int) 
     return repeated[rank * per_rank : (rank + 1) * per_rank]
 
 
-def freeze_below(model, trainable_layers: int | None) -> int:
-    """Leave only the top `trainable_layers` decoder blocks and the final norm trainable; returns the
-    number of trainable parameters. The frozen bottom still runs forward, but autograd keeps none of
-    its activations and the tied embedding/LM-head matrix (a third of a 135M model) gets no gradient."""
+def freeze_below(model, trainable_layers: int | None) -> None:
+    """Leave only the top `trainable_layers` decoder blocks and the final norm trainable (None: all).
+    The frozen bottom still runs forward, but autograd keeps none of its activations and the tied
+    embedding/LM-head matrix (a third of a 135M model) gets no gradient."""
     from saerl_ray.device import decoder_layers
 
     if trainable_layers is None:
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return
     layers = decoder_layers(model)
     if not 1 <= trainable_layers <= len(layers):
         raise ValueError(f"train.trainable_layers={trainable_layers}: the policy has {len(layers)} decoder layers")
@@ -100,14 +100,6 @@ def freeze_below(model, trainable_layers: int | None) -> int:
     norm = getattr(getattr(model, "model", model), "norm", None)
     for module in keep + ([norm] if norm is not None else []):
         module.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def skip_frozen_backward(model) -> None:
-    """Undo what HF's `gradient_checkpointing_enable` adds for reentrant checkpointing: a hook that makes
-    the embeddings' output require grad. With the bottom blocks frozen it would run the backward pass
-    through every one of them; TRL checkpoints non-reentrantly, which needs no such hook."""
-    model.disable_input_require_grads()
 
 
 def to_example(row: dict, style: dict | None = None) -> dict:
@@ -300,9 +292,12 @@ def _trainer_classes():
             self._append({"step": state.global_step, "heldout_accuracy": acc, "heldout_n": len(self.heldout)})
 
         def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
-            # The Trainer turned checkpointing on just before this call (and hooked the embeddings).
+            # The Trainer turned checkpointing on just before this call, and HF's gradient_checkpointing_enable
+            # hooked the embeddings' output to require grad (for reentrant checkpointing). With the bottom
+            # frozen that would run the backward pass through every frozen block; TRL checkpoints
+            # non-reentrantly, which needs no such hook.
             if self.frozen_bottom and args.gradient_checkpointing:
-                skip_frozen_backward(model)
+                model.disable_input_require_grads()
             if state.global_step == 0:  # the curve starts at the untrained policy
                 self._heldout(args, state, model, processing_class)
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -23,7 +22,7 @@ import pytest
 
 from saerl_ray.config import load_config
 from saerl_ray.integrations import openrlhf_launch as launch
-from saerl_ray.stage import Stage
+from saerl_ray.testing import commit_plan
 
 # Tests that import OpenRLHF run only in .venv-openrlhf; the rest run in the core env too.
 needs_openrlhf = pytest.mark.openrlhf
@@ -36,8 +35,6 @@ N_PROMPTS, BATCH, GROUP = 24, 4, 4
 def write_plan(run_dir, shared_data):
     """A plan over real MATH-500 rows: 3 clusters of 8, cluster-first batches of 4."""
     rows = [json.loads(line) for line in (shared_data / "math500.jsonl").read_text().splitlines()[:N_PROMPTS]]
-    st = Stage(run_dir, "plan", "test-plan")
-    tmp = Path(st.begin(keep_partial=False))
     table = pa.table({
         "position": pa.array(range(N_PROMPTS), pa.int64()),
         "batch": pa.array([i // BATCH for i in range(N_PROMPTS)], pa.int64()),
@@ -49,8 +46,7 @@ def write_plan(run_dir, shared_data):
         "difficulty_pred": pa.array([float(i % 8) for i in range(N_PROMPTS)], pa.float32()),
         "mixed": [False] * N_PROMPTS,
     })
-    pq.write_table(table, tmp / "plan.parquet")
-    st.commit({"rows": N_PROMPTS})
+    commit_plan(run_dir, table, "test-plan")
     return table
 
 

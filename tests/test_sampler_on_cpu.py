@@ -25,7 +25,7 @@ from saerl_ray.sampler import (
 )
 from saerl_ray.sampler_drill import drill, wait_until_gone
 from saerl_ray.sampler_store import SamplerStore
-from saerl_ray.stage import Stage
+from saerl_ray.testing import commit_plan
 
 B = 4
 
@@ -409,13 +409,6 @@ def test_state_rebuilt_from_storage_after_crashes_and_failed_writes_equals_the_l
 # ---------------------------------------------------------------- on a real Ray cluster
 
 
-def write_plan_stage(run_dir, table):
-    st = Stage(run_dir, "plan", "test-plan")
-    out = st.begin(keep_partial=False)
-    storage.write_parquet(table, storage.join(out, "plan.parquet"))
-    st.commit({"planned": table.num_rows})
-
-
 def test_client_fails_fast_when_the_actor_cannot_be_built(ray_cluster, tmp_path, monkeypatch):
     from saerl_ray import sampler as sampler_mod
     from saerl_ray.sampler import SamplerClient
@@ -429,13 +422,13 @@ def test_client_fails_fast_when_the_actor_cannot_be_built(ray_cluster, tmp_path,
 
 
     run_dir = tmp_path / "run"
-    write_plan_stage(run_dir, plan_table(n_clusters=3, per_cluster=8))
+    commit_plan(run_dir, plan_table(n_clusters=3, per_cluster=8))
     cfg = load_config(None, {"run_dir": str(run_dir), "plan.batch_size": B})
     first = get_or_create_sampler(cfg)
     ray.get(first.checkpoint.remote())  # state for this plan
     ray.kill(first)
     wait_until_gone(actor_name(cfg.run_dir))
-    write_plan_stage(run_dir, plan_table(n_clusters=3, per_cluster=9))  # re-planned: the state is stale
+    commit_plan(run_dir, plan_table(n_clusters=3, per_cluster=9))  # re-planned: the state is stale
     monkeypatch.setattr(sampler_mod.time, "sleep", sleep)
     with pytest.raises(ray.exceptions.RayActorError, match="different plan"):
         SamplerClient(cfg, retry_s=3600)
@@ -445,7 +438,7 @@ def test_client_fails_fast_when_the_actor_cannot_be_built(ray_cluster, tmp_path,
 def test_actor_kill_and_restore_serves_each_prompt_once(ray_cluster, tmp_path):
     table = plan_table(n_clusters=3, per_cluster=16, ratio=0.25)
     run_dir = tmp_path / "run"
-    write_plan_stage(run_dir, table)
+    commit_plan(run_dir, table)
     cfg = load_config(None, {"run_dir": str(run_dir), "plan.batch_size": B, "sampler.checkpoint_every": 0})
     sampler = get_or_create_sampler(cfg)
     assert get_or_create_sampler(cfg)._actor_id == sampler._actor_id  # one named actor per run
@@ -483,7 +476,7 @@ def drill_setup(run_dir, mode="online"):
     second); returns the config and a fresh state every trial starts from (one actor for all trials,
     a new process only when a kill takes it down). Compaction every 6 batches, the trainer's
     checkpoint every 3 steps: both happen several times a trial."""
-    write_plan_stage(run_dir, plan_table(n_clusters=4, per_cluster=12, ratio=0.25))
+    commit_plan(run_dir, plan_table(n_clusters=4, per_cluster=12, ratio=0.25))
     cfg = load_config(None, {
         "run_dir": str(run_dir), "plan.batch_size": 8, "sampler.mode": mode, "sampler.retire_after": 2,
         "sampler.pace_min_groups": 2, "sampler.postpone_batches": 2, "sampler.checkpoint_every": 6,

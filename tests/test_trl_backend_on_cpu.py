@@ -1,14 +1,13 @@
-from pathlib import Path
 import json
+from types import SimpleNamespace
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from saerl_ray import trl_backend as tb
 from saerl_ray.config import load_config
-from saerl_ray.stage import Stage
+from saerl_ray.testing import commit_plan, tiny_model
 
 
 def test_step_layout_splits_whole_global_batches_over_workers():
@@ -72,9 +71,7 @@ def write_plan(run_dir, shared_data, n=12, batch_size=2):
         "difficulty_pred": pa.array([i / n for i in range(n)], pa.float32()),
         "mixed": [False] * n,
     })
-    st = Stage(run_dir, "plan", "handmade-plan")
-    pq.write_table(table, Path(st.begin()) / "plan.parquet")
-    st.commit({"rows": n})
+    commit_plan(run_dir, table)
     return table
 
 
@@ -110,8 +107,6 @@ def test_grpo_two_steps_on_two_ray_train_workers_reports_to_the_sampler(
 
 
 def test_frozen_bottom_gets_no_backward_pass_under_gradient_checkpointing():
-    from saerl_ray.testing import tiny_model
-
     model = tiny_model(num_layers=4).train()
     tb.freeze_below(model, 1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the Trainer does
@@ -121,7 +116,13 @@ def test_frozen_bottom_gets_no_backward_pass_under_gradient_checkpointing():
     model(x).logits.sum().backward()
     assert seen[-1]  # HF's hook: the frozen block's output is in the autograd graph
     model.zero_grad()
-    tb.skip_frozen_backward(model)
+    _, callback_cls = tb._trainer_classes()
+    begin = SimpleNamespace(gradient_checkpointing=True), SimpleNamespace(global_step=1), None  # args, state, control
+    callback_cls(None, "unused", 1, [], 0, {}, frozen_bottom=False).on_train_begin(*begin, model=model)
+    model(x).logits.sum().backward()
+    assert seen[-1]  # every layer trained: the hook stays
+    model.zero_grad()
+    callback_cls(None, "unused", 1, [], 0, {}, frozen_bottom=True).on_train_begin(*begin, model=model)
     model(x).logits.sum().backward()
     assert not seen[-1]
     top = model.model.layers[3].mlp.down_proj.weight
@@ -129,16 +130,15 @@ def test_frozen_bottom_gets_no_backward_pass_under_gradient_checkpointing():
 
 
 def test_freeze_below_leaves_only_the_top_layers_and_final_norm_trainable():
-    from saerl_ray.testing import tiny_model
-
     model = tiny_model(num_layers=4)
     total = sum(p.numel() for p in model.parameters())
-    assert tb.freeze_below(model, None) == total
-    n = tb.freeze_below(model, 2)
+    tb.freeze_below(model, None)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == total
+    tb.freeze_below(model, 2)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith(("model.layers.2.", "model.layers.3.", "model.norm.")) for name in trainable)
     assert any(name.startswith("model.layers.2.") for name in trainable)
-    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) < total
     with pytest.raises(ValueError, match="has 4 decoder layers"):
         tb.freeze_below(model, 5)
 

@@ -20,12 +20,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from saerl_ray.config import ConfigError, load_config
 from saerl_ray.integrations import verl_launch as launch
-from saerl_ray.stage import Stage
+from saerl_ray.testing import commit_plan
 
 pytestmark = pytest.mark.verl
 
@@ -42,8 +41,6 @@ def make_cfg(tmp_path, policy, algo="grpo", mode="static", steps=3, extra=(), **
 
 
 def write_plan(run_dir):
-    st = Stage(run_dir, "plan", "test-plan")
-    tmp = Path(st.begin(keep_partial=False))
     table = pa.table({
         "position": pa.array(range(N_PROMPTS), pa.int64()),
         "batch": pa.array([i // BATCH for i in range(N_PROMPTS)], pa.int64()),
@@ -55,8 +52,7 @@ def write_plan(run_dir):
         "difficulty_pred": pa.array([float(i % 4) for i in range(N_PROMPTS)], pa.float32()),
         "mixed": [False] * N_PROMPTS,
     })
-    pq.write_table(table, tmp / "plan.parquet")
-    st.commit({"rows": N_PROMPTS})
+    commit_plan(run_dir, table, "test-plan")
     return table
 
 
