@@ -310,10 +310,12 @@ def test_driver_killed_mid_features_then_resubmitted_reuses_blocks(reference, cl
 def test_node_hosting_the_sampler_dies_mid_epoch(cluster, tmp_path):
     """Fault (c): the node with the detached CurriculumSampler dies mid-epoch; the actor comes back
     on another node from the state in the bucket and the epochs complete: 0 lost, 0 served twice."""
-    from test_sampler_on_cpu import plan_table, write_plan_stage
+    from test_sampler_on_cpu import plan_table
+
+    from saerl_ray.testing import commit_plan
 
     run_dir = f"s3://saerl-test/mn-sampler-{secrets.token_hex(3)}"
-    write_plan_stage(run_dir, plan_table(n_clusters=4, per_cluster=12, ratio=0.25))
+    commit_plan(run_dir, plan_table(n_clusters=4, per_cluster=12, ratio=0.25))
     job = cluster.client.submit_job(
         entrypoint=f"python tests/drills/sampler_node_loss.py {run_dir}", submission_id="mn-sampler",
         runtime_env={"working_dir": str(REPO)},
