@@ -269,6 +269,11 @@ class QualityConfig(Section):
                      "the held-out AUROC leaves one family out at a time)."))
     n_train: int = Field(1200, description=(
         "Positives sampled for the probe; featurising their negatives dominates the signals stage's time."))
+    balance_sources: bool = Field(True, description=(
+        "Sample the positives evenly over `prompts.source` (each source an equal share, a small source all "
+        "of its rows): what counts as a normal prompt, for novelty and the drop threshold, then includes "
+        "every source, so a minority source (MATH-500 in a GSM8K pool) is not read as pollution. false: a "
+        "uniform sample of the pool."))
     negatives_per_prompt: int = Field(3, description=(
         "Synthetic negatives per positive, types taken round-robin (a prompt's negatives differ in type)."))
     codes: list[str] | None = Field(None, description=(

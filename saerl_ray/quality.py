@@ -711,8 +711,24 @@ def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int) -> Quali
         good = np.flatnonzero(np.isfinite(y) & (y >= 0.5))
         bad = np.flatnonzero(np.isfinite(y) & (y < 0.5))
         return QualitySetup(good, bad, f"prompts.{cfg.label_column}")
-    pick = np.sort(rng.choice(len(prompts), size=min(cfg.n_train, len(prompts)), replace=False))
+    if cfg.balance_sources and "source" in prompts:
+        pick = balanced_sample(prompts["source"].to_numpy(), cfg.n_train, rng)
+    else:
+        pick = np.sort(rng.choice(len(prompts), size=min(cfg.n_train, len(prompts)), replace=False))
     return QualitySetup(pick, None, "synthetic corruptions: " + ",".join(cfg.corruptions))
+
+
+def balanced_sample(sources: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices, at most n: each source an equal share of what is left, smallest sources first
+    (a source smaller than its share gives all of its rows and the rest goes to the others)."""
+    names, inverse = np.unique(np.asarray(sources, str), return_inverse=True)
+    groups = sorted((np.flatnonzero(inverse == k) for k in range(len(names))), key=len)
+    picked, left = [], min(n, len(sources))
+    for i, rows in enumerate(groups):
+        take = min(len(rows), left // (len(groups) - i))
+        picked.append(rng.choice(rows, size=take, replace=False))
+        left -= take
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
 def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | None, texts: list[str] | None,

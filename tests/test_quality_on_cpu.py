@@ -16,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from saerl_ray.difficulty import design
 from saerl_ray.quality import (
+    balanced_sample,
     CORRUPTIONS, FAMILIES, LEGACY_CORRUPTIONS, OFFDOMAIN_SENTENCES, corrupt, evaluation_splits, families_of,
     pooled_aurocs, fit_quality_probe, garble, keep_mask, leak, make_negatives, mismatch, offdomain, probe_scores,
     quality_scores, run_quality, score_from_json, shuffle, truncate,
@@ -298,6 +299,39 @@ def test_polluted_pool_loses_its_pollution_and_almost_nothing_else(tmp_path):
     _, keep_q, _, mq = run_quality(prompts, pos, QualityConfig(n_train=n, C=0.1, negatives_per_prompt=1,
                                    keep_fraction=0.5), 0, featurize, str(tmp_path / "q2.json"), use_ray=False)
     assert keep_q.sum() == n // 2 and mq["rule"] == "keep_fraction"
+
+
+def test_balanced_sample_gives_each_source_an_equal_share():
+    rng = np.random.default_rng(0)
+    sources = np.array(["gsm8k"] * 7473 + ["math500"] * 500 + ["amc"] * 40)
+    pick = balanced_sample(sources, 1200, rng)
+    assert len(pick) == len(set(pick)) == 1200 and (np.diff(pick) > 0).all()
+    assert Counter(sources[pick]) == {"amc": 40, "math500": 500, "gsm8k": 660}  # small sources give all they have
+    assert Counter(sources[balanced_sample(sources, 90, rng)]) == {"amc": 30, "math500": 30, "gsm8k": 30}
+    assert len(balanced_sample(sources[:100], 1200, rng)) == 100
+
+
+def test_minority_source_is_not_read_as_pollution(tmp_path):
+    """A clean pool where 5% of the prompts come from a second source with codes of their own (MATH-500's
+    LaTeX beside GSM8K's prose): sampled uniformly, the positives hold ~15 of them, novelty calls the whole
+    source unusual and the filter drops it; sampled evenly by source, the filter keeps it."""
+    n, small = 1200, 60
+    pos, neg, types = fpr_planted(n=n, seed=4, pollution=small)  # the "pollution" rows: a clean second source
+    prompts = pd.DataFrame({"prompt": [f"problem {i} " + "x" * (40 + i % 7) for i in range(n)], "answer": "1",
+                            "source": ["small"] * small + ["big"] * (n - small)})
+    neg_by_text = {}
+
+    def featurize(texts):
+        return neg[[neg_by_text.setdefault(t, len(neg_by_text)) % neg.shape[0] for t in texts]]
+
+    dropped = {}
+    for balance in (False, True):
+        cfg = QualityConfig(n_train=300, C=0.1, max_false_positive_rate=0.01, negatives_per_prompt=1,
+                            balance_sources=balance)
+        _, keep, _, _ = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / f"q{balance}.json"), use_ray=False)
+        dropped[balance] = ((~keep[:small]).mean(), (~keep[small:]).mean())
+    assert dropped[False][0] > 0.5  # uniform: most of the minority source dropped
+    assert dropped[True][0] <= 0.05 and dropped[True][1] <= 0.03  # balanced: neither source loses more than noise
 
 
 def test_report_lists_every_filtered_prompt_with_score_and_flag():
