@@ -711,18 +711,18 @@ def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int) -> Quali
         good = np.flatnonzero(np.isfinite(y) & (y >= 0.5))
         bad = np.flatnonzero(np.isfinite(y) & (y < 0.5))
         return QualitySetup(good, bad, f"prompts.{cfg.label_column}")
-    if cfg.balance_sources and "source" in prompts:
-        pick = balanced_sample(prompts["source"].to_numpy(), cfg.n_train, rng)
-    else:
-        pick = np.sort(rng.choice(len(prompts), size=min(cfg.n_train, len(prompts)), replace=False))
+    # One source for all rows = a uniform sample of the pool.
+    balance = cfg.balance_sources and "source" in prompts
+    sources = prompts["source"].to_numpy() if balance else np.zeros(len(prompts))
+    pick = balanced_sample(sources, cfg.n_train, rng)
     return QualitySetup(pick, None, "synthetic corruptions: " + ",".join(cfg.corruptions))
 
 
 def balanced_sample(sources: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted row indices, at most n: each source an equal share of what is left, smallest sources first
     (a source smaller than its share gives all of its rows and the rest goes to the others)."""
-    names, inverse = np.unique(np.asarray(sources, str), return_inverse=True)
-    groups = sorted((np.flatnonzero(inverse == k) for k in range(len(names))), key=len)
+    inverse = np.unique(np.asarray(sources, str), return_inverse=True)[1]
+    groups = sorted((np.flatnonzero(inverse == k) for k in np.unique(inverse)), key=len)
     picked, left = [], min(n, len(sources))
     for i, rows in enumerate(groups):
         take = min(len(rows), left // (len(groups) - i))
