@@ -231,7 +231,7 @@ class ClusterConfig(Section):
 
 
 class DifficultyConfig(Section):
-    """Difficulty proxy: ElasticNet regression from SAE codes to a difficulty label."""
+    """Difficulty proxy: a linear regression (ridge or ElasticNet) from SAE codes to a difficulty label."""
 
     label_column: str | None = Field("difficulty", description=(
         "Column of `prompts` holding the label (MATH level, DeepMath difficulty); used when label_file is null."))
@@ -242,11 +242,18 @@ class DifficultyConfig(Section):
         "Size of the labelled subset the regression fits on; null: every labelled row."))
     codes: list[str] | None = Field(None, description=(
         "Codes the regression reads (a subset of features.codes); null: pooled + halves (docs/decisions.md)."))
+    estimator: Literal["ridge", "elasticnet"] = Field("ridge", description=(
+        "ridge: ridge regression, alpha by exact leave-one-out CV over ridge_alphas (one fit; stable across SAE "
+        "seeds); elasticnet: the paper's ElasticNet, alphas x l1_ratios searched by folds-fold CV as Ray tasks "
+        "(docs/decisions.md)."))
+    ridge_alphas: list[float] = Field(
+        default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5], description=(
+            "Ridge penalty grid (on standardised features) searched by leave-one-out CV (estimator: ridge)."))
     alphas: list[float] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], description=(
-        "ElasticNet alpha grid searched by cross-validation."))
+        "ElasticNet alpha grid searched by cross-validation (estimator: elasticnet)."))
     l1_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9], description=(
-        "ElasticNet l1_ratio grid searched by cross-validation."))
-    folds: int = Field(5, description="Cross-validation folds of the grid search.")
+        "ElasticNet l1_ratio grid searched by cross-validation (estimator: elasticnet)."))
+    folds: int = Field(5, description="Cross-validation folds of the ElasticNet grid search.")
     ood_source: str | None = Field(None, description=(
         "Source whose prompts are held out as an out-of-distribution check; null: skip."))
     min_support: float = Field(0.01, description=(
@@ -280,10 +287,16 @@ class QualityConfig(Section):
         "Codes the probe reads (a subset of features.codes); null: all of features.codes."))
     eval_folds: int = Field(2, ge=2, description=(
         "Held-out AUROC: positives cut into this many folds, every fold scored out-of-fold once."))
-    combine: list[str] = Field(default_factory=lambda: ["probe", "novelty"], description=(
-        "Signals whose max z-score (each against clean held-out prompts) is a prompt's badness: probe (the "
-        "supervised probe), novelty (how rare its latents are in the pool's own codes), length (how unusual "
-        "its length is, either way)."))
+    combine: list[str] = Field(default_factory=lambda: ["probe", "novelty", "neighbors"], description=(
+        "Signals whose z-scores (each against clean held-out prompts) make a prompt's badness (combine_rule): "
+        "probe (the supervised probe), neighbors (how far its code is from its nearest clean prompts), novelty "
+        "(how rare its latents are in the pool's own codes), length (how unusual its length is, either way)."))
+    combine_rule: Literal["sum", "max"] = Field("sum", description=(
+        "sum: the signals' z-scores add up (weak evidence from two signals counts); max: the largest one."))
+    neighbors_code: Code = Field("last", description=(
+        "The code the neighbors signal compares (must be among the probe's codes): last = the model's state "
+        "after reading the whole prompt."))
+    neighbors_k: int = Field(10, ge=1, description="Nearest clean prompts the neighbors signal averages over.")
     max_false_positive_rate: float = Field(0.005, ge=0.0, lt=1.0, description=(
         "Drop a prompt only when its combined badness exceeds what at most this fraction of clean held-out "
         "prompts (the positives, scored out of fold) reach: filtering by evidence, not by quota."))

@@ -1,14 +1,18 @@
-"""Difficulty: an ElasticNet on SAE codes, fit on a small labelled subset, predicts every prompt's difficulty.
+"""Difficulty: a linear model on SAE codes, fit on a small labelled subset, predicts every prompt's difficulty.
 
     from saerl_ray.difficulty import fit_difficulty, predict_from_json
-    model, metrics = fit_difficulty(X_labelled, y, alphas=[1e-2], l1_ratios=[0.5], folds=5, use_ray=True)
+    model, metrics = fit_difficulty(X_labelled, y, estimator="ridge", ridge_alphas=[1.0, 10.0, 100.0])
+    model, metrics = fit_difficulty(X_labelled, y, estimator="elasticnet", alphas=[1e-2], l1_ratios=[0.5], folds=5)
     pred = predict_from_json("runs/x/signals/difficulty.json", X_all)     # X: CSR (n, d_sae)
 
 Design matrix (shared with the quality probe): the latents active in >= `min_support` of the labelled
 rows (at most `max_features`, most frequent first), log1p (pooled activations are heavy-tailed), then
 standardised on the training rows. `transform="none"` skips the log1p: the same estimator on features
-that may be negative (validate's TF-IDF, random and length baselines go through this code path too). Hyperparameters: every (fold, alpha, l1_ratio) is one Ray task on
-the design put in the object store once; the grid point with the lowest out-of-fold MSE wins. Metrics
+that may be negative (validate's TF-IDF, random and length baselines go through this code path too).
+Estimators: `ridge` (default; the ElasticNet family's l1_ratio = 0 end, its alpha picked by exact
+leave-one-out CV in one fit: stable across SAE seeds where the ElasticNet grid was not, docs/decisions.md)
+or `elasticnet` (the paper's): every (fold, alpha, l1_ratio) is one Ray task on the design put in the
+object store once; the grid point with the lowest out-of-fold MSE wins. Metrics
 are reported on a holdout split never used for selection (plus the optimistic CV figure), and
 out-of-distribution when a source is held out. Labels: a `prompts` column (MATH level, DeepMath
 difficulty) or a pass-rate file (difficulty = 1 - pass_rate). No labels at all: the token-count rank
@@ -25,7 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import pearsonr, spearmanr
-from sklearn.linear_model import ElasticNet
+from sklearn.linear_model import ElasticNet, RidgeCV
 from sklearn.model_selection import KFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -145,6 +149,25 @@ def fit_one(D: np.ndarray, y: np.ndarray, tr: np.ndarray, alpha: float, l1_ratio
     return model.fit(D[tr], y[tr])
 
 
+def fit_ridge(D: np.ndarray, y: np.ndarray, tr: np.ndarray, alphas: list[float]):
+    """Standardise, then ridge with alpha chosen by exact leave-one-out CV over `alphas` (RidgeCV's closed
+    form: one fit, no grid of tasks); `cv_results_` keeps every row's leave-one-out prediction per alpha."""
+    model = make_pipeline(
+        StandardScaler(), RidgeCV(alphas=list(alphas), scoring="neg_mean_squared_error", store_cv_results=True)
+    )
+    return model.fit(D[tr], y[tr])
+
+
+def ridge_cv(model, y: np.ndarray, alphas: list[float]) -> dict[str, Any]:
+    """cross_validate's summary for a fitted `fit_ridge` pipeline (y: its training labels)."""
+    ridge = model.named_steps["ridgecv"]
+    best = list(alphas).index(ridge.alpha_)
+    loo = ridge.cv_results_[:, best]
+    mse = ((ridge.cv_results_ - y[:, None]) ** 2).mean(axis=0)
+    return {"alpha": float(ridge.alpha_), "l1_ratio": 0.0, "cv_mse": float(mse[best]), "cv": _corr(loo, y),
+            "grid_mse": {f"{a}/0.0": float(m) for a, m in zip(alphas, mse)}, "tasks": 0}
+
+
 def cv_task(D: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, alpha: float, l1: float, seed: int):
     """One (fold, grid point): out-of-fold predictions."""
     return fit_one(D, y, tr, alpha, l1, seed).predict(D[va])
@@ -185,29 +208,42 @@ def cross_validate(
     }
 
 
+ESTIMATORS = ("ridge", "elasticnet")
+
+
 def fit_difficulty(
-    X: sp.csr_matrix, y: np.ndarray, *, alphas: list[float], l1_ratios: list[float], folds: int = 5,
+    X: sp.csr_matrix, y: np.ndarray, *, estimator: str = "ridge", alphas: list[float] = (1e-2,),
+    l1_ratios: list[float] = (0.5,), ridge_alphas: list[float] = (1.0, 10.0, 100.0, 1000.0), folds: int = 5,
     seed: int = 0, min_support: float = 0.01, max_features: int = 4096, holdout: float = 0.2,
     use_ray: bool = True, transform: str = "log1p",
 ) -> tuple[dict, dict]:
-    """Select hyperparameters by CV on the non-holdout rows, score the holdout, refit on all rows.
+    """Select hyperparameters by CV on the non-holdout rows (ridge: leave-one-out over `ridge_alphas`;
+    elasticnet: `folds`-fold over alphas x l1_ratios), score the holdout, refit on all rows with them.
 
     Returns (model JSON dict, metrics)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"signals.difficulty.estimator must be one of {ESTIMATORS}, got {estimator!r}")
     X = sp.csr_matrix(X)
     cols = select_columns(X, min_support, max_features)
     D = design(X, cols, transform).toarray()
     idx = np.arange(len(y))
     fit_idx, test_idx = train_test_split(idx, test_size=holdout, random_state=seed) if holdout > 0 else (idx, idx[:0])
-    cv = cross_validate(D[fit_idx], y[fit_idx], alphas, l1_ratios, folds, seed, use_ray)
-    metrics: dict[str, Any] = {**cv, "n_labelled": len(y), "n_features": len(cols)}
+    if estimator == "ridge":
+        fitted = fit_ridge(D, y, fit_idx, ridge_alphas)
+        cv = ridge_cv(fitted, y[fit_idx], ridge_alphas)
+        refit = lambda rows: fit_ridge(D, y, rows, [cv["alpha"]])  # noqa: E731
+    else:
+        cv = cross_validate(D[fit_idx], y[fit_idx], list(alphas), list(l1_ratios), folds, seed, use_ray)
+        refit = lambda rows: fit_one(D, y, rows, cv["alpha"], cv["l1_ratio"], seed)  # noqa: E731
+        fitted = refit(fit_idx) if len(test_idx) else None
+    metrics: dict[str, Any] = {**cv, "estimator": estimator, "n_labelled": len(y), "n_features": len(cols)}
     if len(test_idx):
-        m = fit_one(D, y, fit_idx, cv["alpha"], cv["l1_ratio"], seed)
-        metrics["holdout"] = {**_corr(m.predict(D[test_idx]), y[test_idx]), "n": len(test_idx)}
-    final = fit_one(D, y, idx, cv["alpha"], cv["l1_ratio"], seed)
-    scaler, enet = final.named_steps["standardscaler"], final.named_steps["elasticnet"]
-    model = {**linear_json(cols, scaler, enet.coef_, enet.intercept_, transform),
-             "alpha": cv["alpha"], "l1_ratio": cv["l1_ratio"]}
-    metrics["nonzero_coef"] = int(np.count_nonzero(enet.coef_))
+        metrics["holdout"] = {**_corr(fitted.predict(D[test_idx]), y[test_idx]), "n": len(test_idx)}
+    final = refit(idx)
+    scaler, lin = final.steps[0][1], final.steps[-1][1]
+    model = {**linear_json(cols, scaler, lin.coef_, lin.intercept_, transform),
+             "estimator": estimator, "alpha": cv["alpha"], "l1_ratio": cv["l1_ratio"]}
+    metrics["nonzero_coef"] = int(np.count_nonzero(lin.coef_))
     return model, metrics
 
 
@@ -216,7 +252,8 @@ def fit_config(X: sp.spmatrix | np.ndarray, y: np.ndarray, cfg: DifficultyConfig
     """fit_difficulty with the config's grid, CV folds, column selection and holdout: the estimator the
     signals stage ships (`fit_setup`), for any rows."""
     return fit_difficulty(
-        sp.csr_matrix(X), np.asarray(y, dtype=float), alphas=cfg.alphas, l1_ratios=cfg.l1_ratios, folds=cfg.folds,
+        sp.csr_matrix(X), np.asarray(y, dtype=float), estimator=cfg.estimator, alphas=cfg.alphas,
+        l1_ratios=cfg.l1_ratios, ridge_alphas=cfg.ridge_alphas, folds=cfg.folds,
         seed=seed, min_support=cfg.min_support, max_features=cfg.max_features, holdout=cfg.holdout,
         use_ray=use_ray, transform=transform,
     )

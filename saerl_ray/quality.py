@@ -1,7 +1,8 @@
 """Quality: which prompts are bad? A linear probe on SAE codes (supervised, learned from synthetic
-corruptions of real prompts), a novelty score (unsupervised: how rare a prompt's latents are in the
-pool's own codes) and, optionally, prompt length, each compared with clean held-out prompts; a prompt is
-dropped only when the evidence says it is bad (a threshold at a stated false-positive rate), not by quota.
+corruptions of real prompts), two unsupervised scores that need no negatives (neighbors: how far a
+prompt's code is from its nearest clean prompts; novelty: how rare its latents are in the pool's own
+codes) and, optionally, prompt length, each compared with clean held-out prompts; a prompt is dropped only
+when the evidence says it is bad (a threshold at a stated false-positive rate), not by quota.
 
     from saerl_ray.quality import make_negatives, fit_quality_probe, score_from_json
     neg_texts, neg_kinds, source = make_negatives(texts, answers, seed=0, per_prompt=3)  # source: row of texts
@@ -28,12 +29,15 @@ one kind of failure; leave-one-family-out holds all its kinds out together):
   stub            stub           an instruction with no problem ("Solve the following problem.")
 Signals (each a "badness", standardised against clean held-out prompts by median / 1.4826 MAD):
   probe    -logit of the probe's P(good)
+  neighbors  1 - the mean cosine similarity of the prompt's code in one band (signals.quality.neighbors_code,
+           default `last`: the state the model is in once it has read the whole prompt) to its k most
+           similar positives (a positive is never its own neighbour)
   novelty  per code (signals.quality.codes), the mean -log p(latent active) over the prompt's active
            latents, p from the positives' document frequencies (add-one smoothed; leave-one-out for the
            positives themselves); the standardised per-code rarities averaged
   length   |log n_chars - median| (two-sided: too short and too long are both unusual)
-The combined badness is the max of the configured signals' z-scores (`combine`); quality_score = -it,
-and `flag` names the signal that attained the max. Metrics, out-of-fold over `eval_folds` folds of the
+The combined badness is the sum (`combine_rule: sum`) or the max of the configured signals' z-scores
+(`combine`); quality_score = -it, and `flag` names the signal with the largest z-score. Metrics, out-of-fold over `eval_folds` folds of the
 positives (a prompt's corruptions in its fold): AUROC on held-out prompts, and leaving one corruption
 FAMILY out (train on the others, test on that family + held-out positives), per signal and combined.
 """
@@ -52,7 +56,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import StandardScaler, normalize
 
 from saerl_ray import storage
 from saerl_ray.config import QualityConfig
@@ -76,7 +80,11 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 FAMILY_OF = {kind: fam for fam, kinds in FAMILIES.items() for kind in kinds}
 CORRUPTIONS = tuple(FAMILY_OF)
 LEGACY_CORRUPTIONS = ("truncate", "shuffle", "mismatch", "leak", "offdomain", "garble")  # before 2026-12-02
-SIGNALS = ("probe", "novelty", "length")
+SIGNALS = ("probe", "novelty", "length", "neighbors")
+RULES = ("sum", "max")
+# Most positives kept as the neighbors signal's references (a labelled pool can have many): scoring costs
+# rows x references.
+NEIGHBOR_REFS = 4096
 # Reference positives whose combined badness is beyond this many robust SDs are presumed pollution of the
 # pool (the positives are a sample of it) and left out of the threshold's quantile (docs/decisions.md).
 TRIM_Z = 8.0
@@ -404,10 +412,43 @@ def novelty_raw(model: dict, X: sp.csr_matrix, loo: bool = False) -> np.ndarray:
     return out
 
 
+def fit_neighbors(X_pos: sp.csr_matrix, band: tuple[int, int], k: int, seed: int = 0) -> dict:
+    """The positives' codes in `band`, L2-normalised (at most NEIGHBOR_REFS of them, seeded): the clean
+    neighbourhood every prompt is compared with."""
+    if k < 1:
+        raise ValueError(f"signals.quality.neighbors_k must be >= 1, got {k}")
+    a, b = int(band[0]), int(band[1])
+    A = sp.csr_matrix(X_pos)[:, a:b].astype(np.float64)
+    if A.shape[0] > NEIGHBOR_REFS:
+        A = A[np.sort(np.random.default_rng(seed).choice(A.shape[0], NEIGHBOR_REFS, replace=False))]
+    A = sp.csr_matrix(normalize(A))
+    return {"start": a, "end": b, "k": int(k), "n": int(A.shape[0]), "indptr": A.indptr.tolist(),
+            "indices": A.indices.tolist(), "data": A.data.tolist()}
+
+
+def neighbors_raw(model: dict, X: sp.csr_matrix, chunk: int = 4096) -> np.ndarray:
+    """Per row: 1 - the mean cosine similarity of its band code to its k most similar references. A
+    reference identical to the row (cosine 1: the row itself when it is one of the positives, or an exact
+    duplicate) is skipped, so a positive is scored as if left out."""
+    a, b, n = model["start"], model["end"], model["n"]
+    A = sp.csr_matrix((model["data"], model["indices"], model["indptr"]), shape=(n, b - a)).T.tocsc()
+    B = sp.csr_matrix(normalize(sp.csr_matrix(X)[:, a:b].astype(np.float64)))
+    k = max(1, min(model["k"], n - 1))
+    out = np.empty(B.shape[0])
+    for i in range(0, B.shape[0], chunk):  # a dense (chunk x references) block at a time
+        S = (B[i:i + chunk] @ A).toarray()
+        S[S > 1.0 - 1e-9] = -1.0
+        out[i:i + chunk] = 1.0 - np.partition(S, n - k, axis=1)[:, n - k:].mean(axis=1) if n else 1.0
+    return out
+
+
 # ---------------------------------------------------------------- signals, references, combination
 def raw_signals(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None, loo: bool = False) -> dict:
-    """Per signal, its raw badness of each row (higher = worse): probe -logit, novelty per band, log length."""
+    """Per signal, its raw badness of each row (higher = worse): probe -logit, novelty per band, neighbors
+    (when the model has references), log length."""
     raw = {"probe": -linear_score(model, X), "novelty": novelty_raw(model["novelty"], X, loo)}
+    if "neighbors" in model:
+        raw["neighbors"] = neighbors_raw(model["neighbors"], X)
     if n_chars is not None:
         raw["length"] = np.log(np.maximum(np.asarray(n_chars, float), 1.0))
     return raw
@@ -433,8 +474,9 @@ def _novelty_mean(R: np.ndarray, bands: list[dict]) -> np.ndarray:
 def fit_reference(raw: dict) -> dict:
     """Location and scale of each signal on clean held-out prompts (robust: median, 1.4826 MAD)."""
     ref: dict[str, Any] = {}
-    if "probe" in raw:
-        ref["probe"] = _robust(raw["probe"])
+    for name in ("probe", "neighbors"):
+        if name in raw:
+            ref[name] = _robust(raw[name])
     if "novelty" in raw:
         bands = [_robust(raw["novelty"][:, k]) for k in range(raw["novelty"].shape[1])]
         ref["novelty"] = {"bands": bands, **_robust(_novelty_mean(raw["novelty"], bands))}
@@ -447,8 +489,9 @@ def fit_reference(raw: dict) -> dict:
 def zscores(raw: dict, ref: dict) -> dict[str, np.ndarray]:
     """Each signal's badness in robust SDs above a typical clean prompt's."""
     z = {}
-    if "probe" in raw and "probe" in ref:
-        z["probe"] = _z(raw["probe"], ref["probe"])
+    for name in ("probe", "neighbors"):
+        if name in raw and name in ref:
+            z[name] = _z(raw[name], ref[name])
     if "novelty" in raw and "novelty" in ref:
         z["novelty"] = _z(_novelty_mean(raw["novelty"], ref["novelty"]["bands"]), ref["novelty"])
     if "length" in raw and "length" in ref:
@@ -456,13 +499,17 @@ def zscores(raw: dict, ref: dict) -> dict[str, np.ndarray]:
     return z
 
 
-def combine(z: dict[str, np.ndarray], signals: list[str] | tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(badness, index into `signals` of the signal that attained it): the max of the signals' z-scores."""
+def combine(z: dict[str, np.ndarray], signals: list[str] | tuple[str, ...],
+            rule: str = "max") -> tuple[np.ndarray, np.ndarray]:
+    """(badness, index into `signals` of the signal with the largest z-score): the sum (evidence adds up)
+    or the max of the signals' z-scores."""
     missing = [s for s in signals if s not in z]
     if missing:
-        raise ValueError(f"quality signal(s) {missing} not computed (length needs n_chars)")
+        raise ValueError(f"quality signal(s) {missing} not computed (length needs n_chars, neighbors a band)")
+    if rule not in RULES:
+        raise ValueError(f"signals.quality.combine_rule must be one of {RULES}, got {rule!r}")
     Z = np.stack([z[s] for s in signals], axis=1)
-    return Z.max(axis=1), Z.argmax(axis=1)
+    return (Z.sum(axis=1) if rule == "sum" else Z.max(axis=1)), Z.argmax(axis=1)
 
 
 def fpr_cut(bad_clean: np.ndarray, rate: float) -> tuple[float, int]:
@@ -484,7 +531,7 @@ def quality_scores(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = N
 
 
 def scores_from_raw(model: dict, raw: dict) -> tuple[np.ndarray, np.ndarray]:
-    bad, arg = combine(zscores(raw, model["reference"]), model["combine"])
+    bad, arg = combine(zscores(raw, model["reference"]), model["combine"], model.get("combine_rule", "max"))
     return (-bad).astype(np.float32), arg
 
 
@@ -497,14 +544,15 @@ def score_from_json(path: str | Path, X: sp.csr_matrix, n_chars: np.ndarray | No
 def heldout_scores(
     pos_X: sp.csr_matrix, neg_X: sp.csr_matrix, train_pos: np.ndarray, test_pos: np.ndarray,
     train_neg: np.ndarray, test_neg: np.ndarray, C: float, min_support: float, max_features: int, seed: int,
-    bands: list[tuple[int, int]] | None = None,
+    bands: list[tuple[int, int]] | None = None, neighbor_band: tuple[int, int] | None = None, neighbor_k: int = 10,
 ) -> tuple[dict, dict]:
-    """Fit the probe on (train_pos, train_neg) rows and the novelty counts on train_pos (negatives are never
-    counted); raw signals (probe, novelty) of the test_pos and test_neg rows."""
+    """Fit the probe on (train_pos, train_neg) rows, the novelty counts and the neighbors' references on
+    train_pos (negatives are never either); raw signals (probe, novelty, neighbors) of the test rows."""
     Xtr = sp.vstack([pos_X[train_pos], neg_X[train_neg]]).tocsr()
     ytr = np.r_[np.ones(len(train_pos)), np.zeros(len(train_neg))]
     model = fit_linear_probe(Xtr, ytr, C, min_support, max_features, seed)
     model["novelty"] = fit_novelty(pos_X[train_pos], bands or default_bands(pos_X.shape[1]))
+    model["neighbors"] = fit_neighbors(pos_X[train_pos], neighbor_band or (0, pos_X.shape[1]), neighbor_k, seed)
     return raw_signals(model, pos_X[test_pos]), raw_signals(model, neg_X[test_neg])
 
 
@@ -556,7 +604,7 @@ def _cat(parts: list[dict], key: str) -> np.ndarray:
 
 def pooled_signal_aurocs(
     splits: list[tuple[str, tuple]], raws: list[tuple[dict, dict]], combos: dict[str, tuple[str, ...]],
-    pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None,
+    pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None, rule: str = "max",
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[dict, np.ndarray]]]:
     """Per split name, the AUROC of each signal alone and of each named combination, over the out-of-fold
     rows of all its folds; each signal is standardised against that split's out-of-fold positives (as the
@@ -576,7 +624,7 @@ def pooled_signal_aurocs(
         res = {s: auroc(-zp[s], -zn[s]) for s in SIGNALS if s in zp}
         for label, sig in combos.items():
             if all(s in zp for s in sig):
-                res[label] = auroc(-combine(zp, sig)[0], -combine(zn, sig)[0])
+                res[label] = auroc(-combine(zp, sig, rule)[0], -combine(zn, sig, rule)[0])
         out[name] = res
         pos_raw[name] = (rp, te_pos)
     return out, pos_raw
@@ -588,7 +636,8 @@ def fit_quality_probe(
     neg_source: np.ndarray | None = None, folds: int = 2, bands: list[tuple[int, int]] | None = None,
     pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None,
     combine_signals: list[str] | tuple[str, ...] = ("probe", "novelty"), held_out: bool = True,
-    max_false_positive_rate: float = 0.01,
+    max_false_positive_rate: float = 0.01, combine_rule: str = "max", neighbor_band: tuple[int, int] | None = None,
+    neighbor_k: int = 10,
 ) -> tuple[dict, dict]:
     """Out-of-fold AUROCs (overall + leaving one group of negatives out: pass corruption families), per
     signal and combined; then the final probe on all rows, the novelty counts on all positives, each
@@ -604,9 +653,12 @@ def fit_quality_probe(
         raise ValueError(f"signals.quality.combine must be a non-empty subset of {SIGNALS}, got {list(combine_signals)}")
     if "length" in combine_signals and (pos_len is None or neg_len is None):
         raise ValueError("the length signal needs prompt lengths (pos_len, neg_len)")
+    if combine_rule not in RULES:
+        raise ValueError(f"signals.quality.combine_rule must be one of {RULES}, got {combine_rule!r}")
     bands = bands or default_bands(pos_X.shape[1])
+    neighbor_band = tuple(neighbor_band or (0, pos_X.shape[1]))
     splits = evaluation_splits(neg_types, pos_X.shape[0], seed, neg_source, folds, held_out)
-    args = (C, min_support, max_features, seed, bands)
+    args = (C, min_support, max_features, seed, bands, neighbor_band, neighbor_k)
     if use_ray:
         import ray
 
@@ -615,13 +667,14 @@ def fit_quality_probe(
         raws = ray.get([task.remote(p_ref, n_ref, *s, *args) for _, s in splits])
     else:
         raws = [heldout_scores(pos_X, neg_X, *s, *args) for _, s in splits]
-    combos = {"combined": combine_signals, "probe+novelty": ("probe", "novelty")}
+    combos = {"combined": combine_signals, "probe+novelty": ("probe", "novelty"),
+              "probe+neighbors": ("probe", "neighbors"), "probe+novelty+neighbors": ("probe", "novelty", "neighbors")}
     if pos_len is not None and neg_len is not None:
         combos["probe+novelty+length"] = ("probe", "novelty", "length")
-    auroc, pos_raw = pooled_signal_aurocs(splits, raws, combos, pos_len, neg_len)
+    auroc, pos_raw = pooled_signal_aurocs(splits, raws, combos, pos_len, neg_len, combine_rule)
     per_group = {k: v for k, v in auroc.items() if k != "overall"}
     metrics: dict[str, Any] = {
-        "combine": list(combine_signals), "auroc_overall": auroc["overall"]["combined"],
+        "combine": list(combine_signals), "combine_rule": combine_rule, "auroc_overall": auroc["overall"]["combined"],
         "auroc_overall_by_signal": auroc["overall"], "eval_folds": folds,
     }
     if per_group:
@@ -638,13 +691,17 @@ def fit_quality_probe(
     y = np.r_[np.ones(pos_X.shape[0]), np.zeros(neg_X.shape[0])]
     model = fit_linear_probe(X, y, C, min_support, max_features, seed)
     model["novelty"] = fit_novelty(pos_X, bands)
+    model["neighbors"] = fit_neighbors(pos_X, neighbor_band, neighbor_k, seed)
     # The reference: every positive scored out of fold (the "overall" splits test each one once); novelty
-    # with the final counts, each positive without its own (leave-one-out), so its scale is the final one's.
+    # and neighbors with the final model, each positive without its own counts / itself (leave-one-out),
+    # so their scale is the final model's.
     rp, te_pos = pos_raw["overall"]
-    rp = {**rp, "novelty": novelty_raw(model["novelty"], pos_X[te_pos], loo=True)}
+    rp = {**rp, "novelty": novelty_raw(model["novelty"], pos_X[te_pos], loo=True),
+          "neighbors": neighbors_raw(model["neighbors"], pos_X[te_pos])}
     model["reference"] = fit_reference({s: rp[s] for s in rp})
     model["combine"] = list(combine_signals)
-    bad_clean, _ = combine(zscores(rp, model["reference"]), combine_signals)
+    model["combine_rule"] = combine_rule
+    bad_clean, _ = combine(zscores(rp, model["reference"]), combine_signals, combine_rule)
     z_cut, trimmed = fpr_cut(bad_clean, max_false_positive_rate)
     model["fpr_threshold"] = -z_cut
     metrics.update(n_pos=int(pos_X.shape[0]), n_neg=int(neg_X.shape[0]),
@@ -734,7 +791,8 @@ def balanced_sample(sources: np.ndarray, n: int, rng: np.random.Generator) -> np
 def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | None, texts: list[str] | None,
               answers: list[str] | None, featurize: Featurizer | None, cfg: QualityConfig, seed: int,
               use_ray: bool = True, bands: list[tuple[int, int]] | None = None,
-              pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None) -> tuple[dict, dict]:
+              pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None,
+              neighbor_band: tuple[int, int] | None = None) -> tuple[dict, dict]:
     """The probe + novelty on the codes of `setup.pos` (+ `setup.neg`, or negatives made from `texts` /
     `answers`, the positives' own prompts, featurised here). Lengths: n_chars of the positives (and of
     labelled negatives; synthetic negatives' are their texts' lengths)."""
@@ -756,7 +814,8 @@ def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | 
         pos_X, neg_X, neg_types, C=cfg.C, min_support=cfg.min_support, max_features=cfg.max_features,
         seed=seed, use_ray=use_ray, neg_source=neg_source, folds=cfg.eval_folds, bands=bands,
         pos_len=pos_len, neg_len=neg_len, combine_signals=cfg.combine, held_out=cfg.leave_one_family_out,
-        max_false_positive_rate=cfg.max_false_positive_rate,
+        max_false_positive_rate=cfg.max_false_positive_rate, combine_rule=cfg.combine_rule,
+        neighbor_band=neighbor_band, neighbor_k=cfg.neighbors_k,
     )
     metrics["neg_kinds"] = {str(k): int(v) for k, v in zip(*np.unique(np.asarray(kinds, str), return_counts=True))}
     return model, metrics

@@ -14,7 +14,7 @@ representations with one protocol each, so the numbers are comparable:
   quality_auroc_loto   alias of quality_auroc_lofo's mean (kept for old readers)
   quality_auroc_lofo   {rep: {"mean", "min", "families"}}: each corruption FAMILY (13) held out of
                        training in turn, AUROC on that family + held-out prompts. `sae` = the stage's
-                       combined score (signals.quality.combine: probe, novelty, length); the baselines
+                       combined score (signals.quality.combine / combine_rule); the baselines
                        their own probe. quality_auroc_lofo_parts: the sae row per signal and combination
   filter_rate_clean    the share of GSM8K-test (all 1,319, featurised here) and MATH-500 prompts the run's
                        own quality filter (signals/quality.json, the signals stage run if needed) drops;
@@ -76,11 +76,13 @@ def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> f
 
 def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, neg_source: np.ndarray, C: float,
                   seed: int = 0, folds: int = 5, combine: tuple[str, ...] = ("probe",), bands=None,
-                  pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None) -> dict:
+                  pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None, rule: str = "max",
+                  neighbor_band: tuple[int, int] | None = None, neighbor_k: int = 10) -> dict:
     """The signals stage's own model and splits (quality.fit_quality_probe), `folds`-fold: `overall` tests
     on corruptions of held-out prompts; `lofo` also holds the corruption's family out of training
     (neg_types: corruption kinds, grouped by quality.FAMILIES; other labels are their own group).
-    `combine`: the signals scored (the baselines: their probe alone). neg_source[j] = the positive
+    `combine` / `rule`: the signals scored and how they add up (the baselines: their probe alone);
+    `neighbor_band`: the columns the neighbors signal compares. neg_source[j] = the positive
     negative j was made from (each pair stays in one fold)."""
     import ray
 
@@ -88,7 +90,8 @@ def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, n
 
     _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), families_of(neg_types), C=C, seed=seed,
                              neg_source=neg_source, folds=folds, use_ray=ray.is_initialized(), bands=bands,
-                             pos_len=pos_len, neg_len=neg_len, combine_signals=combine)
+                             pos_len=pos_len, neg_len=neg_len, combine_signals=combine, combine_rule=rule,
+                             neighbor_band=neighbor_band, neighbor_k=neighbor_k)
     lofo = {"mean": m["auroc_lofo_mean"], "min": m["auroc_lofo_min"], "families": m["n_families"]}
     parts = {k: {**v, "overall": m["auroc_overall_by_signal"][k]} for k, v in m["auroc_lofo_by_signal"].items()}
     return {"overall": m["auroc_overall"], "loto": lofo["mean"], "lofo": lofo,
@@ -151,6 +154,7 @@ def validate(cfg: RunConfig) -> dict:
     from saerl_ray.featureio import code_columns
     from saerl_ray.features import featurize_texts
     from saerl_ray.quality import make_negatives
+    from saerl_ray.signals import neighbor_band
 
     math, X_all, n_tokens = _load(cfg)
     q_cols = code_columns(cfg.run_dir, signal_codes(cfg, "quality"))
@@ -188,6 +192,9 @@ def validate(cfg: RunConfig) -> dict:
         "tfidf": (D_tfidf, D_tfidf, tfidf.transform(texts), tfidf.transform(neg_texts)),
         "random": (rand[: len(texts)], rand[: len(texts)], np.abs(rand[: len(texts)]), np.abs(rand[len(texts):])),
     }
+    # The sae row is scored by the stage's own combination; the baselines by their probe alone.
+    sae_q = dict(combine=tuple(qc.combine), bands=q_bands, pos_len=q_len[0], neg_len=q_len[1], rule=qc.combine_rule,
+                 neighbor_band=neighbor_band(cfg, signal_codes(cfg, "quality"), q_bands), neighbor_k=qc.neighbors_k)
     res: dict = {m: {} for m in METRICS}
     per_type: dict = {}
     oof: dict = {}  # out-of-fold difficulty predictions, reused by the seeds / benchmark-order keys
@@ -195,8 +202,7 @@ def validate(cfg: RunConfig) -> dict:
         oof[name] = difficulty_oof(D, y, cfg.signals.difficulty, cfg.seed, transform="log1p" if name == "sae" else "none")
         res["difficulty_spearman"][name] = spearman(oof[name], y)
         res["topic_nmi"][name] = topic_nmi(D_topic, topics, 7, cfg.seed)
-        sae_q = dict(combine=tuple(qc.combine), bands=q_bands, pos_len=q_len[0], neg_len=q_len[1]) if name == "sae" else {}
-        q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed, **sae_q)
+        q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed, **(sae_q if name == "sae" else {}))
         res["quality_auroc"][name] = q["overall"]
         res["quality_auroc_loto"][name] = q["loto"]
         res.setdefault("quality_auroc_lofo", {})[name] = q["lofo"]

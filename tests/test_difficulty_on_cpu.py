@@ -13,7 +13,7 @@ from saerl_ray.difficulty import (
     cross_validate, design, fit_difficulty, fit_one, predict_from_json, run_difficulty, select_columns,
 )
 
-GRID = dict(alphas=[1e-3, 1e-2, 1e-1], l1_ratios=[0.2, 0.8])
+GRID = dict(estimator="elasticnet", alphas=[1e-3, 1e-2, 1e-1], l1_ratios=[0.2, 0.8])
 
 
 def synthetic_codes(n=400, d=120, k=12, seed=0):
@@ -43,8 +43,9 @@ def test_cv_on_ray_beats_shuffled_label_control(ray_cluster):
 def test_ray_and_in_process_cv_agree(ray_cluster):
     X, y = synthetic_codes(n=150)
     D = design(X, select_columns(X, 0.01, 4096)).toarray()
-    a = cross_validate(D, y, folds=3, seed=0, use_ray=True, **GRID)
-    b = cross_validate(D, y, folds=3, seed=0, use_ray=False, **GRID)
+    grid = {k: v for k, v in GRID.items() if k != "estimator"}
+    a = cross_validate(D, y, folds=3, seed=0, use_ray=True, **grid)
+    b = cross_validate(D, y, folds=3, seed=0, use_ray=False, **grid)
     assert (a["alpha"], a["l1_ratio"]) == (b["alpha"], b["l1_ratio"])
     assert a["cv_mse"] == pytest.approx(b["cv_mse"])
 
@@ -62,6 +63,36 @@ def test_json_round_trip_gives_sklearns_predictions(tmp_path):
     pipe = fit_one(design(X[train], cols).toarray(), y[train], np.arange(150), model["alpha"], model["l1_ratio"], 0)
     np.testing.assert_allclose(pipe.predict(design(X, cols).toarray()), pred, rtol=1e-4, atol=1e-4)
     assert metrics["n_labelled"] == 150 and not metrics["fallback"]
+
+
+def test_ridge_default_beats_control_and_round_trips_its_loo_choice(tmp_path):
+    """The default estimator: ridge, alpha by leave-one-out (no Ray tasks); real labels beat shuffled ones,
+    the chosen alpha is the grid point with the lowest leave-one-out MSE, and the JSON model predicts what
+    sklearn's refit with that alpha predicts."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import LeaveOneOut, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = synthetic_codes(n=300)
+    alphas = [0.1, 10.0, 1e3, 1e5]
+    model, real = fit_difficulty(X, y, ridge_alphas=alphas, seed=0, use_ray=False)
+    _, control = fit_difficulty(X, np.random.default_rng(1).permutation(y), ridge_alphas=alphas, seed=0, use_ray=False)
+    assert real["estimator"] == model["estimator"] == "ridge" and real["tasks"] == 0
+    assert real["holdout"]["spearman"] > 0.7 and (control["holdout"]["spearman"] or 0.0) < 0.3
+    assert min(real["grid_mse"].values()) == pytest.approx(real["cv_mse"])  # the alpha with the lowest LOO MSE
+    cols = np.asarray(model["columns"])
+    D = design(X, cols).toarray()
+    pipe = make_pipeline(StandardScaler(), Ridge(alpha=model["alpha"])).fit(D, y)
+    (tmp_path / "d.json").write_text(json.dumps(model))
+    np.testing.assert_allclose(predict_from_json(tmp_path / "d.json", X), pipe.predict(D), rtol=1e-4, atol=1e-4)
+    # the reported LOO MSE is a real leave-one-out: sklearn refit without each row, on the same scaled rows
+    Z = StandardScaler().fit_transform(design(X[:60], select_columns(X[:60], 0.0, 4096)).toarray())
+    loo = cross_val_predict(Ridge(alpha=10.0), Z, y[:60], cv=LeaveOneOut())
+    _, small = fit_difficulty(X[:60], y[:60], ridge_alphas=[10.0], holdout=0.0, use_ray=False, min_support=0.0)
+    assert small["cv_mse"] == pytest.approx(float(((loo - y[:60]) ** 2).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        fit_difficulty(X, y, estimator="lasso")
 
 
 def test_pass_rate_file_labels_and_ood(tmp_path):
@@ -105,7 +136,7 @@ def test_a_fit_that_keeps_no_feature_falls_back_to_length_rank(tmp_path, capsys)
     prompts = pd.DataFrame({"id": [f"p{i}" for i in range(120)], "source": "s", "difficulty": y})
     n_tokens = np.arange(120)[::-1]
     # A penalty so large that every coefficient is zero: the fit predicts one constant, i.e. no order.
-    cfg = DifficultyConfig(folds=3, alphas=[1e3], l1_ratios=[0.9])
+    cfg = DifficultyConfig(folds=3, estimator="elasticnet", alphas=[1e3], l1_ratios=[0.9])
     pred, m = run_difficulty(prompts, X, n_tokens, cfg, seed=0, out_path=tmp_path / "d.json", use_ray=False)
     assert m["fallback"] and "kept no feature" in m["reason"]
     np.testing.assert_allclose(pred, (n_tokens - n_tokens.min()) / (len(n_tokens) - 1))

@@ -290,11 +290,17 @@ def test_polluted_pool_loses_its_pollution_and_almost_nothing_else(tmp_path):
     score, keep, flags, m = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / "q.json"), use_ray=False)
     assert not keep[:bad].any()  # all the pollution dropped
     assert (~keep[bad:]).mean() <= 0.03  # clean rows: the rate + a little
-    assert set(flags[~keep]) <= {"probe", "novelty"} and (flags[keep] == "").all() and (flags[:bad] != "").all()
+    assert set(flags[~keep]) <= {"probe", "novelty", "neighbors"} and (flags[keep] == "").all() and (flags[:bad] != "").all()
     assert m["rule"] == "max_false_positive_rate" and m["dropped"] == int((~keep).sum())
     assert m["calibration"]["trimmed_as_pollution"] >= bad // 2  # garbage left out of the reference quantile
     saved = json.loads((tmp_path / "q.json").read_text())
-    assert saved["threshold"] == m["threshold"] and saved["combine"] == ["probe", "novelty"]
+    assert saved["threshold"] == m["threshold"] and saved["combine"] == ["probe", "novelty", "neighbors"]
+    assert saved["combine_rule"] == "sum" and saved["neighbors"]["n"] == n  # the references travel in the JSON
+    # neighbors alone is blind to pollution that clusters (30 alike rows: each has 10 alike neighbours);
+    # novelty, in the same sum, is what catches it
+    _, keep_nb, _, _ = run_quality(prompts, pos, cfg.model_copy(update={"combine": ["probe", "neighbors"]}), 0,
+                                   featurize, str(tmp_path / "q3.json"), use_ray=False)
+    assert keep_nb[:bad].mean() > 0.5
     # the legacy quota and the explicit threshold still work
     _, keep_q, _, mq = run_quality(prompts, pos, QualityConfig(n_train=n, C=0.1, negatives_per_prompt=1,
                                    keep_fraction=0.5), 0, featurize, str(tmp_path / "q2.json"), use_ray=False)
@@ -357,3 +363,36 @@ def test_report_lists_every_filtered_prompt_with_score_and_flag():
     assert page.count(">novelty<") == 2 and page.count(">probe<") >= 2  # flags in the rows (+ LOFO header)
     assert "prompt number 3<" not in page  # kept prompts are not listed
     assert "stub" in page  # the leave-one-family-out table
+
+
+def test_neighbors_distance_skips_the_row_itself_and_reads_only_its_band():
+    from saerl_ray.quality import fit_neighbors, neighbors_raw
+
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(np.abs(rng.normal(size=(50, 12))) * (rng.random((50, 12)) < 0.4))
+    model = fit_neighbors(X, (4, 12), k=3)
+    inside = neighbors_raw(model, X)  # every row is one of the references
+    without = np.array([neighbors_raw(fit_neighbors(X[np.r_[:i, i + 1:50]], (4, 12), k=3), X[i])[0] for i in range(50)])
+    np.testing.assert_allclose(inside, without, atol=1e-12)  # scored as if left out
+    # by hand for one row: 1 - mean of its 3 largest cosines to the other rows, in columns 4..11 only
+    B = X[:, 4:].toarray()
+    B = B / np.maximum(np.linalg.norm(B, axis=1, keepdims=True), 1e-300)
+    cos = np.delete(B @ B[7], 7)
+    assert inside[7] == pytest.approx(1 - np.sort(cos)[-3:].mean())
+    far = sp.csr_matrix(np.r_[np.ones(4), np.zeros(8)][None])  # nothing in the band: as far as can be
+    assert neighbors_raw(model, far)[0] == pytest.approx(1.0)
+    X_other = X.tolil()
+    X_other[:, :4] = 5.0  # columns outside the band change nothing
+    np.testing.assert_allclose(neighbors_raw(model, X_other.tocsr()), inside)
+
+
+def test_sum_rule_adds_evidence_and_flags_the_largest_signal():
+    from saerl_ray.quality import combine
+
+    z = {"probe": np.array([1.5, 4.0, 0.0]), "novelty": np.array([1.5, 0.0, -1.0]), "neighbors": np.array([1.0, 0.5, 0.0])}
+    bad, flag = combine(z, ["probe", "novelty", "neighbors"], "sum")
+    np.testing.assert_allclose(bad, [4.0, 4.5, -1.0])  # two weak signals together count as much as one strong
+    assert flag.tolist() == [0, 0, 0]
+    np.testing.assert_allclose(combine(z, ["novelty", "neighbors"], "max")[0], [1.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="combine_rule"):
+        combine(z, ["probe"], "mean")

@@ -141,7 +141,7 @@ def test_signals_stage_contract(run_dir, ray_cluster, capsys):
     assert q["rule"] == "keep_fraction"  # set in config(): the legacy quota still works
     # Every dropped prompt says which signal flagged it; kept ones carry "".
     assert (sig.loc[sig["keep"], "quality_flag"] == "").all()
-    assert set(sig.loc[~sig["keep"], "quality_flag"]) <= {"probe", "novelty"} and (sig.loc[~sig["keep"], "quality_flag"] != "").all()
+    assert set(sig.loc[~sig["keep"], "quality_flag"]) <= {"probe", "novelty", "neighbors"} and (sig.loc[~sig["keep"], "quality_flag"] != "").all()
     assert sum(q["dropped_by_signal"].values()) == (~sig["keep"]).sum()
     assert sig["keep"].sum() == summary["kept"] == math.ceil(0.9 * 140)
     assert sig.loc[sig["keep"], "quality_score"].min() >= sig.loc[~sig["keep"], "quality_score"].max()
