@@ -326,12 +326,13 @@ def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000, r
 def run(cfg: RunConfig) -> dict:
     if not cfg.ingest.inputs:
         raise IngestError("no inputs: set ingest.inputs in the config or pass --input FILE --preset NAME")
-    # Inputs are hashed by path + size + mtime (local) so an edited file re-ingests.
+    # Inputs enter the fingerprint by path + content (storage.version_of), so an edited file re-ingests
+    # and a re-mounted copy of the same data does not redo every stage.
     stats = []
     for spec in cfg.ingest.inputs:
         try:
-            stats.append([spec.path, *storage.stat(spec.path)])
-        except (FileNotFoundError, OSError):  # a folder, or missing: read_rows says which
+            stats.append([spec.path, *storage.version_of(spec.path)])
+        except (FileNotFoundError, IsADirectoryError, OSError):  # a folder, or missing: read_rows says which
             stats.append([spec.path])
     st = Stage(cfg.run_dir, "ingest", fingerprint(cfg.ingest, stats))
     if st.done():

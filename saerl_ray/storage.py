@@ -159,6 +159,21 @@ def stat(path: str | Path) -> tuple[int, float]:
     return int(info.size or 0), info.mtime.timestamp() if info.mtime else 0.0
 
 
+def version_of(path: str | Path) -> list:
+    """What identifies this version of an input file: locally the sha256 of its bytes (a copied, re-mounted
+    or touched file is the same input; an edited one is not), on an object store its size and mtime (a
+    new upload; hashing would download the whole object on every up-to-date check)."""
+    if is_uri(str(path)):
+        return list(stat(path))
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(resolve(str(path)), "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return ["sha256", h.hexdigest()]
+
+
 # ------------------------------------------------------------------ bytes, text, json
 
 

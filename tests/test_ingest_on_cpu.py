@@ -119,3 +119,23 @@ def test_rerun_is_a_noop_and_changed_config_recomputes(tmp_path, shared_data):
     cli_main(args + ["--ingest.max_chars", "300"])
     assert marker.read_text() != first
     assert pq.read_table(tmp_path / "ingest/rejected.parquet").num_rows > 0
+
+
+def test_a_copied_or_touched_input_is_the_same_input_an_edited_one_is_not(tmp_path, shared_data):
+    """Inputs are fingerprinted by content: re-mounting the data (new mtimes) must not redo every stage."""
+    import os
+
+    data = tmp_path / "aime.jsonl"
+    data.write_bytes((shared_data / "aime24.jsonl").read_bytes())
+    args = ["ingest", "--preset", "aime", "--input", str(data), "--run-dir", str(tmp_path / "run")]
+    cli_main(args)
+    marker = tmp_path / "run/ingest/_DONE.json"
+    first = marker.read_text()
+    os.utime(data, (1_000_000_000, 1_000_000_000))  # a fresh mount or copy: same bytes, another mtime
+    cli_main(args)
+    assert marker.read_text() == first
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1]) + "\n")  # one row fewer: a different input
+    cli_main(args)
+    assert marker.read_text() != first
+    assert pq.read_table(tmp_path / "run/ingest/prompts.parquet").num_rows == len(lines) - 1
