@@ -29,9 +29,9 @@ one kind of failure; leave-one-family-out holds all its kinds out together):
   stub            stub           an instruction with no problem ("Solve the following problem.")
 Signals (each a "badness", standardised against clean held-out prompts by median / 1.4826 MAD):
   probe    -logit of the probe's P(good)
-  neighbors  1 - the mean cosine similarity of the prompt's code in one band (signals.quality.neighbors_code,
-           default `last`: the state the model is in once it has read the whole prompt) to its k most
-           similar positives (a positive is never its own neighbour)
+  neighbors  log of (1 - the mean cosine similarity of the prompt's code in one band, signals.quality.
+           neighbors_code, default `last`: the state the model is in once it has read the whole prompt, to
+           its k most similar positives; a positive is never its own neighbour)
   novelty  per code (signals.quality.codes), the mean -log p(latent active) over the prompt's active
            latents, p from the positives' document frequencies (add-one smoothed; leave-one-out for the
            positives themselves); the standardised per-code rarities averaged
@@ -85,8 +85,10 @@ RULES = ("sum", "max")
 # Most positives kept as the neighbors signal's references (a labelled pool can have many): scoring costs
 # rows x references.
 NEIGHBOR_REFS = 4096
-# Reference positives whose combined badness is beyond this many robust SDs are presumed pollution of the
-# pool (the positives are a sample of it) and left out of the threshold's quantile (docs/decisions.md).
+NEIGHBOR_EPS = 1e-3  # the neighbors signal is log(distance + this): near-duplicates stay finite
+# Reference positives whose combined badness is beyond this many robust SDs of the reference's own
+# combined badness are presumed pollution of the pool (the positives are a sample of it) and left out of
+# the threshold's quantile (docs/decisions.md).
 TRIM_Z = 8.0
 Featurizer = Callable[[list[str]], sp.csr_matrix]
 
@@ -448,7 +450,9 @@ def raw_signals(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None
     (when the model has references), log length."""
     raw = {"probe": -linear_score(model, X), "novelty": novelty_raw(model["novelty"], X, loo)}
     if "neighbors" in model:
-        raw["neighbors"] = neighbors_raw(model["neighbors"], X)
+        # log: the distances are heavy-tailed (main run: median 0.012, 99th percentile 0.08, max 1), and on
+        # the raw scale one unusual ending outweighed every other signal in the sum (docs/decisions.md)
+        raw["neighbors"] = np.log(neighbors_raw(model["neighbors"], X) + NEIGHBOR_EPS)
     if n_chars is not None:
         raw["length"] = np.log(np.maximum(np.asarray(n_chars, float), 1.0))
     return raw
@@ -514,11 +518,13 @@ def combine(z: dict[str, np.ndarray], signals: list[str] | tuple[str, ...],
 
 def fpr_cut(bad_clean: np.ndarray, rate: float) -> tuple[float, int]:
     """(z cut, rows trimmed): the smallest cut that at most `rate` of the clean reference rows exceed,
-    after leaving out rows beyond TRIM_Z (presumed pollution of the pool the positives were sampled from)."""
+    after leaving out rows beyond TRIM_Z robust SDs of the reference's combined badness (presumed pollution
+    of the pool the positives were sampled from). Measured on the combined score itself, not per signal: a
+    sum of three z-scores spreads wider than one, and an absolute cut trimmed 6% of clean rows."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"signals.quality.max_false_positive_rate must be in [0, 1), got {rate}")
     bad_clean = np.asarray(bad_clean, float)
-    ref = bad_clean[bad_clean <= TRIM_Z]
+    ref = bad_clean[_z(bad_clean, _robust(bad_clean)) <= TRIM_Z] if len(bad_clean) else bad_clean
     if len(ref) == 0:
         return TRIM_Z, len(bad_clean)
     return float(np.quantile(ref, 1.0 - rate, method="higher")), int(len(bad_clean) - len(ref))
@@ -696,8 +702,8 @@ def fit_quality_probe(
     # and neighbors with the final model, each positive without its own counts / itself (leave-one-out),
     # so their scale is the final model's.
     rp, te_pos = pos_raw["overall"]
-    rp = {**rp, "novelty": novelty_raw(model["novelty"], pos_X[te_pos], loo=True),
-          "neighbors": neighbors_raw(model["neighbors"], pos_X[te_pos])}
+    final = raw_signals(model, pos_X[te_pos], loo=True)
+    rp = {**rp, "novelty": final["novelty"], "neighbors": final["neighbors"]}
     model["reference"] = fit_reference({s: rp[s] for s in rp})
     model["combine"] = list(combine_signals)
     model["combine_rule"] = combine_rule
