@@ -37,9 +37,10 @@ Signals (each a "badness", standardised against clean held-out prompts by median
            positives themselves); the standardised per-code rarities averaged
   length   |log n_chars - median| (two-sided: too short and too long are both unusual)
 The combined badness is the sum (`combine_rule: sum`) or the max of the configured signals' z-scores
-(`combine`); quality_score = -it, and `flag` names the signal with the largest z-score. Metrics, out-of-fold over `eval_folds` folds of the
-positives (a prompt's corruptions in its fold): AUROC on held-out prompts, and leaving one corruption
-FAMILY out (train on the others, test on that family + held-out positives), per signal and combined.
+(`combine`); quality_score = -it, and `flag` names the signal with the largest z-score. Metrics,
+out-of-fold over `eval_folds` folds of the positives (a prompt's corruptions in its fold): AUROC on
+held-out prompts, and leaving one corruption FAMILY out (train on the others, test on that family +
+held-out positives), per signal and combined.
 """
 
 from __future__ import annotations

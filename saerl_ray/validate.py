@@ -7,7 +7,8 @@ Uses the run's MATH-500 prompts (runs ingest/sae/features first if needed) and s
 representations with one protocol each, so the numbers are comparable:
   difficulty_spearman  5-fold out-of-fold Spearman vs `level` of the estimator the signals stage ships
                        (saerl_ray.difficulty via validate_difficulty: its column selection, log1p design
-                       (off for the baselines), alpha/l1 grid by inner CV, holdout), fit on each 4/5
+                       (off for the baselines), ridge alpha by leave-one-out or the ElasticNet grid by
+                       inner CV, holdout), fit on each 4/5
   topic_nmi            k-means with K=7 (cosine), NMI vs `subject`
   quality_auroc        logistic probe (the signals stage's, its C and negatives per prompt), 5-fold
                        out-of-fold AUROC on corruptions of held-out prompts

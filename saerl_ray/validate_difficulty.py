@@ -6,8 +6,9 @@ seeds, and how its predictions order benchmarks of known hardness.
     res.update(difficulty_extras(cfg, math, y, oof, X_math, n_tokens))   # the keys below
 
 The protocol (every representation, every seed): 5 outer folds over MATH-500; on each training split the
-signals stage's own estimator (`difficulty.fit_config`: its column selection, log1p design, CV grid over
-`signals.difficulty.alphas` x `l1_ratios`, holdout) is fit and its linear model scores the left-out fold;
+signals stage's own estimator (`difficulty.fit_config`: its column selection, log1p design, ridge with a
+leave-one-out alpha or the ElasticNet CV grid per `signals.difficulty.estimator`, holdout) is fit and its
+linear model scores the left-out fold;
 Spearman of those out-of-fold predictions vs `level`. Baselines take the same path with the design's
 log1p off (`transform="none"`: TF-IDF SVD and Gaussian features can be negative).
 
