@@ -424,7 +424,7 @@ def fit_neighbors(X_pos: sp.csr_matrix, band: tuple[int, int], k: int, seed: int
     A = sp.csr_matrix(X_pos)[:, a:b].astype(np.float64)
     if A.shape[0] > NEIGHBOR_REFS:
         A = A[np.sort(np.random.default_rng(seed).choice(A.shape[0], NEIGHBOR_REFS, replace=False))]
-    A = sp.csr_matrix(normalize(A))
+    A = sp.csr_matrix(normalize(A)) if A.shape[0] else sp.csr_matrix(A)
     return {"start": a, "end": b, "k": int(k), "n": int(A.shape[0]), "indptr": A.indptr.tolist(),
             "indices": A.indices.tolist(), "data": A.data.tolist()}
 
@@ -434,6 +434,8 @@ def neighbors_raw(model: dict, X: sp.csr_matrix, chunk: int = 4096) -> np.ndarra
     reference identical to the row (cosine 1: the row itself when it is one of the positives, or an exact
     duplicate) is skipped, so a positive is scored as if left out."""
     a, b, n = model["start"], model["end"], model["n"]
+    if sp.csr_matrix(X).shape[0] == 0:
+        return np.zeros(0)
     A = sp.csr_matrix((model["data"], model["indices"], model["indptr"]), shape=(n, b - a)).T.tocsc()
     B = sp.csr_matrix(normalize(sp.csr_matrix(X)[:, a:b].astype(np.float64)))
     k = max(1, min(model["k"], n - 1))

@@ -381,6 +381,7 @@ def test_neighbors_distance_skips_the_row_itself_and_reads_only_its_band():
     assert inside[7] == pytest.approx(1 - np.sort(cos)[-3:].mean())
     far = sp.csr_matrix(np.r_[np.ones(4), np.zeros(8)][None])  # nothing in the band: as far as can be
     assert neighbors_raw(model, far)[0] == pytest.approx(1.0)
+    assert neighbors_raw(model, X[:0]).shape == (0,)  # a fold can hold no row of a family
     X_other = X.tolil()
     X_other[:, :4] = 5.0  # columns outside the band change nothing
     np.testing.assert_allclose(neighbors_raw(model, X_other.tocsr()), inside)

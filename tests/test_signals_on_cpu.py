@@ -168,8 +168,11 @@ def test_signal_codes_follow_the_stored_codes_and_must_be_among_them():
     assert signal_codes(cfg, "difficulty") == ["pooled", "halves"]
     assert signal_codes(cfg, "cluster") == ["pooled", "last"]
     assert signal_codes(cfg, "quality") == cfg.features.codes == ["pooled", "last", "mean", "halves"]
-    cfg = load_config(None, {"features.codes": ["pooled", "mean"]})
+    cfg = load_config(None, {"features.codes": ["pooled", "mean"], "signals.quality.neighbors_code": "mean"})
     assert signal_codes(cfg, "difficulty") == ["pooled"] and signal_codes(cfg, "quality") == ["pooled", "mean"]
+    with pytest.raises(ConfigError, match="neighbors_code 'last' is not among the probe's codes"):
+        load_config(None, {"features.codes": ["pooled", "mean"]})  # the default neighbors code is not stored
+    load_config(None, {"features.codes": ["pooled"], "signals.quality.combine": ["probe", "novelty"]})
     with pytest.raises(ConfigError, match=r"signals.quality.codes .*'halves'.* features.codes"):
         load_config(None, {"features.codes": ["pooled", "last"], "signals.quality.codes": ["pooled", "halves"]})
     with pytest.raises(ConfigError, match="without repeats"):
