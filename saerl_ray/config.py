@@ -516,11 +516,10 @@ class RunConfig(Section):
     def _signal_codes(self) -> RunConfig:
         for name in ("cluster", "difficulty", "quality"):
             signal_codes(self, name)  # raises on a code features.codes lacks
-        q = self.signals.quality
-        if "neighbors" in q.combine and q.neighbors_code not in signal_codes(self, "quality"):
+        q, probe_codes = self.signals.quality, signal_codes(self, "quality")
+        if "neighbors" in q.combine and q.neighbors_code not in probe_codes:
             raise ValueError(f"signals.quality.neighbors_code {q.neighbors_code!r} is not among the probe's codes "
-                             f"{signal_codes(self, 'quality')}: set it to one of them, or drop neighbors from "
-                             "signals.quality.combine")
+                             f"{probe_codes}: set it to one of them, or drop neighbors from signals.quality.combine")
         return self
 
 

@@ -57,7 +57,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.preprocessing import StandardScaler, normalize
+from sklearn.preprocessing import StandardScaler
 
 from saerl_ray import storage
 from saerl_ray.config import QualityConfig
@@ -415,35 +415,42 @@ def novelty_raw(model: dict, X: sp.csr_matrix, loo: bool = False) -> np.ndarray:
     return out
 
 
+def _unit_rows(M: sp.csr_matrix) -> sp.csr_matrix:
+    """Rows scaled to unit L2 norm (all-zero rows stay zero); any number of rows, none included."""
+    M = sp.csr_matrix(M, dtype=np.float64)
+    norms = np.sqrt(np.asarray(M.multiply(M).sum(axis=1)).ravel())
+    return sp.csr_matrix(sp.diags(1.0 / np.where(norms > 0, norms, 1.0)) @ M)
+
+
 def fit_neighbors(X_pos: sp.csr_matrix, band: tuple[int, int], k: int, seed: int = 0) -> dict:
     """The positives' codes in `band`, L2-normalised (at most NEIGHBOR_REFS of them, seeded): the clean
     neighbourhood every prompt is compared with."""
     if k < 1:
         raise ValueError(f"signals.quality.neighbors_k must be >= 1, got {k}")
     a, b = int(band[0]), int(band[1])
-    A = sp.csr_matrix(X_pos)[:, a:b].astype(np.float64)
+    A = sp.csr_matrix(X_pos)[:, a:b]
     if A.shape[0] > NEIGHBOR_REFS:
         A = A[np.sort(np.random.default_rng(seed).choice(A.shape[0], NEIGHBOR_REFS, replace=False))]
-    A = sp.csr_matrix(normalize(A)) if A.shape[0] else sp.csr_matrix(A)
+    A = _unit_rows(A)
     return {"start": a, "end": b, "k": int(k), "n": int(A.shape[0]), "indptr": A.indptr.tolist(),
             "indices": A.indices.tolist(), "data": A.data.tolist()}
 
 
 def neighbors_raw(model: dict, X: sp.csr_matrix, chunk: int = 4096) -> np.ndarray:
-    """Per row: 1 - the mean cosine similarity of its band code to its k most similar references. A
-    reference identical to the row (cosine 1: the row itself when it is one of the positives, or an exact
-    duplicate) is skipped, so a positive is scored as if left out."""
+    """Per row: 1 - the mean cosine similarity of its band code to its k most similar references (1 with
+    no reference). A reference identical to the row (cosine 1: the row itself when it is one of the
+    positives, or an exact duplicate) is skipped, so a positive is scored as if left out."""
     a, b, n = model["start"], model["end"], model["n"]
-    if sp.csr_matrix(X).shape[0] == 0:
-        return np.zeros(0)
+    B = _unit_rows(sp.csr_matrix(X)[:, a:b])
+    if n == 0:
+        return np.ones(B.shape[0])
     A = sp.csr_matrix((model["data"], model["indices"], model["indptr"]), shape=(n, b - a)).T.tocsc()
-    B = sp.csr_matrix(normalize(sp.csr_matrix(X)[:, a:b].astype(np.float64)))
     k = max(1, min(model["k"], n - 1))
     out = np.empty(B.shape[0])
     for i in range(0, B.shape[0], chunk):  # a dense (chunk x references) block at a time
         S = (B[i:i + chunk] @ A).toarray()
         S[S > 1.0 - 1e-9] = -1.0
-        out[i:i + chunk] = 1.0 - np.partition(S, n - k, axis=1)[:, n - k:].mean(axis=1) if n else 1.0
+        out[i:i + chunk] = 1.0 - np.partition(S, n - k, axis=1)[:, n - k:].mean(axis=1)
     return out
 
 

@@ -76,16 +76,6 @@ def _num_tasks(requested: int) -> int:
     return requested or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def neighbor_band(cfg: RunConfig, quality_codes: list[str], bands: list[tuple[int, int]]) -> tuple[int, int]:
-    """The columns the neighbors signal compares: the band of signals.quality.neighbors_code among the
-    probe's codes (`bands`: one per entry of quality_codes)."""
-    code = cfg.signals.quality.neighbors_code
-    if code not in quality_codes:
-        raise ValueError(f"signals.quality.neighbors_code {code!r} is not among the probe's codes {quality_codes} "
-                         "(signals.quality.codes / features.codes)")
-    return bands[quality_codes.index(code)]
-
-
 def load_group(paths: list[str], n_columns: int, cluster_cols: np.ndarray, metric: str, wanted: pa.Array):
     """Ray task, 3 returns: (ids, n_tokens) for the driver; the rows in the clustering space (a block
     for the k-means rounds, kept in the object store); (ids, codes) of the rows in `wanted`."""
@@ -198,7 +188,7 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
         None if q_setup.neg is None else keep_columns(rows_of(q_setup.neg), q_cols), texts, answers,
         lambda t: keep_columns(featurize(t), q_cols), sc.quality, cfg.seed, bands=q_bands,
         pos_len=n_chars[q_setup.pos], neg_len=None if q_setup.neg is None else n_chars[q_setup.neg],
-        neighbor_band=neighbor_band(cfg, codes["quality"], q_bands),
+        neighbor_band=q_bands[codes["quality"].index(sc.quality.neighbors_code)],  # RunConfig checked it is one
     )
     phase["fit"] = time.time()
 

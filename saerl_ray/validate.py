@@ -155,7 +155,6 @@ def validate(cfg: RunConfig) -> dict:
     from saerl_ray.featureio import code_columns
     from saerl_ray.features import featurize_texts
     from saerl_ray.quality import make_negatives
-    from saerl_ray.signals import neighbor_band
 
     math, X_all, n_tokens = _load(cfg)
     q_cols = code_columns(cfg.run_dir, signal_codes(cfg, "quality"))
@@ -195,7 +194,7 @@ def validate(cfg: RunConfig) -> dict:
     }
     # The sae row is scored by the stage's own combination; the baselines by their probe alone.
     sae_q = dict(combine=tuple(qc.combine), bands=q_bands, pos_len=q_len[0], neg_len=q_len[1], rule=qc.combine_rule,
-                 neighbor_band=neighbor_band(cfg, signal_codes(cfg, "quality"), q_bands), neighbor_k=qc.neighbors_k)
+                 neighbor_band=q_bands[signal_codes(cfg, "quality").index(qc.neighbors_code)], neighbor_k=qc.neighbors_k)
     res: dict = {m: {} for m in METRICS}
     per_type: dict = {}
     oof: dict = {}  # out-of-fold difficulty predictions, reused by the seeds / benchmark-order keys
