@@ -387,6 +387,7 @@ def run_baseline(run_dir: str, seed: int, out_dir: str) -> dict:
         # Scored in row chunks: the design of all rows at once would be a dense copy per model.
         step = 65_536
         pred = np.concatenate([dif.linear_score(d_model, X[a:a + step]) for a in range(0, X.shape[0], step)])
+        pred = pred + dif.length_term(d_model, d_setup.n_chars)
         score = np.concatenate([qual.quality_scores(q_model, X[a:a + step], None if n_chars is None else n_chars[a:a + step])[0]
                                 for a in range(0, X.shape[0], step)])
         qual.keep_mask(score, sc.quality.keep_fraction, qual.filter_rule(q_model, sc.quality)[1])

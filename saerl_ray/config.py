@@ -241,7 +241,10 @@ class DifficultyConfig(Section):
     n_labelled: int | None = Field(2000, description=(
         "Size of the labelled subset the regression fits on; null: every labelled row."))
     codes: list[str] | None = Field(None, description=(
-        "Codes the regression reads (a subset of features.codes); null: pooled + halves (docs/decisions.md)."))
+        "Codes the regression reads (a subset of features.codes); null: every stored code (docs/decisions.md)."))
+    length_covariate: bool = Field(True, description=(
+        "Fit log prompt length (characters) first, unpenalised, and regress the codes on what it leaves: the "
+        "proxy adds the codes' evidence to the length cue (docs/decisions.md); false: codes only, as the paper."))
     estimator: Literal["ridge", "elasticnet"] = Field("ridge", description=(
         "ridge: ridge regression, alpha by exact leave-one-out CV over ridge_alphas (one fit; stable across SAE "
         "seeds); elasticnet: the paper's ElasticNet, alphas x l1_ratios searched by folds-fold CV as Ray tasks "
@@ -524,16 +527,16 @@ class RunConfig(Section):
 
 
 # Codes read when signals.<signal>.codes is unset (the probe reads every stored code); docs/decisions.md.
-DEFAULT_CODES = {"cluster": ("pooled", "last"), "difficulty": ("pooled", "halves")}
+DEFAULT_CODES = {"cluster": ("pooled", "last")}
 
 
 def signal_codes(cfg: RunConfig, signal: str) -> list[str]:
-    """The codes `signals.<signal>` reads: its own list, or when unset pooled + halves for the regression,
-    pooled + last for k-means and every stored code for the probe. Each must be among features.codes."""
+    """The codes `signals.<signal>` reads: its own list, or when unset pooled + last for k-means and every
+    stored code for the regression and the probe. Each must be among features.codes."""
     stored = list(cfg.features.codes)
     own = getattr(cfg.signals, signal).codes
     if own is None:
-        if signal == "quality":
+        if signal not in DEFAULT_CODES:
             return stored
         return [c for c in DEFAULT_CODES[signal] if c in stored] or stored
     missing = [c for c in own if c not in stored]

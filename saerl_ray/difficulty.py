@@ -3,7 +3,8 @@
     from saerl_ray.difficulty import fit_difficulty, predict_from_json
     model, metrics = fit_difficulty(X_labelled, y, estimator="ridge", ridge_alphas=[1.0, 10.0, 100.0])
     model, metrics = fit_difficulty(X_labelled, y, estimator="elasticnet", alphas=[1e-2], l1_ratios=[0.5], folds=5)
-    pred = predict_from_json("runs/x/signals/difficulty.json", X_all)     # X: CSR (n, d_sae)
+    model, metrics = fit_difficulty(X_labelled, y, n_chars=n_chars_labelled)  # + prompt length, unpenalised
+    pred = predict_from_json("runs/x/signals/difficulty.json", X_all, n_chars_all)   # X: CSR (n, d_sae)
 
 Design matrix (shared with the quality probe): the latents active in >= `min_support` of the labelled
 rows (at most `max_features`, most frequent first), log1p (pooled activations are heavy-tailed), then
@@ -93,12 +94,39 @@ def linear_score(model: dict, X: sp.csr_matrix) -> np.ndarray:
     return np.asarray(design(sp.csr_matrix(X), cols, model.get("transform", "log1p")) @ w).ravel() + b
 
 
-def predict_from_json(path: str | Path, X: sp.csr_matrix) -> np.ndarray:
-    """Reload `signals/difficulty.json` and predict difficulty for CSR codes X."""
+def log_chars(n_chars: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(n_chars, dtype=float), 1.0))
+
+
+def fit_length(n_chars: np.ndarray, y: np.ndarray) -> dict:
+    """Least squares y ~ a * log(n_chars) + b (the unpenalised first step)."""
+    a, b = np.polyfit(log_chars(n_chars), np.asarray(y, float), 1)
+    return {"coef": float(a), "intercept": float(b), "of": "log n_chars"}
+
+
+def length_term(model: dict, n_chars: np.ndarray | None) -> np.ndarray | float:
+    """The model's length part for prompts of these lengths (0 for a codes-only model)."""
+    term = model.get("length")
+    if term is None:
+        return 0.0
+    if n_chars is None:
+        raise ValueError("this difficulty model has a prompt-length term (signals.difficulty.length_covariate): "
+                         "pass the prompts' n_chars")
+    return term["coef"] * log_chars(n_chars) + term["intercept"]
+
+
+def predict(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None) -> np.ndarray:
+    """Predicted difficulty: the codes' linear score plus the length term (when the model has one)."""
+    return linear_score(model, X) + length_term(model, n_chars)
+
+
+def predict_from_json(path: str | Path, X: sp.csr_matrix, n_chars: np.ndarray | None = None) -> np.ndarray:
+    """Reload `signals/difficulty.json` and predict difficulty for CSR codes X (and the prompts' lengths in
+    characters, which a model with a length term needs)."""
     model = storage.read_json(path)
     if model.get("fallback"):
         raise ValueError(f"{path} is the no-label fallback (token-count rank); it has no linear model")
-    return linear_score(model, X).astype(np.float32)
+    return predict(model, X, n_chars).astype(np.float32)
 
 
 # ---------------------------------------------------------------- labels
@@ -215,10 +243,12 @@ def fit_difficulty(
     X: sp.csr_matrix, y: np.ndarray, *, estimator: str = "ridge", alphas: list[float] = (1e-2,),
     l1_ratios: list[float] = (0.5,), ridge_alphas: list[float] = (1.0, 10.0, 100.0, 1000.0), folds: int = 5,
     seed: int = 0, min_support: float = 0.01, max_features: int = 4096, holdout: float = 0.2,
-    use_ray: bool = True, transform: str = "log1p",
+    use_ray: bool = True, transform: str = "log1p", n_chars: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
     """Select hyperparameters by CV on the non-holdout rows (ridge: leave-one-out over `ridge_alphas`;
     elasticnet: `folds`-fold over alphas x l1_ratios), score the holdout, refit on all rows with them.
+    With `n_chars`, each fit first takes log length out of y (`fit_length`, on that fit's rows) and the
+    codes' regression fits the residual.
 
     Returns (model JSON dict, metrics)."""
     if estimator not in ESTIMATORS:
@@ -226,48 +256,65 @@ def fit_difficulty(
     X = sp.csr_matrix(X)
     cols = select_columns(X, min_support, max_features)
     D = design(X, cols, transform).toarray()
+    y = np.asarray(y, dtype=float)
+    n_chars = None if n_chars is None else np.asarray(n_chars, dtype=float)
+    chars_of = lambda rows: None if n_chars is None else n_chars[rows]  # noqa: E731
     idx = np.arange(len(y))
     fit_idx, test_idx = train_test_split(idx, test_size=holdout, random_state=seed) if holdout > 0 else (idx, idx[:0])
+
+    def residual(rows: np.ndarray) -> tuple[np.ndarray, dict | None]:
+        """y minus the length term fit on `rows` (y itself without lengths): what the codes fit."""
+        if n_chars is None:
+            return y, None
+        term = fit_length(n_chars[rows], y[rows])
+        return y - length_term({"length": term}, n_chars), term
+
+    r_fit, term_fit = residual(fit_idx)
     if estimator == "ridge":
-        fitted = fit_ridge(D, y, fit_idx, ridge_alphas)
-        cv = ridge_cv(fitted, y[fit_idx], ridge_alphas)
-        refit = lambda rows: fit_ridge(D, y, rows, [cv["alpha"]])  # noqa: E731
+        fitted = fit_ridge(D, r_fit, fit_idx, ridge_alphas)
+        cv = ridge_cv(fitted, r_fit[fit_idx], ridge_alphas)
+        refit = lambda r, rows: fit_ridge(D, r, rows, [cv["alpha"]])  # noqa: E731
     else:
-        cv = cross_validate(D[fit_idx], y[fit_idx], list(alphas), list(l1_ratios), folds, seed, use_ray)
-        refit = lambda rows: fit_one(D, y, rows, cv["alpha"], cv["l1_ratio"], seed)  # noqa: E731
-        fitted = refit(fit_idx) if len(test_idx) else None
-    metrics: dict[str, Any] = {**cv, "estimator": estimator, "n_labelled": len(y), "n_features": len(cols)}
+        cv = cross_validate(D[fit_idx], r_fit[fit_idx], list(alphas), list(l1_ratios), folds, seed, use_ray)
+        refit = lambda r, rows: fit_one(D, r, rows, cv["alpha"], cv["l1_ratio"], seed)  # noqa: E731
+        fitted = refit(r_fit, fit_idx) if len(test_idx) else None
+    metrics: dict[str, Any] = {**cv, "estimator": estimator, "n_labelled": len(y), "n_features": len(cols),
+                               "length_covariate": n_chars is not None}
     if len(test_idx):
-        metrics["holdout"] = {**_corr(fitted.predict(D[test_idx]), y[test_idx]), "n": len(test_idx)}
-    final = refit(idx)
+        pred = fitted.predict(D[test_idx]) + length_term({"length": term_fit}, chars_of(test_idx))
+        metrics["holdout"] = {**_corr(pred, y[test_idx]), "n": len(test_idx)}
+    r_all, term = residual(idx)
+    final = refit(r_all, idx)
     scaler, lin = final.steps[0][1], final.steps[-1][1]
     model = {**linear_json(cols, scaler, lin.coef_, lin.intercept_, transform),
-             "estimator": estimator, "alpha": cv["alpha"], "l1_ratio": cv["l1_ratio"]}
+             "estimator": estimator, "alpha": cv["alpha"], "l1_ratio": cv["l1_ratio"], "length": term}
     metrics["nonzero_coef"] = int(np.count_nonzero(lin.coef_))
     return model, metrics
 
 
 def fit_config(X: sp.spmatrix | np.ndarray, y: np.ndarray, cfg: DifficultyConfig, seed: int, use_ray: bool = True,
-               transform: str = "log1p") -> tuple[dict, dict]:
+               transform: str = "log1p", n_chars: np.ndarray | None = None) -> tuple[dict, dict]:
     """fit_difficulty with the config's grid, CV folds, column selection and holdout: the estimator the
-    signals stage ships (`fit_setup`), for any rows."""
+    signals stage ships (`fit_setup`), for any rows. `n_chars` is used only when cfg.length_covariate."""
     return fit_difficulty(
         sp.csr_matrix(X), np.asarray(y, dtype=float), estimator=cfg.estimator, alphas=cfg.alphas,
         l1_ratios=cfg.l1_ratios, ridge_alphas=cfg.ridge_alphas, folds=cfg.folds,
         seed=seed, min_support=cfg.min_support, max_features=cfg.max_features, holdout=cfg.holdout,
-        use_ray=use_ray, transform=transform,
+        use_ray=use_ray, transform=transform, n_chars=n_chars if cfg.length_covariate else None,
     )
 
 
 def out_of_fold(X: sp.spmatrix | np.ndarray, y: np.ndarray, cfg: DifficultyConfig, seed: int = 0, folds: int = 5,
-                use_ray: bool = True, transform: str = "log1p") -> np.ndarray:
-    """Every row's prediction by the shipped estimator (`fit_config`: its own column selection and inner CV
-    grid) fit on the other folds of a `folds`-fold split: validate's difficulty protocol."""
+                use_ray: bool = True, transform: str = "log1p", n_chars: np.ndarray | None = None) -> np.ndarray:
+    """Every row's prediction by the shipped estimator (`fit_config`: its own column selection, inner CV
+    grid and, with `n_chars`, length term) fit on the other folds of a `folds`-fold split: validate's
+    difficulty protocol."""
     X, y = sp.csr_matrix(X), np.asarray(y, dtype=float)
+    n = None if n_chars is None else np.asarray(n_chars, dtype=float)
     pred = np.zeros(len(y))
     for tr, te in KFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y))):
-        model, _ = fit_config(X[tr], y[tr], cfg, seed, use_ray, transform)
-        pred[te] = linear_score(model, X[te])
+        model, _ = fit_config(X[tr], y[tr], cfg, seed, use_ray, transform, None if n is None else n[tr])
+        pred[te] = predict(model, X[te], None if n is None else n[te])
     return pred
 
 
@@ -285,20 +332,34 @@ class DifficultySetup:
     ood: np.ndarray  # bool per prompt: its source is held out
     train: np.ndarray | None  # prompt rows the regression is fit on; None = no usable labels (fallback)
     reason: str = ""  # why there is no fit
+    n_chars: np.ndarray | None = None  # every prompt's length in characters (the length term's input)
+
+
+def prompt_chars(prompts: pd.DataFrame) -> np.ndarray | None:
+    """Each prompt's length in characters: ingest's n_chars, else measured on the text (None: neither)."""
+    if "n_chars" in prompts.columns:
+        return prompts["n_chars"].fillna(0).to_numpy(float)
+    if "prompt" in prompts.columns:
+        return prompts["prompt"].fillna("").str.len().to_numpy(float)
+    return None
 
 
 def difficulty_setup(prompts: pd.DataFrame, cfg: DifficultyConfig, seed: int) -> DifficultySetup:
     """Labels -> the labelled subset to fit on (`n_labelled` of the usable rows, seeded)."""
     y_all, label_source = difficulty_labels(prompts, cfg)
+    n_chars = prompt_chars(prompts)
     labelled = np.isfinite(y_all)
     ood = (prompts["source"] == cfg.ood_source).to_numpy() if cfg.ood_source else np.zeros(len(prompts), bool)
     pool = np.flatnonzero(labelled & ~ood)
     if len(pool) < MIN_LABELLED or np.ptp(y_all[pool]) == 0:
         why = f"{len(pool)} usable labelled prompts from {label_source} (need >= {MIN_LABELLED}, not constant)"
-        return DifficultySetup(y_all, label_source, ood, None, why)
+        return DifficultySetup(y_all, label_source, ood, None, why, n_chars)
+    if cfg.length_covariate and n_chars is None:
+        raise ValueError("signals.difficulty.length_covariate needs the prompts' n_chars (or prompt) column; "
+                         "set it to false for codes only")
     rng = np.random.default_rng(seed)
     train = np.sort(rng.choice(pool, size=min(cfg.n_labelled or len(pool), len(pool)), replace=False))
-    return DifficultySetup(y_all, label_source, ood, train)
+    return DifficultySetup(y_all, label_source, ood, train, n_chars=n_chars)
 
 
 def difficulty_fallback(setup: DifficultySetup, n_tokens: np.ndarray, out_path: str) -> tuple[np.ndarray, dict]:
@@ -314,11 +375,12 @@ def difficulty_fallback(setup: DifficultySetup, n_tokens: np.ndarray, out_path: 
 def fit_setup(setup: DifficultySetup, X_train: sp.csr_matrix, cfg: DifficultyConfig, seed: int,
               use_ray: bool = True) -> tuple[dict | None, dict]:
     """fit_difficulty on the codes of `setup.train` (X_train: those rows, in that order). A fit that kept
-    no feature predicts one constant, no order at all: its model comes back None, and `setup.reason`
-    says why, so the caller falls back to the length rank as for a run without labels (sparse labels,
-    e.g. a policy that solves almost nothing, make cross-validation pick the largest penalty)."""
-    model, metrics = fit_config(X_train, setup.y_all[setup.train], cfg, seed, use_ray)
-    if metrics.get("nonzero_coef", 1) > 0:
+    no feature and has no length term predicts one constant, no order at all: its model comes back None,
+    and `setup.reason` says why, so the caller falls back to the length rank as for a run without labels
+    (sparse labels, e.g. a policy that solves almost nothing, make cross-validation pick the largest penalty)."""
+    n_chars = None if setup.n_chars is None else setup.n_chars[setup.train]
+    model, metrics = fit_config(X_train, setup.y_all[setup.train], cfg, seed, use_ray, n_chars=n_chars)
+    if metrics.get("nonzero_coef", 1) > 0 or model.get("length"):
         return model, metrics
     setup.reason = (f"the ElasticNet fit on {len(setup.train)} labelled prompts kept no feature (CV chose "
                     f"alpha={metrics.get('alpha')}, l1_ratio={metrics.get('l1_ratio')}): its prediction is a constant")
@@ -349,5 +411,5 @@ def run_difficulty(
     model, metrics = fit_setup(setup, X[setup.train], cfg, seed, use_ray)
     if model is None:
         return difficulty_fallback(setup, n_tokens, out_path)
-    pred = linear_score(model, X).astype(np.float32)
+    pred = predict(model, X, setup.n_chars).astype(np.float32)
     return pred, finish_difficulty(setup, model, metrics, pred, cfg, out_path)

@@ -86,8 +86,9 @@ def load_group(paths: list[str], n_columns: int, cluster_cols: np.ndarray, metri
 
 
 def score_group(paths: list[str], n_columns: int, d_model: dict | None, q_model: dict) -> tuple:
-    """Ray task: predicted difficulty (None for the length fallback) and the quality model's raw code
-    signals (probe, novelty per band) of a group's rows; the driver adds length and combines."""
+    """Ray task: the difficulty model's code score (None for the length fallback) and the quality model's
+    raw code signals (probe, novelty per band) of a group's rows; the driver adds the length terms and
+    combines."""
     _, _, X = read_parts(paths, n_columns)
     d = dif.linear_score(d_model, X).astype(np.float32) if d_model is not None else None
     return d, qual.raw_signals(q_model, X)
@@ -203,7 +204,7 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     if d_model is None:
         difficulty, d_metrics = dif.difficulty_fallback(d_setup, n_tokens, storage.join(tmp, "difficulty.json"))
     else:
-        difficulty = np.concatenate([d for d, _ in scored])[perm]
+        difficulty = np.concatenate([d for d, _ in scored])[perm] + dif.length_term(d_model, d_setup.n_chars)
         d_metrics = dif.finish_difficulty(d_setup, d_model, d_metrics, difficulty, sc.difficulty,
                                           storage.join(tmp, "difficulty.json"))
     del scored

@@ -7,8 +7,10 @@ Uses the run's MATH-500 prompts (runs ingest/sae/features first if needed) and s
 representations with one protocol each, so the numbers are comparable:
   difficulty_spearman  5-fold out-of-fold Spearman vs `level` of the estimator the signals stage ships
                        (saerl_ray.difficulty via validate_difficulty: its column selection, log1p design
-                       (off for the baselines), ridge alpha by leave-one-out or the ElasticNet grid by
-                       inner CV, holdout), fit on each 4/5
+                       (off for the baselines), the length term on log n_chars (sae row only, when
+                       signals.difficulty.length_covariate), ridge alpha by leave-one-out or the ElasticNet
+                       grid by inner CV, holdout), fit on each 4/5; difficulty_spearman_codes_only: the
+                       sae row without the length term
   topic_nmi            k-means with K=7 (cosine), NMI vs `subject`
   quality_auroc        logistic probe (the signals stage's, its C and negatives per prompt), 5-fold
                        out-of-fold AUROC on corruptions of held-out prompts
@@ -199,7 +201,9 @@ def validate(cfg: RunConfig) -> dict:
     per_type: dict = {}
     oof: dict = {}  # out-of-fold difficulty predictions, reused by the seeds / benchmark-order keys
     for name, (D, D_topic, Xp, Xn) in reps.items():
-        oof[name] = difficulty_oof(D, y, cfg.signals.difficulty, cfg.seed, transform="log1p" if name == "sae" else "none")
+        # Only the sae row gets the stage's length term: the baselines are each representation alone.
+        oof[name] = difficulty_oof(D, y, cfg.signals.difficulty, cfg.seed, transform="log1p" if name == "sae" else "none",
+                                   n_chars=q_len[0] if name == "sae" else None)
         res["difficulty_spearman"][name] = spearman(oof[name], y)
         res["topic_nmi"][name] = topic_nmi(D_topic, topics, 7, cfg.seed)
         q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed, **(sae_q if name == "sae" else {}))
@@ -210,6 +214,8 @@ def validate(cfg: RunConfig) -> dict:
             res["quality_auroc_lofo_parts"] = q["parts"]
         per_type[name] = q["by_type"]
     res["quality_auroc_by_type"] = per_type  # per held-out corruption family
+    codes_only = cfg.signals.difficulty.model_copy(update={"length_covariate": False})
+    res["difficulty_spearman_codes_only"] = spearman(difficulty_oof(reps["sae"][0], y, codes_only, cfg.seed), y)
     fr = filter_rate_clean(cfg, math, X_all)
     res["filter_rate_clean"], res["filter_rate_clean_detail"] = fr["rate"], fr["detail"]
     res["n"] = {"prompts": len(texts), "negatives": len(neg_texts)}

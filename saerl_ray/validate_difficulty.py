@@ -6,9 +6,9 @@ seeds, and how its predictions order benchmarks of known hardness.
     res.update(difficulty_extras(cfg, math, y, oof, X_math, n_tokens))   # the keys below
 
 The protocol (every representation, every seed): 5 outer folds over MATH-500; on each training split the
-signals stage's own estimator (`difficulty.fit_config`: its column selection, log1p design, ridge with a
-leave-one-out alpha or the ElasticNet CV grid per `signals.difficulty.estimator`, holdout) is fit and its
-linear model scores the left-out fold;
+signals stage's own estimator (`difficulty.fit_config`: its column selection, log1p design, the length
+term on log n_chars when `signals.difficulty.length_covariate`, ridge with a leave-one-out alpha or the
+ElasticNet CV grid per `signals.difficulty.estimator`, holdout) is fit and scores the left-out fold;
 Spearman of those out-of-fold predictions vs `level`. Baselines take the same path with the design's
 log1p off (`transform="none"`: TF-IDF SVD and Gaussian features can be negative).
 
@@ -57,9 +57,11 @@ def _use_ray() -> bool:
 
 
 def difficulty_oof(X, y: np.ndarray, dc: DifficultyConfig | None = None, seed: int = 0, folds: int = 5,
-                   transform: str = "log1p") -> np.ndarray:
-    """Out-of-fold predictions of the shipped estimator (dif.out_of_fold), on Ray when it is running."""
-    return dif.out_of_fold(X, y, dc or DifficultyConfig(), seed, folds, use_ray=_use_ray(), transform=transform)
+                   transform: str = "log1p", n_chars: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold predictions of the shipped estimator (dif.out_of_fold; its length term when given the
+    prompts' n_chars and dc.length_covariate is on), on Ray when it is running."""
+    return dif.out_of_fold(X, y, dc or DifficultyConfig(), seed, folds, use_ray=_use_ray(), transform=transform,
+                           n_chars=n_chars)
 
 
 def spearman(pred: np.ndarray, y: np.ndarray) -> float | None:
@@ -68,8 +70,8 @@ def spearman(pred: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def difficulty_spearman(X, y: np.ndarray, dc: DifficultyConfig | None = None, seed: int = 0, folds: int = 5,
-                        transform: str = "log1p") -> float | None:
-    return spearman(difficulty_oof(X, y, dc, seed, folds, transform), y)
+                        transform: str = "log1p", n_chars: np.ndarray | None = None) -> float | None:
+    return spearman(difficulty_oof(X, y, dc, seed, folds, transform, n_chars), y)
 
 
 # ---------------------------------------------------------------- summaries
@@ -164,8 +166,8 @@ def _subset_lines(path: str, n: int, seed: int) -> str:
     return "".join(lines[i] + "\n" for i in keep)
 
 
-def ood_codes(cfg: RunConfig) -> dict[str, tuple[sp.csr_matrix, np.ndarray]]:
-    """Codes and token counts of every benchmark in validation.ood_tiers but math500: a seeded subset of
+def ood_codes(cfg: RunConfig) -> dict[str, tuple[sp.csr_matrix, np.ndarray, np.ndarray]]:
+    """Codes, token counts and lengths in characters of every benchmark in validation.ood_tiers but math500: a seeded subset of
     each file (<run_dir>/validate/ood/inputs/, rewritten only when it changes), ingested and featurised
     by the usual stages in <run_dir>/validate/ood/ with the run's SAE mirrored there."""
     from saerl_ray import features, ingest
@@ -193,10 +195,11 @@ def ood_codes(cfg: RunConfig) -> dict[str, tuple[sp.csr_matrix, np.ndarray]]:
     ingest.run(ocfg)
     mirror_stage(cfg.run_dir, side, "sae")
     features.run(ocfg)
-    prompts = storage.read_parquet(storage.join(side, "ingest", "prompts.parquet"), columns=["id", "source"]).to_pandas()
+    prompts = storage.read_parquet(storage.join(side, "ingest", "prompts.parquet"),
+                                   columns=["id", "source", "n_chars"]).to_pandas()
     _, X, n_tokens = load_features(side, order=list(prompts["id"]))
-    src = prompts["source"].to_numpy()
-    return {name: (X[src == name], n_tokens[src == name]) for name in names}
+    src, n_chars = prompts["source"].to_numpy(), prompts["n_chars"].to_numpy(float)
+    return {name: (X[src == name], n_tokens[src == name], n_chars[src == name]) for name in names}
 
 
 # ---------------------------------------------------------------- the keys validate adds
@@ -216,9 +219,10 @@ def difficulty_extras(cfg: RunConfig, math: pd.DataFrame, y: np.ndarray, oof: di
     ev = {cfg.seed: stage_sum.get("explained_variance")}
     preds = [oof["sae"]]
     extra = vc.sae_seeds - 1 if cfg.sae.source == "train" else 0  # a loaded SAE has no seed to vary
+    n_chars = math["prompt"].str.len().to_numpy(float) if extra or vc.ood else None  # the length term's input
     for k in range(1, extra + 1):
         X_k, ev[cfg.seed + k] = seed_codes(cfg, k, list(math["id"]), math["prompt"].tolist())
-        preds.append(difficulty_oof(X_k[:, d_cols], y, dc, cfg.seed))
+        preds.append(difficulty_oof(X_k[:, d_cols], y, dc, cfg.seed, n_chars=n_chars))
         per_seed[cfg.seed + k] = spearman(preds[-1], y)
         print(f"[validate] difficulty, SAE seed {cfg.seed + k}: Spearman {per_seed[cfg.seed + k] or 0.0:.3f}", flush=True)
     out: dict[str, Any] = {"difficulty_spearman_seeds": seeds_summary(
@@ -227,14 +231,14 @@ def difficulty_extras(cfg: RunConfig, math: pd.DataFrame, y: np.ndarray, oof: di
         return {**out, "difficulty_ood_auroc": None, "difficulty_ood_detail": None}
 
     use_ray = _use_ray()
-    m_sae, _ = dif.fit_config(X_math[:, d_cols], y, dc, cfg.seed, use_ray)
+    m_sae, _ = dif.fit_config(X_math[:, d_cols], y, dc, cfg.seed, use_ray, n_chars=n_chars)
     m_len, _ = dif.fit_config(log_len(n_tokens), y, dc, cfg.seed, use_ray, transform="none")
     scores: dict[str, dict[str, np.ndarray]] = {"sae": {"math500": oof["sae"]}, "length": {"math500": oof["length"]}}
     counts = {"math500": len(y)}
-    for name, (X, n) in ood_codes(cfg).items():
+    for name, (X, n, chars) in ood_codes(cfg).items():
         if not len(n):
             raise ValueError(f"validate: no prompt of benchmark {name} survived ingest in {cfg.run_dir}/validate/ood")
-        scores["sae"][name] = dif.linear_score(m_sae, X[:, d_cols])
+        scores["sae"][name] = dif.predict(m_sae, X[:, d_cols], chars)
         scores["length"][name] = dif.linear_score(m_len, log_len(n))
         counts[name] = len(n)
     tiers = [[n for n in tier if n in counts] for tier in vc.ood_tiers]

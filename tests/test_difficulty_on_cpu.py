@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from saerl_ray.config import DifficultyConfig
 from saerl_ray.difficulty import (
-    cross_validate, design, fit_difficulty, fit_one, predict_from_json, run_difficulty, select_columns,
+    cross_validate, design, fit_difficulty, fit_one, predict, predict_from_json, run_difficulty, select_columns,
 )
 
 GRID = dict(estimator="elasticnet", alphas=[1e-3, 1e-2, 1e-1], l1_ratios=[0.2, 0.8])
@@ -53,7 +53,7 @@ def test_ray_and_in_process_cv_agree(ray_cluster):
 def test_json_round_trip_gives_sklearns_predictions(tmp_path):
     X, y = synthetic_codes(n=200)
     prompts = pd.DataFrame({"id": [f"p{i}" for i in range(200)], "source": "s", "difficulty": y})
-    cfg = DifficultyConfig(n_labelled=150, folds=3, **GRID)
+    cfg = DifficultyConfig(n_labelled=150, folds=3, length_covariate=False, **GRID)
     pred, metrics = run_difficulty(prompts, X, np.ones(200), cfg, seed=0, out_path=tmp_path / "d.json", use_ray=False)
     model = json.loads((tmp_path / "d.json").read_text())  # plain JSON, no pickle
     np.testing.assert_allclose(predict_from_json(tmp_path / "d.json", X), pred, rtol=1e-5, atol=1e-5)
@@ -102,7 +102,8 @@ def test_pass_rate_file_labels_and_ood(tmp_path):
     rates.to_json(tmp_path / "rates.jsonl", orient="records", lines=True)
     src = np.where(np.arange(240) < 160, "a", "b")
     prompts = pd.DataFrame({"id": ids, "source": src, "difficulty": np.nan})
-    cfg = DifficultyConfig(label_file=str(tmp_path / "rates.jsonl"), n_labelled=None, folds=3, ood_source="b", **GRID)
+    cfg = DifficultyConfig(label_file=str(tmp_path / "rates.jsonl"), n_labelled=None, folds=3, ood_source="b",
+                           length_covariate=False, **GRID)
     pred, m = run_difficulty(prompts, X, np.ones(240), cfg, seed=0, out_path=tmp_path / "d.json", use_ray=False)
     assert m["n_labelled"] == 160  # source b held out of training
     assert m["ood"]["n"] == 40 and m["ood"]["spearman"] > 0.6  # labelled b rows: 160..199
@@ -136,8 +137,44 @@ def test_a_fit_that_keeps_no_feature_falls_back_to_length_rank(tmp_path, capsys)
     prompts = pd.DataFrame({"id": [f"p{i}" for i in range(120)], "source": "s", "difficulty": y})
     n_tokens = np.arange(120)[::-1]
     # A penalty so large that every coefficient is zero: the fit predicts one constant, i.e. no order.
-    cfg = DifficultyConfig(folds=3, estimator="elasticnet", alphas=[1e3], l1_ratios=[0.9])
+    cfg = DifficultyConfig(folds=3, estimator="elasticnet", alphas=[1e3], l1_ratios=[0.9], length_covariate=False)
     pred, m = run_difficulty(prompts, X, n_tokens, cfg, seed=0, out_path=tmp_path / "d.json", use_ray=False)
     assert m["fallback"] and "kept no feature" in m["reason"]
     np.testing.assert_allclose(pred, (n_tokens - n_tokens.min()) / (len(n_tokens) - 1))
     assert "NO USABLE FIT" in capsys.readouterr().out
+    # With a length term the same fit still orders prompts (by length): no fallback.
+    prompts["n_chars"] = np.arange(120) + 50
+    pred, m = run_difficulty(prompts, X, n_tokens, cfg.model_copy(update={"length_covariate": True}), seed=0,
+                             out_path=tmp_path / "d.json", use_ray=False)
+    assert not m["fallback"] and m["nonzero_coef"] == 0 and len(np.unique(pred)) == 120
+
+
+def test_length_term_is_fit_first_and_the_codes_explain_what_it_leaves(tmp_path):
+    """y = length part + codes part, codes independent of length: the model with the length term recovers
+    the length slope, its JSON needs the lengths to predict, and it ranks held-out rows better than either
+    the codes alone or length alone."""
+    from scipy.stats import spearmanr
+
+    X, codes_part = synthetic_codes(n=400)
+    rng = np.random.default_rng(3)
+    n_chars = np.exp(rng.uniform(np.log(40), np.log(2000), 400))
+    y = 1.5 * np.log(n_chars) + codes_part
+    prompts = pd.DataFrame({"id": [f"p{i}" for i in range(400)], "source": "s", "difficulty": y, "n_chars": n_chars})
+    train, test = np.arange(300), np.arange(300, 400)
+    cfg = DifficultyConfig(n_labelled=None)
+    model, metrics = fit_difficulty(X[train], y[train], n_chars=n_chars[train], use_ray=False)
+    assert metrics["length_covariate"] and model["length"]["coef"] == pytest.approx(1.5, abs=0.3)
+    (tmp_path / "m.json").write_text(json.dumps(model))
+    with pytest.raises(ValueError, match="pass the prompts' n_chars"):
+        predict_from_json(tmp_path / "m.json", X[test])
+    both = spearmanr(predict_from_json(tmp_path / "m.json", X[test], n_chars[test]), y[test]).statistic
+    codes_model, codes_metrics = fit_difficulty(X[train], y[train], use_ray=False)
+    assert codes_model["length"] is None and not codes_metrics["length_covariate"]
+    codes_only = spearmanr(predict(codes_model, X[test]), y[test]).statistic
+    length_only = spearmanr(n_chars[test], y[test]).statistic
+    assert both > max(codes_only, length_only) + 0.05
+    # The stage body reads the lengths from prompts.n_chars; without them it says what is missing.
+    pred, m = run_difficulty(prompts, X, np.ones(400), cfg, seed=0, out_path=tmp_path / "d.json", use_ray=False)
+    np.testing.assert_allclose(predict_from_json(tmp_path / "d.json", X, n_chars), pred, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="length_covariate needs the prompts' n_chars"):
+        run_difficulty(prompts.drop(columns="n_chars"), X, np.ones(400), cfg, 0, tmp_path / "d.json", use_ray=False)

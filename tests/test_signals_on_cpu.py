@@ -132,7 +132,9 @@ def test_signals_stage_contract(run_dir, ray_cluster, capsys):
     assert max(json.loads((out / "difficulty.json").read_text())["columns"]) < D_SAE
     assert max(json.loads((out / "quality.json").read_text())["columns"]) >= D_SAE
     # The JSON models reproduce the stored columns; difficulty was fit on the MATH levels.
-    np.testing.assert_allclose(predict_from_json(out / "difficulty.json", X), sig["difficulty_pred"], rtol=1e-5, atol=1e-5)
+    n_chars = prompts["prompt"].str.len().to_numpy()  # the difficulty model's length term reads them
+    np.testing.assert_allclose(predict_from_json(out / "difficulty.json", X, n_chars), sig["difficulty_pred"],
+                               rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(score_from_json(out / "quality.json", X), sig["quality_score"], rtol=1e-5, atol=1e-6)
     assert summary["difficulty"]["n_labelled"] == 100 and not summary["difficulty"]["fallback"]
     assert summary["difficulty"]["label_source"] == "prompts.difficulty"
@@ -165,11 +167,11 @@ def test_signals_rerun_is_a_noop_and_config_change_recomputes(run_dir, ray_clust
 def test_signal_codes_follow_the_stored_codes_and_must_be_among_them():
     cfg = load_config(None, {})
     assert cfg.signals.quality.codes is None  # unset stays unset: resolved where it is used
-    assert signal_codes(cfg, "difficulty") == ["pooled", "halves"]
+    assert signal_codes(cfg, "difficulty") == cfg.features.codes  # unset: every stored code
     assert signal_codes(cfg, "cluster") == ["pooled", "last"]
     assert signal_codes(cfg, "quality") == cfg.features.codes == ["pooled", "last", "mean", "halves"]
     cfg = load_config(None, {"features.codes": ["pooled", "mean"], "signals.quality.neighbors_code": "mean"})
-    assert signal_codes(cfg, "difficulty") == ["pooled"] and signal_codes(cfg, "quality") == ["pooled", "mean"]
+    assert signal_codes(cfg, "cluster") == ["pooled"] and signal_codes(cfg, "quality") == ["pooled", "mean"]
     with pytest.raises(ConfigError, match="neighbors_code 'last' is not among the probe's codes"):
         load_config(None, {"features.codes": ["pooled", "mean"]})  # the default neighbors code is not stored
     load_config(None, {"features.codes": ["pooled"], "signals.quality.combine": ["probe", "novelty"]})

@@ -105,7 +105,7 @@ def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config,
     d_cols = code_columns(cfg.run_dir, signal_codes(cfg, "difficulty"))
     y = math["difficulty"].to_numpy(float)
     dc = cfg.signals.difficulty
-    oof = {"sae": difficulty_oof(X[:, d_cols], y, dc), "length": difficulty_oof(log_len(n_tokens), y, dc, transform="none")}
+    oof = {"sae": difficulty_oof(X[:, d_cols], y, dc, n_chars=math["prompt"].str.len().to_numpy(float)), "length": difficulty_oof(log_len(n_tokens), y, dc, transform="none")}
     res = difficulty_extras(cfg, math, y, oof, X, n_tokens, d_cols)
     json.dumps(res)
     seeds = res["difficulty_spearman_seeds"]
