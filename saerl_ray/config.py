@@ -264,7 +264,9 @@ class DifficultyConfig(Section):
     max_features: int = Field(4096, description=(
         "Most latents in the regression (most frequent first), so the dense design stays small."))
     holdout: float = Field(0.2, description=(
-        "Fraction of the labelled subset never used for hyperparameter selection: the honest metric."))
+        "Fraction of the labelled subset held out to score the fitting procedure (the honest metric): ridge "
+        "selects its alpha and fits without these rows for that score, the shipped model then uses every "
+        "row; the ElasticNet grid is searched without them."))
 
 
 class QualityConfig(Section):

@@ -245,8 +245,10 @@ def fit_difficulty(
     seed: int = 0, min_support: float = 0.01, max_features: int = 4096, holdout: float = 0.2,
     use_ray: bool = True, transform: str = "log1p", n_chars: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
-    """Select hyperparameters by CV on the non-holdout rows (ridge: leave-one-out over `ridge_alphas`;
-    elasticnet: `folds`-fold over alphas x l1_ratios), score the holdout, refit on all rows with them.
+    """Select hyperparameters, score the holdout, fit the final model on all rows. ridge: alpha by
+    leave-one-out over `ridge_alphas` on all rows (one closed-form fit), the holdout scored by the same
+    selection run on the other rows; elasticnet: `folds`-fold CV over alphas x l1_ratios on the
+    non-holdout rows (one Ray task per point and fold: run once), then refit on all rows.
     With `n_chars`, each fit first takes log length out of y (`fit_length`, on that fit's rows) and the
     codes' regression fits the residual.
 
@@ -270,21 +272,23 @@ def fit_difficulty(
         return y - length_term({"length": term}, n_chars), term
 
     r_fit, term_fit = residual(fit_idx)
+    r_all, term = residual(idx)
     if estimator == "ridge":
-        fitted = fit_ridge(D, r_fit, fit_idx, ridge_alphas)
-        cv = ridge_cv(fitted, r_fit[fit_idx], ridge_alphas)
-        refit = lambda r, rows: fit_ridge(D, r, rows, [cv["alpha"]])  # noqa: E731
+        # Selection is one closed-form fit, so the final model's alpha uses every label (leave-one-out on
+        # all rows); the holdout scores the same procedure run without the holdout rows.
+        final = fit_ridge(D, r_all, idx, ridge_alphas)
+        cv = ridge_cv(final, r_all, ridge_alphas)
+        fitted = fit_ridge(D, r_fit, fit_idx, ridge_alphas) if len(test_idx) else None
     else:
         cv = cross_validate(D[fit_idx], r_fit[fit_idx], list(alphas), list(l1_ratios), folds, seed, use_ray)
         refit = lambda r, rows: fit_one(D, r, rows, cv["alpha"], cv["l1_ratio"], seed)  # noqa: E731
         fitted = refit(r_fit, fit_idx) if len(test_idx) else None
+        final = refit(r_all, idx)
     metrics: dict[str, Any] = {**cv, "estimator": estimator, "n_labelled": len(y), "n_features": len(cols),
                                "length_covariate": n_chars is not None}
     if len(test_idx):
         pred = fitted.predict(D[test_idx]) + length_term({"length": term_fit}, chars_of(test_idx))
         metrics["holdout"] = {**_corr(pred, y[test_idx]), "n": len(test_idx)}
-    r_all, term = residual(idx)
-    final = refit(r_all, idx)
     scaler, lin = final.steps[0][1], final.steps[-1][1]
     model = {**linear_json(cols, scaler, lin.coef_, lin.intercept_, transform),
              "estimator": estimator, "alpha": cv["alpha"], "l1_ratio": cv["l1_ratio"], "length": term}

@@ -83,6 +83,9 @@ def test_ridge_default_beats_control_and_round_trips_its_loo_choice(tmp_path):
     assert min(real["grid_mse"].values()) == pytest.approx(real["cv_mse"])  # the alpha with the lowest LOO MSE
     cols = np.asarray(model["columns"])
     D = design(X, cols).toarray()
+    # The shipped alpha is leave-one-out's choice on every labelled row, not only the non-holdout ones.
+    from sklearn.linear_model import RidgeCV
+    assert model["alpha"] == make_pipeline(StandardScaler(), RidgeCV(alphas=alphas)).fit(D, y)[-1].alpha_
     pipe = make_pipeline(StandardScaler(), Ridge(alpha=model["alpha"])).fit(D, y)
     (tmp_path / "d.json").write_text(json.dumps(model))
     np.testing.assert_allclose(predict_from_json(tmp_path / "d.json", X), pipe.predict(D), rtol=1e-4, atol=1e-4)
