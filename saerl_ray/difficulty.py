@@ -186,13 +186,14 @@ def fit_ridge(D: np.ndarray, y: np.ndarray, tr: np.ndarray, alphas: list[float])
     return model.fit(D[tr], y[tr])
 
 
-def ridge_cv(model, y: np.ndarray, alphas: list[float]) -> dict[str, Any]:
-    """cross_validate's summary for a fitted `fit_ridge` pipeline (y: its training labels)."""
+def ridge_cv(model, y: np.ndarray, alphas: list[float], offset: np.ndarray | float = 0.0) -> dict[str, Any]:
+    """cross_validate's summary for a fitted `fit_ridge` pipeline (y: its training targets; `offset`: what
+    was taken out of the labels before the fit, the length term, added back for the correlations)."""
     ridge = model.named_steps["ridgecv"]
     best = list(alphas).index(ridge.alpha_)
     loo = ridge.cv_results_[:, best]
     mse = ((ridge.cv_results_ - y[:, None]) ** 2).mean(axis=0)
-    return {"alpha": float(ridge.alpha_), "l1_ratio": 0.0, "cv_mse": float(mse[best]), "cv": _corr(loo, y),
+    return {"alpha": float(ridge.alpha_), "l1_ratio": 0.0, "cv_mse": float(mse[best]), "cv": _corr(loo + offset, y + offset),
             "grid_mse": {f"{a}/0.0": float(m) for a, m in zip(alphas, mse)}, "tasks": 0}
 
 
@@ -209,7 +210,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
 
 def cross_validate(
     D: np.ndarray, y: np.ndarray, alphas: list[float], l1_ratios: list[float], folds: int, seed: int,
-    use_ray: bool = True,
+    use_ray: bool = True, offset: np.ndarray | float = 0.0,
 ) -> dict[str, Any]:
     """Grid x folds; returns the best (alpha, l1_ratio) by out-of-fold MSE and its CV correlations."""
     grid = [(a, l) for a in alphas for l in l1_ratios]
@@ -231,7 +232,7 @@ def cross_validate(
     best = int(np.argmin(mse))
     return {
         "alpha": grid[best][0], "l1_ratio": grid[best][1], "cv_mse": float(mse[best]),
-        "cv": _corr(oof[best], y), "grid_mse": {f"{a}/{l}": float(m) for (a, l), m in zip(grid, mse)},
+        "cv": _corr(oof[best] + offset, y + offset), "grid_mse": {f"{a}/{l}": float(m) for (a, l), m in zip(grid, mse)},
         "tasks": len(jobs),
     }
 
@@ -277,10 +278,11 @@ def fit_difficulty(
         # Selection is one closed-form fit, so the final model's alpha uses every label (leave-one-out on
         # all rows); the holdout scores the same procedure run without the holdout rows.
         final = fit_ridge(D, r_all, idx, ridge_alphas)
-        cv = ridge_cv(final, r_all, ridge_alphas)
+        cv = ridge_cv(final, r_all, ridge_alphas, y - r_all)
         fitted = fit_ridge(D, r_fit, fit_idx, ridge_alphas) if len(test_idx) else None
     else:
-        cv = cross_validate(D[fit_idx], r_fit[fit_idx], list(alphas), list(l1_ratios), folds, seed, use_ray)
+        cv = cross_validate(D[fit_idx], r_fit[fit_idx], list(alphas), list(l1_ratios), folds, seed, use_ray,
+                            (y - r_fit)[fit_idx])
         refit = lambda r, rows: fit_one(D, r, rows, cv["alpha"], cv["l1_ratio"], seed)  # noqa: E731
         fitted = refit(r_fit, fit_idx) if len(test_idx) else None
         final = refit(r_all, idx)
