@@ -167,8 +167,11 @@ def test_length_term_is_fit_first_and_the_codes_explain_what_it_leaves(tmp_path)
     cfg = DifficultyConfig(n_labelled=None)
     model, metrics = fit_difficulty(X[train], y[train], n_chars=n_chars[train], use_ray=False)
     assert metrics["length_covariate"] and model["length"]["coef"] == pytest.approx(1.5, abs=0.3)
-    # The reported CV is of the whole prediction (length term added back), not of the codes' residual fit.
-    assert metrics["cv"]["spearman"] > 0.9
+    # The reported CV is of the whole prediction (length term added back), not of the codes' residual fit:
+    # where length explains everything and the codes nothing, it is still high.
+    y_len = 3.0 * np.log(n_chars[train]) + rng.normal(0, 0.5, len(train))
+    _, len_metrics = fit_difficulty(X[train], y_len, n_chars=n_chars[train], use_ray=False)
+    assert len_metrics["cv"]["spearman"] > 0.8
     (tmp_path / "m.json").write_text(json.dumps(model))
     with pytest.raises(ValueError, match="pass the prompts' n_chars"):
         predict_from_json(tmp_path / "m.json", X[test])
