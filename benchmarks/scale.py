@@ -6,7 +6,8 @@ baseline that loads every code onto the driver.
     .venv/bin/python benchmarks/scale.py --n 300000 --sides baseline   # rerun one side; the row reuses
                                                                        # the other's saved <work>/<side>-<N>.json
 Generating 1M prompts takes ~13 min (4.2 GB under --work); each side ~12-25 min on a busy 2-core box,
-most of it the N-independent difficulty CV (75 ElasticNet fits on the 2,000 labelled rows).
+most of it N-independent fitting on the 2,000 labelled rows and 1,200 x 3 probe rows (with the
+ElasticNet estimator, before 2026-12-02, the difficulty CV's 75 fits dominated).
 
 Data (written once per N under --work, reused by later runs): a run dir in the stored formats of
 docs/run_dir.md, written through saerl_ray.storage + saerl_ray.stage:
@@ -28,9 +29,10 @@ Measured, each side in its own fresh process (so ru_maxrss is that side's own pe
              0.25 s from the raylet's store stats; PSS of every Ray process (driver included), 1 s.
   baseline   the same signals on the driver: the whole feature table as one CSR (the stage's
              design before this benchmark), sklearn KMeans(k, n_init=1, max_iter=50) on the cosine-
-             normalised cluster codes, the same sklearn ElasticNet grid and LogisticRegression probe
-             fits (their CV folds as the same Ray tasks as ours: that fixed cost, ~2,000 labelled
-             rows whatever N, is not what is compared), every row scored on the driver. Run under a
+             normalised cluster codes, the same difficulty fit (the configured estimator and length term)
+             and LogisticRegression probe + novelty + neighbors fits (their CV folds as the same Ray
+             tasks as ours: that fixed cost, ~2,000 labelled rows whatever N, is not what is
+             compared), every row scored on the driver. Run under a
              memory cap (--baseline-cap-gb, a watchdog): past it, it is killed and reported as "oom"
              with the RSS it reached.
 Agreement: ARI of the two clusterings, and the largest difference in difficulty_pred / quality_score
@@ -380,7 +382,8 @@ def run_baseline(run_dir: str, seed: int, out_dir: str) -> dict:
             sub_chars = n_chars[q_setup.pos]
         q_model, _ = qual.fit_setup(q_setup, keep_columns(X[q_setup.pos], q_cols), None, sub["prompt"].tolist(),
                                     sub["answer"].fillna("").tolist(), lambda tx: keep_columns(featurize(tx), q_cols),
-                                    sc.quality, seed, use_ray=True, bands=q_bands, pos_len=sub_chars)
+                                    sc.quality, seed, use_ray=True, bands=q_bands, pos_len=sub_chars,
+                                    neighbor_band=q_bands[signal_codes(cfg, "quality").index(sc.quality.neighbors_code)])
         secs["fit"] = round(time.perf_counter() - t, 2)
         mon.phase = "score"
         t = time.perf_counter()
