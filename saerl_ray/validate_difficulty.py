@@ -205,7 +205,7 @@ def ood_codes(cfg: RunConfig) -> dict[str, tuple[sp.csr_matrix, np.ndarray, np.n
 # ---------------------------------------------------------------- the keys validate adds
 def log_len(n_tokens: np.ndarray) -> np.ndarray:
     """validate's length feature: log token count, one column."""
-    return np.log(np.maximum(np.asarray(n_tokens, float), 1.0))[:, None]
+    return dif.log_chars(n_tokens)[:, None]  # the same clipped log as the length term
 
 
 def difficulty_extras(cfg: RunConfig, math: pd.DataFrame, y: np.ndarray, oof: dict[str, np.ndarray],
@@ -219,7 +219,7 @@ def difficulty_extras(cfg: RunConfig, math: pd.DataFrame, y: np.ndarray, oof: di
     ev = {cfg.seed: stage_sum.get("explained_variance")}
     preds = [oof["sae"]]
     extra = vc.sae_seeds - 1 if cfg.sae.source == "train" else 0  # a loaded SAE has no seed to vary
-    n_chars = math["prompt"].str.len().to_numpy(float) if extra or vc.ood else None  # the length term's input
+    n_chars = dif.prompt_chars(math) if extra or vc.ood else None  # the length term's input
     for k in range(1, extra + 1):
         X_k, ev[cfg.seed + k] = seed_codes(cfg, k, list(math["id"]), math["prompt"].tolist())
         preds.append(difficulty_oof(X_k[:, d_cols], y, dc, cfg.seed, n_chars=n_chars))
