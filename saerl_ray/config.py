@@ -184,6 +184,10 @@ class FeaturesConfig(Section):
     top_k: int = Field(128, description="Largest latents kept per prompt in the pooled and mean codes.")
     max_tokens: int = Field(512, description="Truncate prompts longer than this many tokens.")
     block_rows: int = Field(512, description="Rows per output block; a block is the unit of resume.")
+    surprisal: bool = Field(False, description=(
+        "Run the whole model, not the lens cut at the hook layer, and store each prompt's surprisal (mean of "
+        "its 3 most surprising tokens under the model) for the `surprisal` quality signal. ~2.4x the "
+        "features stage's cost on CPU, little on a GPU (docs/decisions.md)."))
 
     @model_validator(mode="before")
     @classmethod
@@ -295,7 +299,8 @@ class QualityConfig(Section):
     combine: list[str] = Field(default_factory=lambda: ["probe", "novelty", "neighbors"], description=(
         "Signals whose z-scores (each against clean held-out prompts) make a prompt's badness (combine_rule): "
         "probe (the supervised probe), neighbors (how far its code is from its nearest clean prompts), novelty "
-        "(how rare its latents are in the pool's own codes), length (how unusual its length is, either way)."))
+        "(how rare its latents are in the pool's own codes), length (how unusual its length is, either way), "
+        "surprisal (its most surprising tokens under the whole model; needs features.surprisal)."))
     combine_rule: Literal["sum", "max"] = Field("sum", description=(
         "sum: the signals' z-scores add up (weak evidence from two signals counts); max: the largest one."))
     neighbors_code: Code = Field("last", description=(
@@ -525,6 +530,9 @@ class RunConfig(Section):
         if "neighbors" in q.combine and q.neighbors_code not in probe_codes:
             raise ValueError(f"signals.quality.neighbors_code {q.neighbors_code!r} is not among the probe's codes "
                              f"{probe_codes}: set it to one of them, or drop neighbors from signals.quality.combine")
+        if "surprisal" in q.combine and not self.features.surprisal:
+            raise ValueError("signals.quality.combine has surprisal but features.surprisal is false: set "
+                             "features.surprisal: true (the features stage then runs the whole model)")
         return self
 
 

@@ -1,6 +1,7 @@
 """Reading the features stage's output back: as one sparse matrix in `prompts` order, or part by part.
 
     ids, X, n_tokens = load_features(run_dir)      # X: scipy.sparse.csr_matrix (n, n_columns) float32
+    s = read_surprisal(part_paths(run_dir))        # the per-prompt surprisal column (NaN: not computed)
     cols = code_columns(run_dir, ["pooled", "last"])   # column indices of those codes in X
     ids, n_tokens, X = read_parts(part_paths(run_dir)[:4], n_columns)   # a few parts (what a Ray task reads)
     for ids, X, peaks in iter_band(run_dir, "pooled"):   # one code, part by part, with its peak tokens
@@ -46,6 +47,19 @@ def read_parts(paths: list[str], n_columns: int) -> tuple[pa.Array, np.ndarray, 
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     return (table.column("id").combine_chunks(), np.asarray(table.column("n_tokens"), dtype=np.int32),
             table_to_csr(table, n_columns))
+
+
+def read_surprisal(paths: list[str]) -> np.ndarray:
+    """The `surprisal` column of some part files, stacked in the given order; NaN for rows computed
+    without features.surprisal and for parts written before the column existed."""
+    out = []
+    for p in paths:
+        if "surprisal" in storage.parquet_columns(p):
+            col = storage.read_parquet(p, columns=["surprisal"]).column(0)
+            out.append(col.to_numpy(zero_copy_only=False).astype(float))
+        else:
+            out.append(np.full(storage.read_parquet(p, columns=["id"]).num_rows, np.nan))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 PEAK_COLUMNS = ("peak_start", "peak_end")
@@ -185,3 +199,11 @@ def load_features(run_dir: str | Path, order: list[str] | None = None):
     perm = positions(want, pa.chunked_array(got_ids, pa.string()), fdir)
     X = sp.vstack(got_X).tocsr() if got_X else sp.csr_matrix((0, n_columns), dtype=np.float32)
     return np.asarray(want.to_pylist(), dtype=object), X[perm], np.concatenate(got_tok)[perm]
+
+
+def load_surprisal(run_dir: str | Path, order: list[str]) -> np.ndarray:
+    """The `surprisal` column (read_surprisal) of the prompts in `order` (ids missing there are an error)."""
+    paths = part_paths(run_dir)
+    ids = pa.chunked_array([storage.read_parquet(p, columns=["id"]).column(0).combine_chunks() for p in paths],
+                           pa.string())
+    return read_surprisal(paths)[positions(pa.array(list(order), pa.string()), ids, storage.join(run_dir, "features"))]

@@ -18,6 +18,12 @@ i*d_sae..(i+1)*d_sae-1): `pooled` (top-k of the pooled code: topic, difficulty),
 token's code: whole question or cut off?), `mean` (top-k of the mean code), `halves` (latents present in
 both halves of the prompt: coherence). Each signal reads the codes it names (docs/decisions.md).
 
+Surprisal (`features.surprisal: true`): each actor runs the whole model instead of the lens cut at the
+hook layer (~2.4x the lens's cost on CPU) and the part's `surprisal` column holds, per prompt, the mean of
+its 3 largest per-token surprisals -log p(token | the tokens before it), over the pooled tokens: the
+`surprisal` quality signal (a spliced, blanked or markup-ridden problem has a few tokens the model did
+not expect; docs/decisions.md). NaN when off; parts written before the column existed read as null.
+
 Peak tokens: `peak_start` / `peak_end` are parallel to the `pooled` band's entries of `idx` (those in
 its column range, in the same ascending order): the character span, in the prompt text, of the pooled
 token at which that latent's token code is largest. The report explains a latent by these tokens
@@ -58,7 +64,19 @@ SCHEMA = pa.schema([
 ])
 # What the features stage adds to SCHEMA (optional for readers: see the module docstring).
 PEAK_FIELDS = [("peak_start", pa.list_(pa.int32())), ("peak_end", pa.list_(pa.int32()))]
-PART_SCHEMA = pa.schema([*SCHEMA, *PEAK_FIELDS])
+PART_SCHEMA = pa.schema([*SCHEMA, *PEAK_FIELDS, ("surprisal", pa.float32())])
+# Per-token surprisals averaged into a prompt's `surprisal`: its SURPRISAL_TOP most surprising tokens.
+SURPRISAL_TOP = 3
+
+
+def top_surprisal(surprisal: torch.Tensor, mask: torch.Tensor, top: int = SURPRISAL_TOP) -> torch.Tensor:
+    """(B, T) per-token surprisal + (B, T) mask -> (B,): the mean of each row's `top` largest masked
+    surprisals (all of them when it has fewer; 0 with none)."""
+    x = torch.where(mask, surprisal.float(), torch.tensor(-torch.inf, device=surprisal.device))
+    k = min(top, x.shape[1])
+    vals = x.topk(k, dim=1).values if k else x.new_zeros((x.shape[0], 0))
+    finite = torch.isfinite(vals)
+    return torch.where(finite, vals, 0.0).sum(1) / finite.sum(1).clamp(min=1)
 
 
 def _masked_low(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -159,6 +177,8 @@ class Codes:
     val: list[np.ndarray]
     # Per prompt, (m, 2) int32: the character span of the peak token of each `pooled`-band entry.
     peaks: list[np.ndarray] | None = None
+    # Per prompt: the mean of its top-3 token surprisals (features.surprisal), else None.
+    surprisal: np.ndarray | None = None
 
 
 # Dense (tokens, d_sae) tensors alive at once in `Featurizer.encode`: the SAE's pre-activations and
@@ -177,7 +197,7 @@ class Featurizer:
 
     def __init__(self, sae_dir: str, pooling: str, top_k: int, max_tokens: int, batch_size: int,
                  codes: tuple[str, ...] = ("pooled",), max_tokens_per_batch: int | None = None,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, surprisal: bool = False):
         bad = [c for c in codes if c not in CODES]
         if bad:
             raise ValueError(f"unknown code {bad[0]!r}; features.codes must be among {CODES}")
@@ -189,7 +209,8 @@ class Featurizer:
         self.tok = load_tokenizer(self.lens.model, self.lens.trust_remote_code)
         self.placement = placement or current_placement()
         self.device = self.placement.device
-        self.model = load_lens_model(self.lens, self.placement)
+        self.surprisal = surprisal
+        self.model = load_lens_model(self.lens, self.placement, full=surprisal)
         self.sae = load_sae(sae_dir, device=self.device, dtype="bfloat16" if self.placement.is_cuda else None)
         self.max_rows, self.max_batch_tokens = batch_limits(self.placement, batch_size, max_tokens_per_batch)
         if self.placement.is_cuda and max_tokens_per_batch is None:
@@ -206,8 +227,12 @@ class Featurizer:
         l0 = np.zeros(n, np.int32)
         n_tokens = np.zeros(n, np.int32)
         peaks: list[np.ndarray] = [np.zeros((0, 2), np.int32)] * n
-        for rows, acts, mask in iter_residuals(self.model, self.lens.layer, enc, self.max_rows,
-                                               self.tok.pad_token_id, self.max_batch_tokens, self.device):
+        surprisal = np.full(n, np.nan, np.float32)
+        for rows, acts, mask, *surp in iter_residuals(self.model, self.lens.layer, enc, self.max_rows,
+                                                      self.tok.pad_token_id, self.max_batch_tokens, self.device,
+                                                      surprisal=self.surprisal):
+            if surp:
+                surprisal[rows] = top_surprisal(surp[0], mask).cpu().numpy()
             tokens = self.sae.encode(acts.to(self.sae.W_enc.dtype))
             pooled = pool(tokens, mask, self.pooling)
             b_l0 = (pooled > 0).sum(1).cpu().numpy().astype(np.int32)
@@ -224,7 +249,7 @@ class Featurizer:
                 n_tokens[i] = int(b_tokens[j])
                 if b_pos is not None:
                     peaks[i] = enc.spans[i][b_pos[j]]
-        return Codes(n_tokens, l0, idx, val, peaks)
+        return Codes(n_tokens, l0, idx, val, peaks, surprisal if self.surprisal else None)
 
     def _peak_positions(self, bands: list[torch.Tensor], tokens: torch.Tensor,
                         mask: torch.Tensor) -> list[np.ndarray] | None:
@@ -244,6 +269,8 @@ def codes_table(ids: list[str], c: Codes) -> pa.Table:
         "val": pa.array([x.tolist() for x in c.val], pa.list_(pa.float32())),
         "peak_start": pa.array([p[:, 0].tolist() for p in peaks], pa.list_(pa.int32())),
         "peak_end": pa.array([p[:, 1].tolist() for p in peaks], pa.list_(pa.int32())),
+        "surprisal": pa.array(c.surprisal if c.surprisal is not None else np.full(len(ids), np.nan, np.float32),
+                              pa.float32()),
     }, schema=PART_SCHEMA)
 
 
@@ -256,7 +283,7 @@ class FeatureExtractor:
 
     def __init__(self, sae_dir: str, out_dir: str, pooling: str, top_k: int, max_tokens: int,
                  batch_size: int, threads: int, codes: tuple[str, ...] = ("pooled",), sae_marker: str = "",
-                 max_tokens_per_batch: int | None = None):
+                 max_tokens_per_batch: int | None = None, surprisal: bool = False):
         # One thread per actor: actors, not threads, share the cores (matmuls at this size scale badly).
         torch.set_num_threads(threads)
         self.out_dir = out_dir
@@ -266,7 +293,8 @@ class FeatureExtractor:
         # The SAE folder may sit in object storage: each node fetches it once into its local cache.
         sae_dir = str(storage.local_dir(sae_dir, version=sae_marker))
         # The GPUs Ray assigned this actor (num_gpus_per_actor), or the CPU.
-        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes, max_tokens_per_batch)
+        self.featurizer = Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes, max_tokens_per_batch,
+                                     surprisal=surprisal)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         blocks, n_rows, n_tok, secs = [], [], [], []
@@ -303,7 +331,8 @@ def extract_blocks(ids: list[str], prompts: list[str], blocks: list[int], sae_di
         fn_constructor_kwargs=dict(sae_dir=str(sae_dir), out_dir=str(out_dir), pooling=f.pooling,
                                    top_k=f.top_k, max_tokens=f.max_tokens, batch_size=f.batch_size,
                                    threads=f.threads_per_actor, codes=tuple(f.codes),
-                                   sae_marker=sae_marker, max_tokens_per_batch=f.max_tokens_per_batch),
+                                   sae_marker=sae_marker, max_tokens_per_batch=f.max_tokens_per_batch,
+                                   surprisal=f.surprisal),
         batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(f.num_actors, len(blocks))),
         num_cpus=f.num_cpus_per_actor, num_gpus=f.num_gpus_per_actor or None,
@@ -352,7 +381,7 @@ def run(cfg: RunConfig) -> dict:
         # Which node computed each block of this run (resumed blocks keep no record): proof of spread.
         "block_nodes": {str(int(r["block"])): str(r["node"]) for r in done},
         "blocks": n_blocks, "blocks_computed": len(done), "blocks_resumed": n_blocks - len(todo),
-        "seconds": wall, "layer": int(lens["layer"]),
+        "seconds": wall, "layer": int(lens["layer"]), "surprisal": f.surprisal,
     }
     st.commit(summary)
     rate = f"{summary['prompts_per_s']:.1f} prompts/s" if done else "all blocks resumed"
@@ -363,20 +392,25 @@ def run(cfg: RunConfig) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _featurizer(sae_dir: str, marker: str, pooling: str, top_k: int, max_tokens: int, batch_size: int,
-                codes: tuple[str, ...], max_tokens_per_batch: int | None = None) -> Featurizer:
+                codes: tuple[str, ...], max_tokens_per_batch: int | None = None, surprisal: bool = False) -> Featurizer:
     del marker  # part of the cache key only: a recommitted SAE must not reuse the old one
-    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes, max_tokens_per_batch)
+    return Featurizer(sae_dir, pooling, top_k, max_tokens, batch_size, codes, max_tokens_per_batch,
+                      surprisal=surprisal)
 
 
-def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig) -> sp.csr_matrix:
-    """In-process SAE codes for new texts: same lens, pooling and top-k as the features stage."""
+def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig, with_surprisal: bool = False):
+    """In-process SAE codes for new texts: same lens, pooling and top-k as the features stage.
+    `with_surprisal` (needs features.surprisal): returns (codes, per-text surprisal) instead."""
     f = cfg.features
+    if with_surprisal and not f.surprisal:
+        raise ValueError("surprisal of new texts needs features.surprisal: true (the whole model runs)")
     marker = marker_of(run_dir, "sae")
     sae_dir = storage.local_dir(storage.join(storage.resolve(run_dir), "sae"), version=marker)
     fz = _featurizer(str(sae_dir), marker, f.pooling, f.top_k, f.max_tokens, f.batch_size,
-                     tuple(f.codes), f.max_tokens_per_batch)
+                     tuple(f.codes), f.max_tokens_per_batch, f.surprisal)
     c = fz.encode(list(texts))
     indptr = np.concatenate([[0], np.cumsum([len(x) for x in c.idx])]).astype(np.int64)
     cols = np.concatenate(c.idx) if texts else np.zeros(0, np.int32)
     vals = np.concatenate(c.val) if texts else np.zeros(0, np.float32)
-    return sp.csr_matrix((vals.astype(np.float32), cols, indptr), shape=(len(texts), fz.n_columns))
+    X = sp.csr_matrix((vals.astype(np.float32), cols, indptr), shape=(len(texts), fz.n_columns))
+    return (X, c.surprisal.astype(float)) if with_surprisal else X

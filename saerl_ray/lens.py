@@ -14,7 +14,9 @@ both see exactly the same tokens through exactly the same truncated model.
 
 The hook is the output of HF module `model.layers.{layer}` (residual stream after that block,
 before the final norm). The model is built with only `layer + 1` blocks and run through its base
-model (no LM head), so nothing above the hook is computed.
+model (no LM head), so nothing above the hook is computed. With `surprisal` (features.surprisal) the
+whole model runs instead: the same hook, plus each token's surprisal -log p(token | the tokens before
+it) under the full model, a quality signal the cut lens cannot give (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -77,13 +79,14 @@ def compute_dtype(dtype: str, placement: Placement | None = None) -> str:
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-def load_lens_model(lens: Lens, placement: Placement | None = None):
-    """The model truncated to `layer + 1` decoder blocks (blocks above the hook are never built), on
-    the placement's GPUs (split over several by parameter bytes) or, by default, the CPU."""
+def load_lens_model(lens: Lens, placement: Placement | None = None, full: bool = False):
+    """The model truncated to `layer + 1` decoder blocks (blocks above the hook are never built; `full`:
+    every block and the LM head, for surprisal), on the placement's GPUs (split over several by
+    parameter bytes) or, by default, the CPU."""
     dtype = compute_dtype(lens.dtype, placement)
     if dtype not in DTYPES:
         raise ValueError(f"lens dtype {lens.dtype!r} not in {sorted(DTYPES)} or auto")
-    config = model_config(lens.model, lens.trust_remote_code, num_layers=lens.layer + 1)
+    config = model_config(lens.model, lens.trust_remote_code, num_layers=None if full else lens.layer + 1)
     device_map = model_device_map(placement or Placement(), config)
     return load_model(lens.model, dtype=dtype, trust_remote_code=lens.trust_remote_code,
                       device_map=device_map, config=config)
@@ -188,6 +191,39 @@ def residuals(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.
     return captured[0]
 
 
+# Tokens whose logits are materialised at once: (chunk, vocab) fp32 is ~200 MB for SmolLM2's 49k vocab.
+SURPRISAL_CHUNK = 1024
+
+
+@torch.inference_mode()
+def residuals_and_surprisal(model, layer: int, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hook layer's output (as `residuals`) and the (B, T) surprisal of each token given the ones
+    before it under the whole model (nats; 0 at position 0 and on padding). Needs the full model
+    (`load_lens_model(..., full=True)`); logits are formed `SURPRISAL_CHUNK` tokens at a time."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    layers = decoder_layers(model)
+    if layer >= len(layers) - 1 or not hasattr(model, "lm_head"):
+        raise ValueError("surprisal needs the whole model with its LM head: load_lens_model(lens, full=True)")
+    handle = layers[layer].register_forward_hook(grab)
+    try:
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    finally:
+        handle.remove()
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = input_ids[:, 1:].reshape(-1).to(h.device)
+    nll = torch.cat([torch.nn.functional.cross_entropy(model.lm_head(h[i:i + SURPRISAL_CHUNK]).float(),
+                                                       target[i:i + SURPRISAL_CHUNK], reduction="none")
+                     for i in range(0, h.shape[0], SURPRISAL_CHUNK)]) if h.shape[0] else h.new_zeros(0)
+    surprisal = torch.zeros(input_ids.shape, dtype=torch.float32, device=nll.device)
+    surprisal[:, 1:] = nll.view(input_ids.shape[0], -1)
+    return captured[0], surprisal * attention_mask.to(surprisal.device)
+
+
 # Tokens whose residual norm exceeds this multiple of their prompt's median are "massive
 # activations" (secondary attention sinks): in SmolLM2 at layer 12 a few tokens reach norm ~24,000
 # against a median of ~140, carry 99% of the variance along one dimension and left a trained SAE
@@ -205,12 +241,13 @@ def drop_massive(acts: torch.Tensor, mask: torch.Tensor, factor: float = MASSIVE
 
 def iter_residuals(
     model, layer: int, prompts: EncodedPrompts, batch_size: int | None, pad_id: int = 0,
-    max_tokens_per_batch: int | None = None, device: str | torch.device | None = None,
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    max_tokens_per_batch: int | None = None, device: str | torch.device | None = None, surprisal: bool = False,
+) -> Iterator[tuple]:
     """Yield (row indices, activations (b, T, d), pooled-token mask (b, T)) per length bucket
     (`length_buckets`: at most `batch_size` rows and `max_tokens_per_batch` padded tokens); the mask
     is the prompt text minus massive-activation tokens. Activations and mask are on `device` (default:
-    where the hook layer ran; a model split over GPUs ends on its last one)."""
+    where the hook layer ran; a model split over GPUs ends on its last one). `surprisal` (the model
+    loaded `full`): a 4th item, the (b, T) per-token surprisal (`residuals_and_surprisal`)."""
     lengths = prompts.lengths()
     first = input_device(model)
     for rows in length_buckets(lengths, batch_size, max_tokens_per_batch):
@@ -218,8 +255,11 @@ def iter_residuals(
         mask = torch.zeros_like(att, dtype=torch.bool)
         for j, i in enumerate(rows):
             mask[j, : len(prompts.keep[i])] = torch.from_numpy(prompts.keep[i])
-        acts = residuals(model, layer, ids.to(first), att.to(first))
+        if surprisal:
+            acts, surp = residuals_and_surprisal(model, layer, ids.to(first), att.to(first))
+        else:
+            acts = residuals(model, layer, ids.to(first), att.to(first))
         if device is not None:
             acts = acts.to(device)
         mask = mask.to(acts.device)
-        yield rows, acts, drop_massive(acts, mask)
+        yield (rows, acts, drop_massive(acts, mask)) + ((surp.to(acts.device),) if surprisal else ())

@@ -1,7 +1,7 @@
 """Quality: which prompts are bad? A linear probe on SAE codes (supervised, learned from synthetic
 corruptions of real prompts), two unsupervised scores that need no negatives (neighbors: how far a
 prompt's code is from its nearest clean prompts; novelty: how rare its latents are in the pool's own
-codes) and, optionally, prompt length, each compared with clean held-out prompts; a prompt is dropped only
+codes) and, optionally, prompt length and the whole model's surprisal at its tokens, each compared with clean held-out prompts; a prompt is dropped only
 when the evidence says it is bad (a threshold at a stated false-positive rate), not by quota.
 
     from saerl_ray.quality import make_negatives, fit_quality_probe, score_from_json
@@ -36,6 +36,8 @@ Signals (each a "badness", standardised against clean held-out prompts by median
            latents, p from the positives' document frequencies (add-one smoothed; leave-one-out for the
            positives themselves); the standardised per-code rarities averaged
   length   |log n_chars - median| (two-sided: too short and too long are both unusual)
+  surprisal  the mean of the prompt's 3 most surprising tokens under the whole model (features.surprisal):
+           the one signal here that sees a problem spliced from two, blanked values or markup residue
 The combined badness is the sum (`combine_rule: sum`) or the max of the configured signals' z-scores
 (`combine`); quality_score = -it, and `flag` names the signal with the largest z-score. Metrics,
 out-of-fold over `eval_folds` folds of the positives (a prompt's corruptions in its fold): AUROC on
@@ -81,7 +83,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 FAMILY_OF = {kind: fam for fam, kinds in FAMILIES.items() for kind in kinds}
 CORRUPTIONS = tuple(FAMILY_OF)
 LEGACY_CORRUPTIONS = ("truncate", "shuffle", "mismatch", "leak", "offdomain", "garble")  # before 2026-12-02
-SIGNALS = ("probe", "novelty", "length", "neighbors")
+SIGNALS = ("probe", "novelty", "length", "neighbors", "surprisal")
 RULES = ("sum", "max")
 # Most positives kept as the neighbors signal's references (a labelled pool can have many): scoring costs
 # rows x references.
@@ -455,9 +457,10 @@ def neighbors_raw(model: dict, X: sp.csr_matrix, chunk: int = 4096) -> np.ndarra
 
 
 # ---------------------------------------------------------------- signals, references, combination
-def raw_signals(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None, loo: bool = False) -> dict:
+def raw_signals(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None, loo: bool = False,
+                surprisal: np.ndarray | None = None) -> dict:
     """Per signal, its raw badness of each row (higher = worse): probe -logit, novelty per band, neighbors
-    (when the model has references), log length."""
+    (when the model has references), log length, surprisal (given: it comes with the codes, not from them)."""
     raw = {"probe": -linear_score(model, X), "novelty": novelty_raw(model["novelty"], X, loo)}
     if "neighbors" in model:
         # log: the distances are heavy-tailed (main run: median 0.012, 99th percentile 0.08, max 1), and on
@@ -465,7 +468,17 @@ def raw_signals(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None
         raw["neighbors"] = np.log(neighbors_raw(model["neighbors"], X) + NEIGHBOR_EPS)
     if n_chars is not None:
         raw["length"] = np.log(np.maximum(np.asarray(n_chars, float), 1.0))
+    if surprisal is not None:
+        raw["surprisal"] = surprisal_raw(surprisal)
     return raw
+
+
+def surprisal_raw(x: np.ndarray) -> np.ndarray:
+    """The features' surprisal column as the signal's raw badness (an error if any row lacks it)."""
+    x = np.asarray(x, float)
+    if not np.isfinite(x).all():
+        raise ValueError("surprisal has NaN rows: the features were computed without features.surprisal")
+    return x
 
 
 def _robust(x: np.ndarray) -> dict:
@@ -488,7 +501,7 @@ def _novelty_mean(R: np.ndarray, bands: list[dict]) -> np.ndarray:
 def fit_reference(raw: dict) -> dict:
     """Location and scale of each signal on clean held-out prompts (robust: median, 1.4826 MAD)."""
     ref: dict[str, Any] = {}
-    for name in ("probe", "neighbors"):
+    for name in ("probe", "neighbors", "surprisal"):
         if name in raw:
             ref[name] = _robust(raw[name])
     if "novelty" in raw:
@@ -503,7 +516,7 @@ def fit_reference(raw: dict) -> dict:
 def zscores(raw: dict, ref: dict) -> dict[str, np.ndarray]:
     """Each signal's badness in robust SDs above a typical clean prompt's."""
     z = {}
-    for name in ("probe", "neighbors"):
+    for name in ("probe", "neighbors", "surprisal"):
         if name in raw and name in ref:
             z[name] = _z(raw[name], ref[name])
     if "novelty" in raw and "novelty" in ref:
@@ -519,7 +532,8 @@ def combine(z: dict[str, np.ndarray], signals: list[str] | tuple[str, ...],
     or the max of the signals' z-scores."""
     missing = [s for s in signals if s not in z]
     if missing:
-        raise ValueError(f"quality signal(s) {missing} not computed (length needs n_chars, neighbors a band)")
+        raise ValueError(f"quality signal(s) {missing} not computed (length needs n_chars, neighbors a band, "
+                         f"surprisal the features' surprisal column)")
     if rule not in RULES:
         raise ValueError(f"signals.quality.combine_rule must be one of {RULES}, got {rule!r}")
     Z = np.stack([z[s] for s in signals], axis=1)
@@ -540,10 +554,13 @@ def fpr_cut(bad_clean: np.ndarray, rate: float) -> tuple[float, int]:
     return float(np.quantile(ref, 1.0 - rate, method="higher")), int(len(bad_clean) - len(ref))
 
 
-def quality_scores(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quality_scores(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None,
+                   surprisal: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(quality_score, flag index into model["combine"]) per row; quality_score = -(combined badness), so
     higher = cleaner and 0 = a typical clean prompt."""
-    return scores_from_raw(model, raw_signals(model, X, n_chars if "length" in model["combine"] else None))
+    use = model["combine"]
+    return scores_from_raw(model, raw_signals(model, X, n_chars if "length" in use else None,
+                                              surprisal=surprisal if "surprisal" in use else None))
 
 
 def scores_from_raw(model: dict, raw: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -551,9 +568,11 @@ def scores_from_raw(model: dict, raw: dict) -> tuple[np.ndarray, np.ndarray]:
     return (-bad).astype(np.float32), arg
 
 
-def score_from_json(path: str | Path, X: sp.csr_matrix, n_chars: np.ndarray | None = None) -> np.ndarray:
-    """Reload `signals/quality.json` and score CSR codes X (+ prompt lengths when `length` is combined)."""
-    return quality_scores(storage.read_json(path), X, n_chars)[0]
+def score_from_json(path: str | Path, X: sp.csr_matrix, n_chars: np.ndarray | None = None,
+                    surprisal: np.ndarray | None = None) -> np.ndarray:
+    """Reload `signals/quality.json` and score CSR codes X (+ prompt lengths when `length` is combined,
+    + the features' surprisal column when `surprisal` is)."""
+    return quality_scores(storage.read_json(path), X, n_chars, surprisal)[0]
 
 
 # ---------------------------------------------------------------- held-out evaluation
@@ -621,6 +640,7 @@ def _cat(parts: list[dict], key: str) -> np.ndarray:
 def pooled_signal_aurocs(
     splits: list[tuple[str, tuple]], raws: list[tuple[dict, dict]], combos: dict[str, tuple[str, ...]],
     pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None, rule: str = "max",
+    pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[dict, np.ndarray]]]:
     """Per split name, the AUROC of each signal alone and of each named combination, over the out-of-fold
     rows of all its folds; each signal is standardised against that split's out-of-fold positives (as the
@@ -635,6 +655,9 @@ def pooled_signal_aurocs(
         if pos_len is not None and neg_len is not None:
             rp["length"] = np.log(np.maximum(np.asarray(pos_len, float)[te_pos], 1.0))
             rn["length"] = np.log(np.maximum(np.asarray(neg_len, float)[te_neg], 1.0))
+        if pos_surprisal is not None and neg_surprisal is not None:
+            rp["surprisal"] = surprisal_raw(pos_surprisal)[te_pos]
+            rn["surprisal"] = surprisal_raw(neg_surprisal)[te_neg]
         ref = fit_reference(rp)
         zp, zn = zscores(rp, ref), zscores(rn, ref)
         res = {s: auroc(-zp[s], -zn[s]) for s in SIGNALS if s in zp}
@@ -653,13 +676,14 @@ def fit_quality_probe(
     pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None,
     combine_signals: list[str] | tuple[str, ...] = ("probe", "novelty"), held_out: bool = True,
     max_false_positive_rate: float = 0.01, combine_rule: str = "max", neighbor_band: tuple[int, int] | None = None,
-    neighbor_k: int = 10,
+    neighbor_k: int = 10, pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
     """Out-of-fold AUROCs (overall + leaving one group of negatives out: pass corruption families), per
     signal and combined; then the final probe on all rows, the novelty counts on all positives, each
     signal's reference (location, scale) from the out-of-fold positives, and the `max_false_positive_rate`
     cut on the combined score of those clean held-out positives. `neg_source`: for synthetic negatives,
-    the positive row each one was made from (see evaluation_splits). Lengths (n_chars) enable `length`."""
+    the positive row each one was made from (see evaluation_splits). Lengths (n_chars) enable `length`,
+    the features' surprisal column `surprisal`."""
     neg_types = np.asarray(neg_types, dtype=str)
     combine_signals = tuple(combine_signals)
     if neg_X.shape[0] != len(neg_types):
@@ -669,6 +693,8 @@ def fit_quality_probe(
         raise ValueError(f"signals.quality.combine must be a non-empty subset of {SIGNALS}, got {list(combine_signals)}")
     if "length" in combine_signals and (pos_len is None or neg_len is None):
         raise ValueError("the length signal needs prompt lengths (pos_len, neg_len)")
+    if "surprisal" in combine_signals and (pos_surprisal is None or neg_surprisal is None):
+        raise ValueError("the surprisal signal needs the rows' surprisal (features.surprisal: true)")
     if combine_rule not in RULES:
         raise ValueError(f"signals.quality.combine_rule must be one of {RULES}, got {combine_rule!r}")
     bands = bands or default_bands(pos_X.shape[1])
@@ -687,7 +713,11 @@ def fit_quality_probe(
               "probe+neighbors": ("probe", "neighbors"), "probe+novelty+neighbors": ("probe", "novelty", "neighbors")}
     if pos_len is not None and neg_len is not None:
         combos["probe+novelty+length"] = ("probe", "novelty", "length")
-    auroc, pos_raw = pooled_signal_aurocs(splits, raws, combos, pos_len, neg_len, combine_rule)
+    if pos_surprisal is not None and neg_surprisal is not None:
+        combos["probe+neighbors+surprisal"] = ("probe", "neighbors", "surprisal")
+        combos["probe+novelty+neighbors+surprisal"] = ("probe", "novelty", "neighbors", "surprisal")
+    auroc, pos_raw = pooled_signal_aurocs(splits, raws, combos, pos_len, neg_len, combine_rule,
+                                          pos_surprisal, neg_surprisal)
     per_group = {k: v for k, v in auroc.items() if k != "overall"}
     metrics: dict[str, Any] = {
         "combine": list(combine_signals), "combine_rule": combine_rule, "auroc_overall": auroc["overall"]["combined"],
@@ -808,10 +838,12 @@ def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | 
               answers: list[str] | None, featurize: Featurizer | None, cfg: QualityConfig, seed: int,
               use_ray: bool = True, bands: list[tuple[int, int]] | None = None,
               pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None,
-              neighbor_band: tuple[int, int] | None = None) -> tuple[dict, dict]:
+              neighbor_band: tuple[int, int] | None = None, pos_surprisal: np.ndarray | None = None,
+              neg_surprisal: np.ndarray | None = None) -> tuple[dict, dict]:
     """The probe + novelty on the codes of `setup.pos` (+ `setup.neg`, or negatives made from `texts` /
     `answers`, the positives' own prompts, featurised here). Lengths: n_chars of the positives (and of
-    labelled negatives; synthetic negatives' are their texts' lengths)."""
+    labelled negatives; synthetic negatives' are their texts' lengths). Surprisal likewise, when the
+    combination uses it: `featurize` then returns (codes, surprisal) of the new texts."""
     if setup.neg is not None:
         neg_types, neg_source = ["labelled"] * len(setup.neg), None
         kinds = neg_types
@@ -823,7 +855,9 @@ def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | 
         )
         neg_types = families_of(kinds)
         neg_len = np.array([len(t) for t in neg_texts], float)
-        neg_X = sp.csr_matrix(featurize(neg_texts))
+        out = featurize(neg_texts)
+        neg_X, neg_surprisal = out if isinstance(out, tuple) else (out, None)
+        neg_X = sp.csr_matrix(neg_X)
         if neg_X.shape != (len(neg_texts), pos_X.shape[1]):
             raise ValueError(f"featurizer returned shape {neg_X.shape}, expected {(len(neg_texts), pos_X.shape[1])}")
     model, metrics = fit_quality_probe(
@@ -832,6 +866,8 @@ def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | 
         pos_len=pos_len, neg_len=neg_len, combine_signals=cfg.combine, held_out=cfg.leave_one_family_out,
         max_false_positive_rate=cfg.max_false_positive_rate, combine_rule=cfg.combine_rule,
         neighbor_band=neighbor_band, neighbor_k=cfg.neighbors_k,
+        pos_surprisal=pos_surprisal if "surprisal" in cfg.combine else None,
+        neg_surprisal=neg_surprisal if "surprisal" in cfg.combine else None,
     )
     metrics["neg_kinds"] = {str(k): int(v) for k, v in zip(*np.unique(np.asarray(kinds, str), return_counts=True))}
     return model, metrics
@@ -853,10 +889,11 @@ def finish_quality(setup: QualitySetup, model: dict, metrics: dict, scores: np.n
 def run_quality(
     prompts: pd.DataFrame, X: sp.csr_matrix, cfg: QualityConfig, seed: int, featurize: Featurizer | None,
     out_path: str, use_ray: bool = True, bands: list[tuple[int, int]] | None = None,
+    surprisal: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Stage body on codes in memory: labels or synthetic negatives -> probe + novelty -> score every
     prompt -> keep flags. (The signals stage runs the same steps with the codes left in their part files.)
-    Returns (quality_score, keep, flag, metrics)."""
+    `surprisal`: every prompt's (the features' column), when combined. Returns (quality_score, keep, flag, metrics)."""
     setup = quality_setup(prompts, cfg, seed)
     n_chars = (prompts["n_chars"].to_numpy(float) if "n_chars" in prompts.columns
                else prompts["prompt"].str.len().to_numpy(float))
@@ -866,7 +903,9 @@ def run_quality(
         texts, answers = sub["prompt"].tolist(), sub["answer"].fillna("").tolist()
     model, metrics = fit_setup(setup, X[setup.pos], None if setup.neg is None else X[setup.neg], texts, answers,
                                featurize, cfg, seed, use_ray, bands, n_chars[setup.pos],
-                               None if setup.neg is None else n_chars[setup.neg])
-    scores, flag_idx = quality_scores(model, X, n_chars)
+                               None if setup.neg is None else n_chars[setup.neg],
+                               pos_surprisal=None if surprisal is None else surprisal[setup.pos],
+                               neg_surprisal=None if surprisal is None or setup.neg is None else surprisal[setup.neg])
+    scores, flag_idx = quality_scores(model, X, n_chars, surprisal)
     keep, flags, metrics = finish_quality(setup, model, metrics, scores, flag_idx, cfg, out_path)
     return scores, keep, flags, metrics

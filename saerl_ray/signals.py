@@ -35,7 +35,8 @@ from saerl_ray import storage
 from saerl_ray.kmeans import BlockSet, clustering_space, kmeans, project_blocks
 from saerl_ray.config import RunConfig, fingerprint, signal_codes
 from saerl_ray.featureio import (
-    check_stored, code_columns, group_parts, keep_columns, part_paths, positions, read_parts, stored_codes,
+    check_stored, code_columns, group_parts, keep_columns, part_paths, positions, read_parts, read_surprisal,
+    stored_codes,
 )
 from saerl_ray.quality import Featurizer
 from saerl_ray.ray_init import init_ray
@@ -61,11 +62,12 @@ def _file_digest(path: str | None) -> str | None:
 
 
 def default_featurizer(cfg: RunConfig) -> Featurizer:
-    """SAE codes for new texts (quality negatives), same lens/pooling/top-k as the features stage."""
+    """SAE codes for new texts (quality negatives), same lens/pooling/top-k as the features stage; with
+    their surprisal too when the quality signal combines it."""
     def featurize(texts: list[str]):
         from saerl_ray.features import featurize_texts
 
-        return featurize_texts(texts, cfg.run_dir, cfg)
+        return featurize_texts(texts, cfg.run_dir, cfg, with_surprisal="surprisal" in cfg.signals.quality.combine)
 
     return featurize
 
@@ -77,12 +79,12 @@ def _num_tasks(requested: int) -> int:
 
 
 def load_group(paths: list[str], n_columns: int, cluster_cols: np.ndarray, metric: str, wanted: pa.Array):
-    """Ray task, 3 returns: (ids, n_tokens) for the driver; the rows in the clustering space (a block
-    for the k-means rounds, kept in the object store); (ids, codes) of the rows in `wanted`."""
+    """Ray task, 3 returns: (ids, n_tokens, surprisal) for the driver; the rows in the clustering space (a
+    block for the k-means rounds, kept in the object store); (ids, codes) of the rows in `wanted`."""
     ids, n_tokens, X = read_parts(paths, n_columns)
     Z = clustering_space(X[:, cluster_cols], metric)
     rows = np.flatnonzero(pac.is_in(ids, value_set=wanted).to_numpy(zero_copy_only=False))
-    return (ids, n_tokens), Z, (ids.take(pa.array(rows, pa.int64())), X[rows])
+    return (ids, n_tokens, read_surprisal(paths)), Z, (ids.take(pa.array(rows, pa.int64())), X[rows])
 
 
 def score_group(paths: list[str], n_columns: int, d_model: dict | None, q_model: dict) -> tuple:
@@ -140,12 +142,14 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     phase = {"start": time.time()}
     loaded = [load.remote(g, n_columns, c_ref, c.metric, ids_ref) for g in groups]
     index = ray.get([m for m, _, _ in loaded])
-    sizes = [len(ids) for ids, _ in index]
+    sizes = [len(ids) for ids, _, _ in index]
     if sum(sizes) != n:
         raise ValueError(f"{fdir} holds {sum(sizes)} rows but ingest/prompts.parquet {n}; rerun the features stage")
     # perm[i] = row (in part order) of prompt i; every result below is put in prompts order with it.
-    perm = positions(meta["id"], pa.chunked_array([ids for ids, _ in index], pa.string()), fdir)
-    n_tokens = np.concatenate([t for _, t in index])[perm]
+    perm = positions(meta["id"], pa.chunked_array([ids for ids, _, _ in index], pa.string()), fdir)
+    n_tokens = np.concatenate([t for _, t, _ in index])[perm]
+    # NaN unless features.surprisal was on (RunConfig refuses a surprisal signal without it)
+    surprisal = np.concatenate([s for _, _, s in index])[perm]
     del index
     phase["read"] = time.time()
 
@@ -190,6 +194,7 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
         lambda t: keep_columns(featurize(t), q_cols), sc.quality, cfg.seed, bands=q_bands,
         pos_len=n_chars[q_setup.pos], neg_len=None if q_setup.neg is None else n_chars[q_setup.neg],
         neighbor_band=q_bands[codes["quality"].index(sc.quality.neighbors_code)],  # RunConfig checked it is one
+        pos_surprisal=surprisal[q_setup.pos], neg_surprisal=None if q_setup.neg is None else surprisal[q_setup.neg],
     )
     phase["fit"] = time.time()
 
@@ -199,6 +204,8 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     q_raw = {k: np.concatenate([q[k] for _, q in scored], axis=0)[perm] for k in scored[0][1]}
     if "length" in q_model["combine"]:
         q_raw["length"] = np.log(np.maximum(n_chars, 1.0))
+    if "surprisal" in q_model["combine"]:
+        q_raw["surprisal"] = qual.surprisal_raw(surprisal)
     score_q, q_flag_idx = qual.scores_from_raw(q_model, q_raw)
     del q_raw
     if d_model is None:

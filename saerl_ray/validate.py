@@ -80,7 +80,8 @@ def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> f
 def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, neg_source: np.ndarray, C: float,
                   seed: int = 0, folds: int = 5, combine: tuple[str, ...] = ("probe",), bands=None,
                   pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None, rule: str = "max",
-                  neighbor_band: tuple[int, int] | None = None, neighbor_k: int = 10) -> dict:
+                  neighbor_band: tuple[int, int] | None = None, neighbor_k: int = 10,
+                  pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None) -> dict:
     """The signals stage's own model and splits (quality.fit_quality_probe), `folds`-fold: `overall` tests
     on corruptions of held-out prompts; `lofo` also holds the corruption's family out of training
     (neg_types: corruption kinds, grouped by quality.FAMILIES; other labels are their own group).
@@ -94,7 +95,8 @@ def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, n
     _, m = fit_quality_probe(sp.csr_matrix(X_pos), sp.csr_matrix(X_neg), families_of(neg_types), C=C, seed=seed,
                              neg_source=neg_source, folds=folds, use_ray=ray.is_initialized(), bands=bands,
                              pos_len=pos_len, neg_len=neg_len, combine_signals=combine, combine_rule=rule,
-                             neighbor_band=neighbor_band, neighbor_k=neighbor_k)
+                             neighbor_band=neighbor_band, neighbor_k=neighbor_k,
+                             pos_surprisal=pos_surprisal, neg_surprisal=neg_surprisal)
     lofo = {"mean": m["auroc_lofo_mean"], "min": m["auroc_lofo_min"], "families": m["n_families"]}
     parts = {k: {**v, "overall": m["auroc_overall_by_signal"][k]} for k, v in m["auroc_lofo_by_signal"].items()}
     return {"overall": m["auroc_overall"], "loto": lofo["mean"], "lofo": lofo,
@@ -109,6 +111,7 @@ def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
 
     import pandas as pd
 
+    from saerl_ray.featureio import load_surprisal
     from saerl_ray.features import featurize_texts
     from saerl_ray.pipeline import run_pipeline
     from saerl_ray.quality import flags_for, keep_mask, quality_scores
@@ -116,16 +119,20 @@ def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
     run_pipeline(cfg, ["signals"])
     model = storage.read_json(storage.join(cfg.run_dir, "signals", "quality.json"))
     cut = float(model["threshold"])
-    sets = {"math500": (X_math, math["prompt"].str.len().to_numpy(float))}
+    sur = cfg.features.surprisal
+    sets = {"math500": (X_math, math["prompt"].str.len().to_numpy(float),
+                        load_surprisal(cfg.run_dir, list(math["id"])) if sur else None)}
     found = [Path(i.path).parent / "gsm8k_test.jsonl" for i in cfg.ingest.inputs]
     found = [f for f in found if f.exists()]
     if found:
         gsm = [str(q).strip() for q in pd.read_json(found[0], lines=True)["question"]]
-        sets["gsm8k_test"] = (featurize_texts(gsm, cfg.run_dir, cfg), np.array([len(t) for t in gsm], float))
+        X_gsm, s_gsm = featurize_texts(gsm, cfg.run_dir, cfg, with_surprisal=True) if sur else (
+            featurize_texts(gsm, cfg.run_dir, cfg), None)
+        sets["gsm8k_test"] = (X_gsm, np.array([len(t) for t in gsm], float), s_gsm)
     detail: dict = {"rule": model.get("metrics", {}).get("rule"), "threshold": cut, "combine": model.get("combine")}
     dropped = total = 0
-    for name, (X, n_chars) in sets.items():
-        score, flag = quality_scores(model, X, n_chars)
+    for name, (X, n_chars, surprisal) in sets.items():
+        score, flag = quality_scores(model, X, n_chars, surprisal)
         keep, _ = keep_mask(score, None, cut)  # the filter's own rule and flags, applied to clean prompts
         flags = flags_for(keep, flag, model.get("combine", ["probe"]))
         drop = ~keep
@@ -154,7 +161,7 @@ def _load(cfg: RunConfig):
 
 def validate(cfg: RunConfig) -> dict:
     from saerl_ray.config import signal_codes
-    from saerl_ray.featureio import code_columns
+    from saerl_ray.featureio import code_columns, load_surprisal
     from saerl_ray.features import featurize_texts
     from saerl_ray.quality import make_negatives
 
@@ -169,7 +176,12 @@ def validate(cfg: RunConfig) -> dict:
     neg_texts, neg_types, neg_source = make_negatives(texts, math["answer"].tolist(), seed=cfg.seed,
                                                       types=qc.corruptions, per_prompt=qc.negatives_per_prompt)
     neg_types = np.asarray(neg_types)
-    X_neg_sae = featurize_texts(neg_texts, cfg.run_dir, cfg)[:, q_cols]
+    # With features.surprisal, the run's MATH-500 surprisal and the negatives' (the whole model runs here).
+    sur = cfg.features.surprisal
+    X_neg_sae, neg_sur = featurize_texts(neg_texts, cfg.run_dir, cfg, with_surprisal=True) if sur else (
+        featurize_texts(neg_texts, cfg.run_dir, cfg), None)
+    X_neg_sae = X_neg_sae[:, q_cols]
+    pos_sur = load_surprisal(cfg.run_dir, list(math["id"])) if sur else None
     # The stage's quality model reads each of its codes as a band (novelty) and prompt lengths in chars.
     n_q = len(signal_codes(cfg, "quality"))
     q_bands = [(k * len(q_cols) // n_q, (k + 1) * len(q_cols) // n_q) for k in range(n_q)]
@@ -196,7 +208,8 @@ def validate(cfg: RunConfig) -> dict:
     }
     # The sae row is scored by the stage's own combination; the baselines by their probe alone.
     sae_q = dict(combine=tuple(qc.combine), bands=q_bands, pos_len=q_len[0], neg_len=q_len[1], rule=qc.combine_rule,
-                 neighbor_band=q_bands[signal_codes(cfg, "quality").index(qc.neighbors_code)], neighbor_k=qc.neighbors_k)
+                 neighbor_band=q_bands[signal_codes(cfg, "quality").index(qc.neighbors_code)], neighbor_k=qc.neighbors_k,
+                 pos_surprisal=pos_sur, neg_surprisal=neg_sur)
     res: dict = {m: {} for m in METRICS}
     per_type: dict = {}
     oof: dict = {}  # out-of-fold difficulty predictions, reused by the seeds / benchmark-order keys

@@ -316,3 +316,70 @@ def test_features_without_sae_stage_names_the_missing_stage(tmp_path, tiny_model
     _ingest(tmp_path / "run", shared_data, n=4)
     with pytest.raises(FileNotFoundError, match="stage 'sae' has not finished"):
         features.run(_config(tmp_path / "run", tiny_model_dir))
+
+
+# --- surprisal (features.surprisal) -----------------------------------------------------------
+
+
+def test_top_surprisal_averages_the_largest_masked_tokens():
+    s = torch.tensor([[0.0, 5.0, 1.0, 9.0, 2.0, 100.0], [0.0, 3.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 6])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0], [0] * 6], dtype=torch.bool)
+    # row 0: top 3 of the masked (5, 1, 9, 2) -> (9 + 5 + 2) / 3; the unmasked 100 never counts
+    np.testing.assert_allclose(features.top_surprisal(s, mask).numpy(), [16 / 3, 3.0, 0.0], rtol=1e-6)
+
+
+def test_surprisal_is_the_whole_models_next_token_loss_and_the_hook_is_unchanged(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    texts = ["What is 2+3?", "A train leaves at noon and travels 60 miles.", "x"]
+    enc = encode_prompts(tok, texts, False, 64)
+    lens = Lens(str(tiny_model_dir), 1)
+    full = load_lens_model(lens, full=True)
+    cut = load_lens_model(lens)
+    reference = load_model(str(tiny_model_dir)).eval()
+    with pytest.raises(ValueError, match="whole model"):
+        next(iter_residuals(cut, 1, enc, 2, tok.pad_token_id, surprisal=True))
+    cut_acts = {}
+    for rows, acts, _ in iter_residuals(cut, 1, enc, 2, tok.pad_token_id):
+        for j, i in enumerate(rows):
+            cut_acts[i] = acts[j, : len(enc.ids[i])]
+    seen = 0
+    for rows, acts, mask, surp in iter_residuals(full, 1, enc, 2, tok.pad_token_id, surprisal=True):
+        for j, i in enumerate(rows):
+            n = len(enc.ids[i])
+            ids = torch.from_numpy(enc.ids[i])[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(reference(input_ids=ids).logits[0].float(), -1)
+            want = torch.zeros(n)
+            want[1:] = -logp[torch.arange(n - 1), ids[0, 1:]]
+            torch.testing.assert_close(surp[j, :n], want, atol=1e-4, rtol=1e-4)
+            assert not surp[j, n:].any()  # padding
+            torch.testing.assert_close(acts[j, :n], cut_acts[i], atol=1e-5, rtol=1e-5)  # the hook is the lens's
+            seen += 1
+    assert seen == len(texts)
+
+
+def test_surprisal_column_is_written_by_the_stage_and_matches_featurize_texts(featured_run, tmp_path, tiny_model_dir,
+                                                                               shared_data):
+    from saerl_ray.featureio import load_surprisal, part_paths, read_surprisal
+
+    ref_cfg, _ = featured_run
+    # the lens-only run stores NaN: no surprisal was computed
+    assert np.isnan(read_surprisal(part_paths(ref_cfg.run_dir))).all()
+    run_dir = tmp_path / "run"
+    _ingest(run_dir, shared_data)
+    shutil.copytree(f"{ref_cfg.run_dir}/sae", run_dir / "sae")  # same SAE: the codes must agree
+    cfg = _config(run_dir, tiny_model_dir, **{"features.surprisal": True})
+    summary = features.run(cfg)
+    assert summary["surprisal"] is True
+    ids, X, _ = load_features(run_dir)
+    _, X_ref, _ = load_features(ref_cfg.run_dir)
+    np.testing.assert_allclose(X.toarray(), X_ref.toarray(), rtol=1e-4, atol=1e-6)
+    s = load_surprisal(run_dir, list(ids))
+    assert np.isfinite(s).all() and (s > 0).all() and s.std() > 0
+    prompts = pq.read_table(f"{run_dir}/ingest/prompts.parquet").column("prompt").to_pylist()
+    Y, s_new = features.featurize_texts(prompts[:6], cfg.run_dir, cfg, with_surprisal=True)
+    np.testing.assert_allclose(s_new, s[:6], rtol=1e-4)
+    np.testing.assert_allclose(Y.toarray(), X[:6].toarray(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(load_surprisal(run_dir, list(ids[::-1])), s[::-1])
+    with pytest.raises(ValueError, match="features.surprisal"):
+        features.featurize_texts(prompts[:2], ref_cfg.run_dir, ref_cfg, with_surprisal=True)
