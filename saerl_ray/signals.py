@@ -72,6 +72,11 @@ def default_featurizer(cfg: RunConfig) -> Featurizer:
     return featurize
 
 
+def _quality_columns(out, q_cols: np.ndarray):
+    """The probe's columns of a featurizer's output: codes, or (codes, surprisal)."""
+    return (keep_columns(out[0], q_cols), out[1]) if isinstance(out, tuple) else keep_columns(out, q_cols)
+
+
 def _num_tasks(requested: int) -> int:
     import ray
 
@@ -191,7 +196,7 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     q_model, q_metrics = qual.fit_setup(
         q_setup, keep_columns(rows_of(q_setup.pos), q_cols),
         None if q_setup.neg is None else keep_columns(rows_of(q_setup.neg), q_cols), texts, answers,
-        lambda t: keep_columns(featurize(t), q_cols), sc.quality, cfg.seed, bands=q_bands,
+        lambda t: _quality_columns(featurize(t), q_cols), sc.quality, cfg.seed, bands=q_bands,
         pos_len=n_chars[q_setup.pos], neg_len=None if q_setup.neg is None else n_chars[q_setup.neg],
         neighbor_band=q_bands[codes["quality"].index(sc.quality.neighbors_code)],  # RunConfig checked it is one
         pos_surprisal=surprisal[q_setup.pos], neg_surprisal=None if q_setup.neg is None else surprisal[q_setup.neg],

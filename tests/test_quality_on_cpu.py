@@ -397,3 +397,55 @@ def test_sum_rule_adds_evidence_and_flags_the_largest_signal():
     np.testing.assert_allclose(combine(z, ["novelty", "neighbors"], "max")[0], [1.5, 0.5, 0.0])
     with pytest.raises(ValueError, match="combine_rule"):
         combine(z, ["probe"], "mean")
+
+
+def test_surprisal_signal_sees_a_family_the_codes_cannot(tmp_path):
+    """Family S: corruptions whose codes look like clean prompts' (a spliced problem reads like a problem)
+    but whose tokens surprise the model. Held out of training, only the surprisal signal catches it."""
+    pos, neg, types = fpr_planted(n=600, seed=4)
+    neg = neg.tolil()
+    s_rows = np.flatnonzero(types == "C")  # C becomes S: no marker latent, only surprising tokens
+    neg[s_rows, 42] = 0.0
+    neg, types = neg.tocsr(), np.where(types == "C", "S", types)
+    g = np.random.default_rng(0)
+    pos_s, neg_s = g.normal(3.0, 0.3, pos.shape[0]), g.normal(3.0, 0.3, neg.shape[0])
+    neg_s[s_rows] += 2.0
+    signals = ("probe", "novelty", "neighbors", "surprisal")
+    with pytest.raises(ValueError, match="surprisal"):
+        fit_quality_probe(pos, neg, types, C=0.1, seed=0, combine_signals=signals, combine_rule="sum")
+    _, m = fit_quality_probe(pos, neg, types, C=0.1, seed=0, combine_signals=signals, combine_rule="sum",
+                             pos_surprisal=pos_s, neg_surprisal=neg_s)
+    table = m["auroc_lofo_table"]["S"]
+    assert table["probe+novelty+neighbors"] < 0.7 < 0.95 < table["combined"]
+    assert table["surprisal"] > 0.95 and m["auroc_lofo_table"]["A"]["surprisal"] < 0.7
+    bad_s = neg_s.copy()
+    bad_s[0] = np.nan  # a row featurised without features.surprisal
+    with pytest.raises(ValueError, match="features.surprisal"):
+        fit_quality_probe(pos, neg, types, C=0.1, seed=0, combine_signals=signals, pos_surprisal=pos_s,
+                          neg_surprisal=bad_s)
+    # The stage body: featurize returns (codes, surprisal) of the negatives; pool rows that surprise are
+    # dropped and flagged by surprisal, and the JSON model scores the same with the surprisal column.
+    n = pos.shape[0]
+    prompts = pd.DataFrame({"prompt": [f"problem {i} " + "x" * (40 + i % 7) for i in range(n)], "answer": "1"})
+    pool_s = g.normal(3.0, 0.3, n)
+    pool_s[:10] += 10.0  # far enough out to be trimmed from the reference the cut is set on
+    dealt = {}
+
+    def featurize(texts):
+        rows = [dealt.setdefault(t, len(dealt)) % neg.shape[0] for t in texts]
+        return neg[rows], neg_s[rows]
+
+    cfg = QualityConfig(n_train=n, C=0.1, negatives_per_prompt=1, combine=list(signals))
+    score, keep, flags, _ = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / "q.json"), use_ray=False,
+                                        surprisal=pool_s)
+    assert not keep[:10].any() and (flags[:10] == "surprisal").all() and (~keep[10:]).mean() <= 0.03
+    np.testing.assert_allclose(score_from_json(tmp_path / "q.json", pos, surprisal=pool_s), score, atol=1e-5)
+
+
+def test_config_refuses_a_surprisal_signal_without_surprisal_features():
+    from saerl_ray.config import load_config
+
+    with pytest.raises(Exception, match="features.surprisal"):
+        load_config(None, {"signals.quality.combine": ["probe", "surprisal"]})
+    cfg = load_config(None, {"signals.quality.combine": ["probe", "surprisal"], "features.surprisal": True})
+    assert cfg.features.surprisal and "surprisal" in cfg.signals.quality.combine

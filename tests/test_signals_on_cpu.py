@@ -256,3 +256,44 @@ def test_load_features_in_a_given_order_reads_only_those_rows(run_dir):
     np.testing.assert_array_equal(tp, n_tokens[[139, 3, 70, 69]])
     with pytest.raises(KeyError, match="1 ids have no features"):
         load_features(run_dir, order=pick + ["nope"])
+
+
+def pseudo_surprisal(texts: list[str]) -> np.ndarray:
+    """Stand-in for the features' surprisal column: deterministic per text, higher for texts with '___'."""
+    return np.array([2.0 + (zlib.crc32(t.encode()) % 1000) / 1000 + 3.0 * ("___" in t) for t in texts])
+
+
+def test_signals_stage_with_the_surprisal_signal(run_dir, tmp_path, ray_cluster):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "ingest", run / "ingest")
+    shutil.copytree(run_dir / "features", run / "features")
+    cfg = config(run, **{"features.surprisal": True, "signals.quality.keep_fraction": None,
+                         "signals.quality.combine": ["probe", "novelty", "neighbors", "surprisal"]})
+    # parts written without features.surprisal: the signal refuses them by name
+    with pytest.raises(ValueError, match="features.surprisal"):
+        signals.run(cfg, featurize=lambda t: (two_codes(t), pseudo_surprisal(t)))
+    for part in sorted((run / "features").glob("part-*.parquet")):
+        t = pq.read_table(part)
+        texts = pd.DataFrame({"id": t.column("id").to_pylist()}).merge(
+            pq.read_table(run / "ingest/prompts.parquet", columns=["id", "prompt"]).to_pandas(), on="id")["prompt"]
+        pq.write_table(t.append_column("surprisal", pa.array(pseudo_surprisal(texts.tolist()), pa.float32())), part)
+    seen = []
+
+    def featurize(texts):
+        seen.extend(texts)
+        return two_codes(texts), pseudo_surprisal(texts)
+
+    summary = signals.run(cfg, featurize=featurize)
+    q = summary["quality"]
+    assert q["combine"] == ["probe", "novelty", "neighbors", "surprisal"]
+    # blank_numbers negatives carry '___': the surprisal signal alone finds that family, held out
+    assert q["auroc_lofo_table"]["missing_values"]["surprisal"] > 0.9 and any("___" in t for t in seen)
+    prompts = pq.read_table(run / "ingest/prompts.parquet").to_pandas()
+    sig = pq.read_table(run / "signals/assignments.parquet").to_pandas()
+    _, X, _ = load_features(run, order=prompts["id"].tolist())
+    s = pseudo_surprisal(prompts["prompt"].tolist()).astype(np.float32)
+    np.testing.assert_allclose(score_from_json(run / "signals/quality.json", X, surprisal=s), sig["quality_score"],
+                               rtol=1e-5, atol=1e-5)
+    assert "surprisal" in json.loads((run / "signals/quality.json").read_text())["reference"]
