@@ -138,6 +138,12 @@ def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
+def codes_only(cfg: RunConfig):
+    """The run's features settings without surprisal: the difficulty side runs need codes only, and the
+    whole model would cost them ~2.4x the lens (the codes are the same either way)."""
+    return cfg.features.model_copy(update={"surprisal": False})
+
+
 def seed_codes(cfg: RunConfig, k: int, ids: list[str], texts: list[str]) -> tuple[sp.csr_matrix, float | None]:
     """MATH-500 codes (rows in `ids` order, the run's columns) from an SAE trained like the run's with seed
     `cfg.seed + k`, in <run_dir>/validate/seeds/<k>/; and that SAE's held-out explained variance."""
@@ -145,7 +151,7 @@ def seed_codes(cfg: RunConfig, k: int, ids: list[str], texts: list[str]) -> tupl
     from saerl_ray.features import featurize_texts
 
     side = storage.join(cfg.run_dir, "validate", "seeds", str(k))
-    scfg = cfg.model_copy(update={"run_dir": side, "seed": cfg.seed + k})
+    scfg = cfg.model_copy(update={"run_dir": side, "seed": cfg.seed + k, "features": codes_only(cfg)})
     mirror_stage(cfg.run_dir, side, "ingest")  # the same training prompts as the run's SAE
     summary = sae.run(scfg)
     st = Stage(side, "math500", fingerprint(cfg.features, marker_of(side, "sae"), _ids_digest(ids)))
@@ -191,7 +197,8 @@ def ood_codes(cfg: RunConfig) -> dict[str, tuple[sp.csr_matrix, np.ndarray, np.n
         if not storage.exists(dst) or storage.read_text(dst) != text:  # unchanged: ingest's fingerprint holds
             storage.write_text(dst, text)
         specs.append(InputSpec(path=dst, preset=OOD_PRESETS[name], source=name, split="ood"))
-    ocfg = cfg.model_copy(update={"run_dir": side, "ingest": IngestConfig(inputs=specs, require_answer=False)})
+    ocfg = cfg.model_copy(update={"run_dir": side, "ingest": IngestConfig(inputs=specs, require_answer=False),
+                                  "features": codes_only(cfg)})
     ingest.run(ocfg)
     mirror_stage(cfg.run_dir, side, "sae")
     features.run(ocfg)
