@@ -100,7 +100,9 @@ def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config,
     from saerl_ray.validate_difficulty import difficulty_extras, log_len
 
     run = tmp_path / "run"
-    cfg = tiny_config(run, **SMALL_GRID, **{"validation.sae_seeds": 2, "validation.ood_max_prompts": 12})
+    # features.surprisal on: the run's parts carry it, the difficulty side runs featurise codes only
+    cfg = tiny_config(run, **SMALL_GRID, **{"validation.sae_seeds": 2, "validation.ood_max_prompts": 12,
+                                            "features.surprisal": True})
     math, X, n_tokens = validate._load(cfg)  # ingest, sae, features of the run
     d_cols = code_columns(cfg.run_dir, signal_codes(cfg, "difficulty"))
     y = math["difficulty"].to_numpy(float)
@@ -132,6 +134,11 @@ def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config,
             json.loads((run / stage / "_DONE.json").read_text())["fingerprint"]
     assert difficulty_extras(cfg, math, y, oof, X, n_tokens, d_cols) == res
     assert markers == {p: p.read_text() for p in side.rglob("_DONE.json")}
+    from saerl_ray.featureio import read_surprisal
+    own = read_surprisal(sorted(str(p) for p in (run / "features").glob("part-*.parquet")))
+    ood = read_surprisal(sorted(str(p) for p in (side / "ood/features").glob("part-*.parquet")))
+    assert len(own) >= len(math) and np.isfinite(own).all()  # the pool: MATH-500 and more
+    assert len(ood) == 4 * 12 and np.isnan(ood).all()
 
 
 def test_validate_without_extras(tmp_path, tiny_config):
