@@ -39,7 +39,9 @@ import scipy.sparse as sp
 from saerl_ray import difficulty as dif
 from saerl_ray import quality
 from saerl_ray import storage
-from saerl_ray.config import ConfigError, DifficultyConfig, IngestConfig, InputSpec, RunConfig, fingerprint
+from saerl_ray.config import (
+    ConfigError, DifficultyConfig, FeaturesConfig, IngestConfig, InputSpec, RunConfig, fingerprint,
+)
 from saerl_ray.stage import MARKER, PARTIAL, Stage, marker_of
 
 # Benchmark file stem -> ingest preset (files in ../shared/data; see its README).
@@ -138,7 +140,7 @@ def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
-def codes_only(cfg: RunConfig):
+def codes_only(cfg: RunConfig) -> FeaturesConfig:
     """The run's features settings without surprisal: the difficulty side runs need codes only, and the
     whole model would cost them ~2.4x the lens (the codes are the same either way)."""
     return cfg.features.model_copy(update={"surprisal": False})
@@ -154,7 +156,8 @@ def seed_codes(cfg: RunConfig, k: int, ids: list[str], texts: list[str]) -> tupl
     scfg = cfg.model_copy(update={"run_dir": side, "seed": cfg.seed + k, "features": codes_only(cfg)})
     mirror_stage(cfg.run_dir, side, "ingest")  # the same training prompts as the run's SAE
     summary = sae.run(scfg)
-    st = Stage(side, "math500", fingerprint(cfg.features, marker_of(side, "sae"), _ids_digest(ids)))
+    # the settings the codes are computed with: toggling features.surprisal does not redo them
+    st = Stage(side, "math500", fingerprint(scfg.features, marker_of(side, "sae"), _ids_digest(ids)))
     path = storage.join(side, "math500", "codes.npz")
     if st.done():
         return _load_csr(path), summary.get("explained_variance")

@@ -96,7 +96,7 @@ def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config,
     table (validate.main's JSON carries these keys: tests/test_pipeline_on_cpu.py): the keys, their
     shapes, side dirs that a rerun reuses."""
     from saerl_ray.config import signal_codes
-    from saerl_ray.featureio import code_columns
+    from saerl_ray.featureio import code_columns, read_surprisal
     from saerl_ray.validate_difficulty import difficulty_extras, log_len
 
     run = tmp_path / "run"
@@ -134,7 +134,6 @@ def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config,
             json.loads((run / stage / "_DONE.json").read_text())["fingerprint"]
     assert difficulty_extras(cfg, math, y, oof, X, n_tokens, d_cols) == res
     assert markers == {p: p.read_text() for p in side.rglob("_DONE.json")}
-    from saerl_ray.featureio import read_surprisal
     own = read_surprisal(sorted(str(p) for p in (run / "features").glob("part-*.parquet")))
     ood = read_surprisal(sorted(str(p) for p in (side / "ood/features").glob("part-*.parquet")))
     assert len(own) >= len(math) and np.isfinite(own).all()  # the pool: MATH-500 and more
