@@ -24,7 +24,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
 def forward_shard(model: str, layer: int, prompts: list[str], threads: int, batch: int, max_tokens: int) -> dict:
     import torch
 
-    from saerl_ray.models import load_model, load_tokenizer
+    from saerl_ray.core.models import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
     tok = load_tokenizer(model)

@@ -198,7 +198,7 @@ def step_seconds(metrics_path: Path) -> float | None:
 
 def run_one(arm: str, seed: int, out: Path, overrides: dict, upstream: list[str]) -> dict:
     """One (arm, seed) run: upstream outputs copied from base, then plan + train (each a resumable stage)."""
-    from saerl_ray.config import load_config
+    from saerl_ray.core.config import load_config
     from saerl_ray.pipeline import run_pipeline
 
     run_dir = out / f"{arm}-s{seed}"
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     upstream = UPSTREAM if args.task == "gsm8k" else ["ingest", "label", "sae", "features", "signals"]
     if not args.report_only:
-        from saerl_ray.config import load_config
+        from saerl_ray.core.config import load_config
         from saerl_ray.pipeline import run_pipeline
 
         train_file, heldout_file = write_task(out, args)

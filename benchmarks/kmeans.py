@@ -1,4 +1,4 @@
-"""Benchmark: our Ray k-means (saerl_ray.kmeans) vs sklearn KMeans on the same data, same cores.
+"""Benchmark: our Ray k-means (saerl_ray.signal_models.kmeans) vs sklearn KMeans on the same data, same cores.
 
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/kmeans.py            # 100k x 128, K=64
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/kmeans.py --n 20000  # quicker
@@ -31,7 +31,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from saerl_ray.kmeans import clustering_space, kmeans
+from saerl_ray.signal_models.kmeans import clustering_space, kmeans
 
 
 def timed(fn, repeat: int = 2):

@@ -4,7 +4,7 @@ nothing under the working directory (issue 10's check of "the same config runs o
     make run-s3                                   # same as:
     .venv/bin/python benchmarks/s3_run.py --config configs/gsm8k_math500.yaml
 
-Starts moto's S3 server on a free localhost port (saerl_ray.testing.S3Server, which sets the standard
+Starts moto's S3 server on a free localhost port (testkit.S3Server, which sets the standard
 AWS_* variables), runs `saerl-ray run -c CONFIG --run_dir s3://runs/<name>` as a subprocess, then lists
 the bucket. Compared in the same run: the working directory's files (git status, ignored files
 included) before and after. Extra arguments after `--` go to `saerl-ray run`. Last stdout line: one
@@ -19,6 +19,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+# The test helpers (tests/testkit.py: the S3 server, a hand-made plan) live with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def working_dir_files() -> set[str]:
@@ -35,9 +39,10 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help="more `saerl-ray run` flags (after --)")
     args = ap.parse_args()
 
-    from saerl_ray import storage
+    from testkit import S3Server
+
+    from saerl_ray.core import storage
     from saerl_ray.pipeline import PIPELINE
-    from saerl_ray.testing import S3Server
 
     before = working_dir_files()
     with S3Server() as s3:

@@ -17,7 +17,7 @@ Measured in the same run:
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/sampler.py                          # local, 1M prompts
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/sampler.py --storage s3 --prompts 20000 --calls 300
 
-`--storage s3` starts moto's S3 server on localhost (saerl_ray.testing.S3Server) and puts the run dir
+`--storage s3` starts moto's S3 server on localhost (testkit.S3Server) and puts the run dir
 on it: every call then waits for one PUT. Last stdout line: one JSON object.
 """
 
@@ -27,20 +27,26 @@ import argparse
 import gc
 import json
 import os
+import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+# The test helpers (tests/testkit.py: the S3 server, a hand-made plan) live with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def synthetic_plan(run_dir: str, n: int, k: int, batch: int, seed: int) -> pa.Table:
-    from saerl_ray.plan import PLAN_SCHEMA, build_plan
-    from saerl_ray.testing import commit_plan
+    from testkit import commit_plan
+
+    from saerl_ray.stages.plan import PLAN_SCHEMA, build_plan
 
     rng = np.random.default_rng(seed)
     ids = np.array([f"{i:016x}" for i in rng.permutation(n)], dtype=object)
@@ -69,10 +75,10 @@ def rewards_for(batch: list[dict], rng: np.random.Generator, group: int) -> list
 
 def bench_actor(cfg, calls: int, batch: int, group: int, seed: int, per_prompt_batches: int) -> dict:
     import ray
+    from sampler_drill import wait_until_gone
 
-    from saerl_ray import storage
-    from saerl_ray.sampler import actor_name, get_or_create_sampler
-    from saerl_ray.sampler_drill import wait_until_gone
+    from saerl_ray.core import storage
+    from saerl_ray.sampler.actor import actor_name, get_or_create_sampler
 
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
@@ -128,8 +134,8 @@ def bench_actor(cfg, calls: int, batch: int, group: int, seed: int, per_prompt_b
 
 
 def bench_in_process(table: pa.Table, state_dir: str, calls: int, batch: int, group: int, seed: int) -> dict:
-    from saerl_ray.config import SamplerConfig
-    from saerl_ray.sampler import CurriculumState
+    from saerl_ray.core.config import SamplerConfig
+    from saerl_ray.sampler.state import CurriculumState
 
     out = {}
     for name, where in (("memory", None), ("durable", state_dir)):
@@ -159,15 +165,15 @@ def main() -> None:
 
     server = None
     if args.storage == "s3":
-        from saerl_ray.testing import S3Server
+        from testkit import S3Server
 
         server = S3Server().start()  # sets AWS_* before Ray starts, so the actor's worker inherits them
         bucket = server.create_bucket("bench")
 
     import ray
 
-    from saerl_ray import storage
-    from saerl_ray.config import load_config
+    from saerl_ray.core import storage
+    from saerl_ray.core.config import load_config
 
     try:
         with tempfile.TemporaryDirectory(prefix="saerl-bench-sampler-") as tmp:

@@ -10,7 +10,7 @@ most of it N-independent fitting on the 2,000 labelled rows and 1,200 x 3 probe 
 ElasticNet estimator, before 2026-12-02, the difficulty CV's 75 fits dominated).
 
 Data (written once per N under --work, reused by later runs): a run dir in the stored formats of
-docs/run_dir.md, written through saerl_ray.storage + saerl_ray.stage:
+docs/run_dir.md, written through saerl_ray.core.storage + saerl_ray.core.stage:
   - ingest/prompts.parquet: N prompts (ids = ingest.prompt_id of the text, ~300 characters each),
     sources deepmath / numina / math; only the `math` rows (10%) carry a `difficulty` level 1-5;
   - features/part-NNNNN.parquet: parts of 512 prompts (features.block_rows), the four default codes
@@ -152,11 +152,11 @@ class SyntheticFeaturizer:
 def generate(run_dir: str, n: int, seed: int) -> dict:
     import pyarrow as pa
 
-    from saerl_ray import storage
-    from saerl_ray.config import load_config
-    from saerl_ray.features import SCHEMA, part_path
-    from saerl_ray.ingest import PROMPT_SCHEMA, prompt_id
-    from saerl_ray.stage import Stage
+    from saerl_ray.core import storage
+    from saerl_ray.core.config import load_config
+    from saerl_ray.core.stage import Stage
+    from saerl_ray.stages.features import SCHEMA, part_path
+    from saerl_ray.stages.ingest import PROMPT_SCHEMA, prompt_id
 
     t0 = time.perf_counter()
     cfg = load_config(None, {"run_dir": run_dir})
@@ -249,7 +249,10 @@ class Monitor:
 
         if not ray.is_initialized():
             return None
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+        from ray._private.internal_api import (
+            get_memory_info_reply,
+            get_state_from_address,
+        )
 
         if self._state is None:
             self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
@@ -283,9 +286,10 @@ def mb(x: float) -> float:
 
 
 def run_ours(run_dir: str, seed: int) -> dict:
-    from saerl_ray import plan, signals, storage
-    from saerl_ray.config import load_config
-    from saerl_ray.sampler import CurriculumState
+    from saerl_ray.core import storage
+    from saerl_ray.core.config import load_config
+    from saerl_ray.sampler.state import CurriculumState
+    from saerl_ray.stages import plan, signals
 
     cfg = load_config(None, {"run_dir": run_dir, "seed": seed})
     for stage in ("signals", "plan"):
@@ -335,12 +339,17 @@ def run_baseline(run_dir: str, seed: int, out_dir: str) -> dict:
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import normalize
 
-    from saerl_ray import difficulty as dif
-    from saerl_ray import quality as qual
-    from saerl_ray import storage
-    from saerl_ray.config import load_config, signal_codes
-    from saerl_ray.featureio import code_columns, keep_columns, read_feature_table, table_to_csr
-    from saerl_ray.ray_init import init_ray
+    from saerl_ray.core import storage
+    from saerl_ray.core.config import load_config, signal_codes
+    from saerl_ray.core.featureio import (
+        code_columns,
+        keep_columns,
+        read_feature_table,
+        table_to_csr,
+    )
+    from saerl_ray.core.ray_init import init_ray
+    from saerl_ray.signal_models import difficulty as dif
+    from saerl_ray.signal_models import quality as qual
 
     cfg = load_config(None, {"run_dir": run_dir, "seed": seed})
     sc = cfg.signals
@@ -451,7 +460,7 @@ def child(args: list[str], cap_bytes: int | None = None, timeout_s: float = 7200
 
 def bench(n: int, work: Path, seed: int, cap_gb: float, sides: list[str]) -> dict:
     """Run the requested sides for N (each result kept as <work>/<side>-<N>.json); one row from what is there."""
-    from saerl_ray.stage import Stage
+    from saerl_ray.core.stage import Stage
 
     run_dir = str(work / f"n{n}")
     if not Stage(run_dir, "features", f"{VERSION}-{n}-{seed}").done():

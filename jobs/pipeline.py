@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saerl_ray.cli import build_parser, overrides  # noqa: E402
+from saerl_ray.core.config import ConfigError, load_config  # noqa: E402
+from saerl_ray.core.ray_init import init_ray  # noqa: E402
 from saerl_ray.pipeline import PIPELINE, run_pipeline  # noqa: E402
-from saerl_ray.config import ConfigError, load_config  # noqa: E402
-from saerl_ray.ray_init import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

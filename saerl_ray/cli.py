@@ -19,9 +19,16 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from saerl_ray.config import RunConfig, UserError, choices_note, load_config, yaml_value
-from saerl_ray.storage import StorageError
+from saerl_ray.core.config import (
+    RunConfig,
+    UserError,
+    choices_note,
+    load_config,
+    yaml_value,
+)
+from saerl_ray.core.storage import StorageError
 from saerl_ray.pipeline import STAGES, call_stage, run_pipeline
+
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, FieldInfo, type[BaseModel]]]:
     """(dotted path, field, the section model holding it) of every leaf field, in schema order."""
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         # when first imported; Ray workers started from here inherit it).
         os.environ.setdefault("TQDM_DISABLE", "1")
     if argv and argv[0] == "models":
-        from saerl_ray import models
+        from saerl_ray.core import models
 
         models.main(argv[1:])
         return 0
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(ns: argparse.Namespace) -> int:
     cfg = load_config(ns.config, overrides(ns))
     if ns.cmd == "validate":
-        from saerl_ray import validate
+        from saerl_ray.validation import validate
 
         return validate.main(cfg, as_json=ns.json)
     if ns.cmd == "run":

@@ -11,19 +11,19 @@ from __future__ import annotations
 import importlib
 import time
 
-from saerl_ray.config import RunConfig
+from saerl_ray.core.config import RunConfig
 
 # stage name -> "module:function"; each function takes a RunConfig and returns a summary dict.
 STAGES: dict[str, str] = {
-    "ingest": "saerl_ray.ingest:run",
-    "sae": "saerl_ray.sae:run",
-    "features": "saerl_ray.features:run",
-    "signals": "saerl_ray.signals:run",
-    "plan": "saerl_ray.plan:run",
-    "report": "saerl_ray.report:run",
-    "label": "saerl_ray.label:run",
-    "train": "saerl_ray.train:run",
-    "eval": "saerl_ray.evaluate:run",
+    "ingest": "saerl_ray.stages.ingest:run",
+    "sae": "saerl_ray.stages.sae:run",
+    "features": "saerl_ray.stages.features:run",
+    "signals": "saerl_ray.stages.signals:run",
+    "plan": "saerl_ray.stages.plan:run",
+    "report": "saerl_ray.stages.report:run",
+    "label": "saerl_ray.stages.label:run",
+    "train": "saerl_ray.trainers.train:run",
+    "eval": "saerl_ray.stages.evaluate:run",
 }
 # What `saerl-ray run` executes, in order.
 PIPELINE = ["ingest", "sae", "features", "signals", "plan", "report"]

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from saerl_ray import storage
-from saerl_ray.config import ConfigError, RunConfig, UserError
+from saerl_ray.core import storage
+from saerl_ray.core.config import ConfigError, RunConfig, UserError
 
 
 class SubmitError(UserError, ValueError):
@@ -60,7 +60,7 @@ def stage_path(path: str, run_dir: str, what: str) -> str:
 
 def stage_model(name: str, run_dir: str) -> str:
     """An alias (packaged model) or local folder becomes a URI every node can fetch; HF ids stay."""
-    from saerl_ray import models
+    from saerl_ray.core import models
 
     if name in models.PACKAGED and storage.is_uri(run_dir):
         dest = storage.join(run_dir, "_inputs", "models", name)
@@ -106,7 +106,7 @@ def write_staged(tree: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from saerl_ray.cli import build_parser, overrides
-    from saerl_ray.config import load_config
+    from saerl_ray.core.config import load_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):

@@ -10,8 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path
 
 import pytest
-
-from saerl_ray.testing import S3Server
+from testkit import S3Server
 
 # The S3 endpoint is fixed before any Ray cluster starts, so every Ray worker inherits it.
 S3 = S3Server()
@@ -29,7 +28,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from saerl_ray.testing import save_tiny_model
+    from testkit import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
@@ -48,7 +47,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from saerl_ray.models import packaged_dir
+    from saerl_ray.core.models import packaged_dir
 
     d = packaged_dir("smollm2")
     if not (d / "config.json").exists():
@@ -75,7 +74,7 @@ def s3_run_dir(s3_server, request) -> str:
 
 def tiny_run_config(run_dir, model_dir, shared_data, **extra):
     """The small end-to-end run config (tiny random model, 180 real prompts) the pipeline tests use."""
-    from saerl_ray.config import load_config
+    from saerl_ray.core.config import load_config
 
     overrides = {
         "run_dir": str(run_dir),

@@ -62,7 +62,7 @@ def test_unreachable_ray_address_fails_fast_with_its_name():
     import sys
 
     # A fresh process: in this one another test may have started Ray already, and init_ray is idempotent.
-    code = ("from saerl_ray.config import RayConfig\nfrom saerl_ray.ray_init import RayUnreachable, init_ray\n"
+    code = ("from saerl_ray.core.config import RayConfig\nfrom saerl_ray.core.ray_init import RayUnreachable, init_ray\n"
             "try:\n    init_ray(RayConfig(address='127.0.0.1:9', connect_timeout_s=1))\n"
             "except RayUnreachable as e:\n    print(e)\n    raise SystemExit(3)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

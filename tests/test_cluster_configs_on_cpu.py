@@ -242,7 +242,7 @@ def image_home() -> Path:
 
 def test_rayjob_entrypoint_is_in_the_image_and_parses():
     from saerl_ray.cli import build_parser, overrides
-    from saerl_ray.config import load_config
+    from saerl_ray.core.config import load_config
 
     doc = load("kuberay/rayjob.yaml")
     argv = shlex.split(doc["spec"]["entrypoint"])

@@ -10,8 +10,13 @@ import yaml
 from pydantic import BaseModel
 
 from saerl_ray.cli import main
-from saerl_ray.config import (
-    DEFAULTS_COMMAND, DEFAULTS_YAML, ClusterConfig, RunConfig, defaults_yaml, load_config,
+from saerl_ray.core.config import (
+    DEFAULTS_COMMAND,
+    DEFAULTS_YAML,
+    ClusterConfig,
+    RunConfig,
+    defaults_yaml,
+    load_config,
 )
 
 
@@ -42,7 +47,7 @@ def squash(text: str) -> str:
 
 def test_defaults_yaml_on_disk_is_the_generated_one():
     assert DEFAULTS_YAML.read_text() == defaults_yaml(), (
-        f"{DEFAULTS_YAML} is out of date with saerl_ray/config.py: regenerate it with `{DEFAULTS_COMMAND}`")
+        f"{DEFAULTS_YAML} is out of date with saerl_ray/core/config.py: regenerate it with `{DEFAULTS_COMMAND}`")
 
 
 def test_every_field_and_section_is_documented():

@@ -12,13 +12,20 @@ import random
 import numpy as np
 import pytest
 import torch
+from testkit import tiny_model
 
-from saerl_ray import device as D
-from saerl_ray import features, sae
-from saerl_ray.config import ConfigError, load_config
-from saerl_ray.lens import Lens, encode_prompts, iter_residuals, length_buckets, load_lens_model, residuals
-from saerl_ray.models import load_model, load_tokenizer, model_config
-from saerl_ray.testing import tiny_model
+from saerl_ray.core import device as D
+from saerl_ray.core.config import ConfigError, load_config
+from saerl_ray.core.lens import (
+    Lens,
+    encode_prompts,
+    iter_residuals,
+    length_buckets,
+    load_lens_model,
+    residuals,
+)
+from saerl_ray.core.models import load_model, load_tokenizer, model_config
+from saerl_ray.stages import features, sae
 
 # --- which device ----------------------------------------------------------------------------------
 
@@ -222,7 +229,7 @@ def test_pooling_runs_where_its_inputs_are():
         assert features.pool(codes, mask, how).device.type == "meta"
     for name in features.CODES:
         assert features.code_of(name, codes, mask, codes[:, 0]).device.type == "meta"
-    from saerl_ray.lens import drop_massive
+    from saerl_ray.core.lens import drop_massive
 
     assert drop_massive(codes, mask).device.type == "meta"
 
@@ -327,9 +334,9 @@ def test_pretrained_sae_loads_offline_from_a_shared_hf_cache_and_checks_its_laye
 def test_auto_lens_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch, tmp_path):
     """bf16 emulated on an AVX2-only CPU is ~40x slower than fp32: `auto` must not pick it there."""
     import torch
+    from testkit import save_tiny_model
 
-    from saerl_ray.lens import Lens, compute_dtype, load_lens_model
-    from saerl_ray.testing import save_tiny_model
+    from saerl_ray.core.lens import Lens, compute_dtype, load_lens_model
 
     assert compute_dtype("auto", D.Placement("cuda:0", 1)) == "bfloat16"
     assert compute_dtype("float32", D.Placement("cuda:0", 1)) == "float32"

@@ -1,4 +1,4 @@
-"""Difficulty proxy (saerl_ray.difficulty): CV as Ray tasks, signal vs a shuffled-label control, JSON
+"""Difficulty proxy (saerl_ray.signal_models.difficulty): CV as Ray tasks, signal vs a shuffled-label control, JSON
 round trip, label sources, the no-label fallback."""
 
 import json
@@ -8,9 +8,16 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from saerl_ray.config import DifficultyConfig
-from saerl_ray.difficulty import (
-    cross_validate, design, fit_difficulty, fit_one, predict, predict_from_json, run_difficulty, select_columns,
+from saerl_ray.core.config import DifficultyConfig
+from saerl_ray.signal_models.difficulty import (
+    cross_validate,
+    design,
+    fit_difficulty,
+    fit_one,
+    predict,
+    predict_from_json,
+    run_difficulty,
+    select_columns,
 )
 
 GRID = dict(estimator="elasticnet", alphas=[1e-3, 1e-2, 1e-1], l1_ratios=[0.2, 0.8])

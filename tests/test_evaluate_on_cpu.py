@@ -3,8 +3,14 @@ import json
 import pytest
 
 from saerl_ray.cli import main as cli_main
-from saerl_ray.evaluate import BENCHMARKS, EvalDataError, generate, load_benchmark, render_prompts
-from saerl_ray.reward import math_reward
+from saerl_ray.core.reward import math_reward
+from saerl_ray.stages.evaluate import (
+    BENCHMARKS,
+    EvalDataError,
+    generate,
+    load_benchmark,
+    render_prompts,
+)
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
@@ -36,7 +42,7 @@ def test_bad_benchmark_file_names_the_row(tmp_path):
 
 
 def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir):
-    from saerl_ray.models import load_model, load_tokenizer
+    from saerl_ray.core.models import load_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir))
@@ -76,9 +82,10 @@ def test_eval_stage_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, shared_da
 
 
 def test_prompt_section_reaches_the_rendered_prompt():
-    from saerl_ray.config import ANSWER_INSTRUCTION, load_config
-    from saerl_ray.reward import prompt_style
-    from saerl_ray.testing import tiny_tokenizer
+    from testkit import tiny_tokenizer
+
+    from saerl_ray.core.config import ANSWER_INSTRUCTION, load_config
+    from saerl_ray.core.reward import prompt_style
 
     tok = tiny_tokenizer()
     default = render_prompts(tok, ["What is 1+1?"])[0]

@@ -7,18 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import scipy.sparse as sp
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse as sp
 import torch
 
-from saerl_ray import features, sae
-from saerl_ray.config import fingerprint, load_config
-from saerl_ray.featureio import load_features
-from saerl_ray.lens import Lens, drop_massive, encode_prompts, iter_residuals, length_buckets, load_lens_model, pad_right, residuals
-from saerl_ray.models import load_model, load_tokenizer
-from saerl_ray import storage
-from saerl_ray.stage import Stage, marker_of
+from saerl_ray.core import storage
+from saerl_ray.core.config import fingerprint, load_config
+from saerl_ray.core.featureio import load_features
+from saerl_ray.core.lens import (
+    Lens,
+    drop_massive,
+    encode_prompts,
+    iter_residuals,
+    length_buckets,
+    load_lens_model,
+    pad_right,
+    residuals,
+)
+from saerl_ray.core.models import load_model, load_tokenizer
+from saerl_ray.core.stage import Stage, marker_of
+from saerl_ray.stages import features, sae
 
 # --- pure functions ---------------------------------------------------------------------------
 
@@ -307,7 +316,7 @@ def test_features_resume_computes_only_missing_blocks(featured_run, tmp_path, ti
 
 
 def features_rows(run_dir):
-    from saerl_ray.featureio import read_feature_table
+    from saerl_ray.core.featureio import read_feature_table
 
     return read_feature_table(f"{run_dir}/features").to_pydict()
 
@@ -360,7 +369,7 @@ def test_surprisal_is_the_whole_models_next_token_loss_and_the_hook_is_unchanged
 
 def test_surprisal_column_is_written_by_the_stage_and_matches_featurize_texts(featured_run, tmp_path, tiny_model_dir,
                                                                                shared_data):
-    from saerl_ray.featureio import load_surprisal, part_paths, read_surprisal
+    from saerl_ray.core.featureio import load_surprisal, part_paths, read_surprisal
 
     ref_cfg, _ = featured_run
     # the lens-only run stores NaN: no surprisal was computed

@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from saerl_ray.cli import main as cli_main
-from saerl_ray.config import InputSpec
-from saerl_ray.ingest import IngestError, ingest, last_boxed, prompt_id
+from saerl_ray.core.config import InputSpec
+from saerl_ray.stages.ingest import IngestError, ingest, last_boxed, prompt_id
 
 
 def _write_bad_math_file(path, shared_data):

@@ -1,4 +1,4 @@
-"""k-means (saerl_ray.kmeans): agreement with sklearn, the Ray map/reduce path, empty clusters, sparse input."""
+"""k-means (saerl_ray.signal_models.kmeans): agreement with sklearn, the Ray map/reduce path, empty clusters, sparse input."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,13 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from saerl_ray.kmeans import BlockSet, assign, clustering_space, kmeans, project_blocks
+from saerl_ray.signal_models.kmeans import (
+    BlockSet,
+    assign,
+    clustering_space,
+    kmeans,
+    project_blocks,
+)
 
 
 @pytest.fixture(scope="module")

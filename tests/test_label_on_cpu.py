@@ -1,9 +1,9 @@
 import pyarrow.parquet as pq
 import pytest
 
-import saerl_ray.label as label
+import saerl_ray.stages.label as label
+from saerl_ray.core.config import load_config
 from saerl_ray.pipeline import call_stage
-from saerl_ray.config import load_config
 
 
 def _cfg(run_dir, model_dir, shared_data, **extra):

@@ -22,9 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from testkit import free_port
 
-from saerl_ray import storage
-from saerl_ray.testing import free_port
+from saerl_ray.core import storage
 
 pytestmark = pytest.mark.slow  # minutes: run by `make test-slow` and CI's .ci/run
 
@@ -227,7 +227,7 @@ def reference(tmp_path_factory, tiny_model_dir, shared_data):
 
 
 def assert_same_result(run_dir: str, ref_dir: str) -> None:
-    from saerl_ray.featureio import load_features
+    from saerl_ray.core.featureio import load_features
 
     for stage in ("ingest", "sae", "features", "signals", "plan", "report"):
         assert storage.exists(storage.join(run_dir, stage, "_DONE.json")), stage
@@ -311,8 +311,7 @@ def test_node_hosting_the_sampler_dies_mid_epoch(cluster, tmp_path):
     """Fault (c): the node with the detached CurriculumSampler dies mid-epoch; the actor comes back
     on another node from the state in the bucket and the epochs complete: 0 lost, 0 served twice."""
     from test_sampler_on_cpu import plan_table
-
-    from saerl_ray.testing import commit_plan
+    from testkit import commit_plan
 
     run_dir = f"s3://saerl-test/mn-sampler-{secrets.token_hex(3)}"
     commit_plan(run_dir, plan_table(n_clusters=4, per_cluster=12, ratio=0.25))

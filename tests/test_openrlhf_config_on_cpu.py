@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from saerl_ray.config import ConfigError, load_config
-from saerl_ray.integrations import openrlhf_launch as launch
-from saerl_ray.integrations.openrlhf_reward import parse_label
-from saerl_ray.stage import Stage
+from saerl_ray.core.config import ConfigError, load_config
+from saerl_ray.core.stage import Stage
+from saerl_ray.trainers import openrlhf_launch as launch
+from saerl_ray.trainers.openrlhf_reward import parse_label
 
 BATCH, GROUP = 4, 4
 

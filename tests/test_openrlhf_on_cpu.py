@@ -19,10 +19,10 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from testkit import commit_plan
 
-from saerl_ray.config import load_config
-from saerl_ray.integrations import openrlhf_launch as launch
-from saerl_ray.testing import commit_plan
+from saerl_ray.core.config import load_config
+from saerl_ray.trainers import openrlhf_launch as launch
 
 # Tests that import OpenRLHF run only in .venv-openrlhf; the rest run in the core env too.
 needs_openrlhf = pytest.mark.openrlhf
@@ -62,7 +62,7 @@ def make_cfg(tmp_path, policy_dir, algo="grpo", mode="static", steps=4, extra=()
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """conftest's fixture, but a missing model fails the run where SAERL_REQUIRE_OPENRLHF=1."""
-    from saerl_ray.models import packaged_dir
+    from saerl_ray.core.models import packaged_dir
 
     d = packaged_dir("smollm2")
     if not (d / "config.json").exists():
@@ -77,7 +77,7 @@ def smollm2_dir():
 def reward_state(monkeypatch):
     """The reward file's process-wide report state, emptied, with size/time flushes off unless a test
     turns them on: what reaches the sampler is then exactly what the code under test sent."""
-    from saerl_ray.integrations import openrlhf_reward as rf
+    from saerl_ray.trainers import openrlhf_reward as rf
 
     def clear():
         with rf._lock:
@@ -99,7 +99,7 @@ def run(tmp_path, smollm2_dir, shared_data, ray_cluster, monkeypatch):
     """Plan + sampler actor + prompt file + parsed OpenRLHF args, as `openrlhf_launch.run` makes them."""
 
     def setup(algo="grpo", mode="static", steps=4):
-        from saerl_ray.sampler import actor_name, get_or_create_sampler
+        from saerl_ray.sampler.actor import actor_name, get_or_create_sampler
 
         cfg = make_cfg(tmp_path, smollm2_dir, algo, mode, steps)
         plan = write_plan(cfg.run_dir, shared_data)
@@ -119,7 +119,7 @@ def make_trainer(args):
     """The undecorated subclass, constructed in-process exactly as the Ray actor would be."""
     from openrlhf.utils import get_strategy
 
-    from saerl_ray.integrations.openrlhf_trainer import SaerlPPOTrainer
+    from saerl_ray.trainers.openrlhf_trainer import SaerlPPOTrainer
 
     return SaerlPPOTrainer(
         args.actor.model_name_or_path, get_strategy(args), None, None, None, None, None,
@@ -449,7 +449,7 @@ def test_reward_func_scores_groups_and_never_raises(reward_state):
 @pytest.fixture
 def sampler_run(tmp_path, shared_data, ray_cluster):
     """A plan and its CurriculumSampler actor; labels as the launcher writes them."""
-    from saerl_ray.sampler import actor_name, get_or_create_sampler
+    from saerl_ray.sampler.actor import actor_name, get_or_create_sampler
 
     cfg = make_cfg(tmp_path, tmp_path, mode="online")
     plan = write_plan(cfg.run_dir, shared_data)

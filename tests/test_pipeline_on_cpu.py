@@ -4,10 +4,9 @@ import json
 
 import pyarrow.parquet as pq
 
-from saerl_ray import validate
-from saerl_ray.quality import families_of
-
 from saerl_ray.pipeline import run_pipeline
+from saerl_ray.signal_models.corruptions import families_of
+from saerl_ray.validation import validate
 
 
 def test_pipeline_end_to_end(pipeline_run_dir, tiny_config, ray_cluster):
@@ -68,7 +67,7 @@ def test_cli_run_with_s3_run_dir_writes_only_to_the_bucket(tmp_path, tiny_config
 
     import yaml
 
-    from saerl_ray import storage
+    from saerl_ray.core import storage
 
     run_dir = f"s3://saerl-test/cli-run-{os.getpid()}"
     cfg = tiny_config(run_dir).model_dump(mode="json")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from saerl_ray.config import load_config
-from saerl_ray.plan import PLAN_SCHEMA, batch_purity, build_plan, run
-from saerl_ray.stage import Stage
+from saerl_ray.core.config import load_config
+from saerl_ray.core.stage import Stage
+from saerl_ray.stages.plan import PLAN_SCHEMA, batch_purity, build_plan, run
 
 B = 16
 
@@ -213,7 +212,7 @@ def test_stage_names_a_prompt_without_signals(tmp_path):
 
 
 def test_small_batches_still_mix_one_prompt():
-    from saerl_ray.plan import mix_pairs
+    from saerl_ray.stages.plan import mix_pairs
 
     clusters = np.array([0] * 4 + [1] * 4)
     batches = [np.arange(4), np.arange(4, 8)]

@@ -1,4 +1,4 @@
-"""Quality (saerl_ray.quality): each corruption does what it says, leave-one-family-out AUROC is computed
+"""Quality (saerl_ray.signal_models.quality): each corruption does what it says, leave-one-family-out AUROC is computed
 on a family the probe never saw, the novelty signal needs no negatives, JSON round trip, the
 false-positive-rate cut, keep rules and flags."""
 
@@ -14,14 +14,34 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from saerl_ray.difficulty import design
-from saerl_ray.quality import (
-    balanced_sample,
-    CORRUPTIONS, FAMILIES, LEGACY_CORRUPTIONS, OFFDOMAIN_SENTENCES, corrupt, evaluation_splits, families_of,
-    pooled_aurocs, fit_quality_probe, garble, keep_mask, leak, make_negatives, mismatch, offdomain, probe_scores,
-    quality_scores, run_quality, score_from_json, shuffle, truncate,
+from saerl_ray.core.config import QualityConfig
+from saerl_ray.signal_models.corruptions import (
+    CORRUPTIONS,
+    FAMILIES,
+    LEGACY_CORRUPTIONS,
+    OFFDOMAIN_SENTENCES,
+    corrupt,
+    families_of,
+    garble,
+    leak,
+    make_negatives,
+    mismatch,
+    offdomain,
+    shuffle,
+    truncate,
 )
-from saerl_ray.config import QualityConfig
+from saerl_ray.signal_models.difficulty import design
+from saerl_ray.signal_models.quality import (
+    balanced_sample,
+    evaluation_splits,
+    fit_quality_probe,
+    keep_mask,
+    pooled_aurocs,
+    probe_scores,
+    quality_scores,
+    run_quality,
+    score_from_json,
+)
 
 TEXT = "Find the number of positive integers n such that n squared is less than one hundred and n is odd."
 OTHER = "A triangle has sides of length three four and five so compute its area in square units please."
@@ -341,7 +361,7 @@ def test_minority_source_is_not_read_as_pollution(tmp_path):
 
 
 def test_report_lists_every_filtered_prompt_with_score_and_flag():
-    from saerl_ray import report
+    from saerl_ray.stages import report
 
     n = 40
     df = pd.DataFrame({"id": [str(i) for i in range(n)], "prompt": [f"prompt number {i}" for i in range(n)],
@@ -366,7 +386,7 @@ def test_report_lists_every_filtered_prompt_with_score_and_flag():
 
 
 def test_neighbors_distance_skips_the_row_itself_and_reads_only_its_band():
-    from saerl_ray.quality import fit_neighbors, neighbors_raw
+    from saerl_ray.signal_models.quality import fit_neighbors, neighbors_raw
 
     rng = np.random.default_rng(0)
     X = sp.csr_matrix(np.abs(rng.normal(size=(50, 12))) * (rng.random((50, 12)) < 0.4))
@@ -388,7 +408,7 @@ def test_neighbors_distance_skips_the_row_itself_and_reads_only_its_band():
 
 
 def test_sum_rule_adds_evidence_and_flags_the_largest_signal():
-    from saerl_ray.quality import combine
+    from saerl_ray.signal_models.quality import combine
 
     z = {"probe": np.array([1.5, 4.0, 0.0]), "novelty": np.array([1.5, 0.0, -1.0]), "neighbors": np.array([1.0, 0.5, 0.0])}
     bad, flag = combine(z, ["probe", "novelty", "neighbors"], "sum")
@@ -443,7 +463,7 @@ def test_surprisal_signal_sees_a_family_the_codes_cannot(tmp_path):
 
 
 def test_config_refuses_a_surprisal_signal_without_surprisal_features():
-    from saerl_ray.config import load_config
+    from saerl_ray.core.config import load_config
 
     with pytest.raises(Exception, match="features.surprisal"):
         load_config(None, {"signals.quality.combine": ["probe", "surprisal"]})

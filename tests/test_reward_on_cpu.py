@@ -3,7 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from saerl_ray.reward import extract_answer, math_reward, math_rewards
+from saerl_ray.core.reward import extract_answer, math_reward, math_rewards
 
 
 def _rows(shared_data, name):

@@ -1,7 +1,7 @@
 """sae stage on a tiny random model: a real sae-lens TopK SAE trained on streamed lens activations."""
 
-from pathlib import Path
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saerl_ray import sae
-from saerl_ray.config import load_config
-from saerl_ray.stage import Stage
+from saerl_ray.core.config import load_config
+from saerl_ray.core.stage import Stage
+from saerl_ray.stages import sae
 
 
 def _ingest(run_dir, shared_data, n=40, split="train"):

@@ -12,20 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from sampler_drill import drill, wait_until_gone
+from testkit import commit_plan
 
-from saerl_ray import storage
-from saerl_ray.config import SamplerConfig, load_config
-from saerl_ray.plan import PLAN_SCHEMA, build_plan
-from saerl_ray.sampler import (
-    SAMPLER_NAMESPACE,
-    CurriculumState,
-    actor_name,
-    get_or_create_sampler,
-    read_decisions,
-)
-from saerl_ray.sampler_drill import drill, wait_until_gone
-from saerl_ray.sampler_store import SamplerStore
-from saerl_ray.testing import commit_plan
+from saerl_ray.core import storage
+from saerl_ray.core.config import SamplerConfig, load_config
+from saerl_ray.sampler.actor import SAMPLER_NAMESPACE, actor_name, get_or_create_sampler
+from saerl_ray.sampler.state import CurriculumState
+from saerl_ray.sampler.store import SamplerStore, read_decisions
+from saerl_ray.stages.plan import PLAN_SCHEMA, build_plan
 
 B = 4
 
@@ -321,7 +316,7 @@ def test_state_rebuilt_from_storage_after_crashes_and_failed_writes_equals_the_l
     points: it must always equal the twin. `local-decision-flushes`: a base is written whenever two
     decisions are buffered, which happens inside serving and reporting calls."""
     if where == "local-decision-flushes":
-        import saerl_ray.sampler as sampler_module
+        import saerl_ray.sampler.state as sampler_module
 
         monkeypatch.setattr(sampler_module, "MAX_BUFFERED_DECISIONS", 2)
     root = request.getfixturevalue("s3_run_dir") + "/sampler" if where == "s3" else str(tmp_path / "sampler")
@@ -410,8 +405,8 @@ def test_state_rebuilt_from_storage_after_crashes_and_failed_writes_equals_the_l
 
 
 def test_client_fails_fast_when_the_actor_cannot_be_built(ray_cluster, tmp_path, monkeypatch):
-    from saerl_ray import sampler as sampler_mod
-    from saerl_ray.sampler import SamplerClient
+    from saerl_ray.sampler import state as sampler_mod
+    from saerl_ray.sampler.actor import SamplerClient
 
     waits = []
 

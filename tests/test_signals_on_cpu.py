@@ -3,10 +3,10 @@ reproduce the stored columns, idempotent reruns. Prompts are real (MATH-500 + GS
 cheap deterministic stand-in for the SAE (hashed character trigrams, top-k, mean-pooled), written in
 the features stage's file format."""
 
-from pathlib import Path
 import json
 import math
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,14 +16,15 @@ import pytest
 import scipy.sparse as sp
 from safetensors.numpy import load_file
 
-from saerl_ray import signals
-from saerl_ray.kmeans import clustering_space
-from saerl_ray.config import ConfigError, load_config, signal_codes
-from saerl_ray.difficulty import predict_from_json
-from saerl_ray.featureio import code_columns, load_features, stored_codes
-from saerl_ray.ingest import prompt_id
-from saerl_ray.quality import FAMILIES, score_from_json
-from saerl_ray.stage import Stage
+from saerl_ray.core.config import ConfigError, load_config, signal_codes
+from saerl_ray.core.featureio import code_columns, load_features, stored_codes
+from saerl_ray.core.stage import Stage
+from saerl_ray.signal_models.corruptions import FAMILIES
+from saerl_ray.signal_models.difficulty import predict_from_json
+from saerl_ray.signal_models.kmeans import clustering_space
+from saerl_ray.signal_models.quality import score_from_json
+from saerl_ray.stages import signals
+from saerl_ray.stages.ingest import prompt_id
 
 D_SAE, TOP_K = 256, 24
 
@@ -210,7 +211,7 @@ def test_outputs_do_not_depend_on_how_features_are_cut_and_the_driver_never_read
     training rows the tasks return."""
     import shutil
 
-    from saerl_ray import featureio
+    from saerl_ray.core import featureio
 
     reference = signals.run(config(run_dir), featurize=two_codes)
     ref = pq.read_table(run_dir / "signals/assignments.parquet").to_pandas()

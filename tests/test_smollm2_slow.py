@@ -1,17 +1,17 @@
 """sae + features on the real SmolLM2-135M-Instruct with ~50 real prompts (slow: `make test-slow`)."""
 
-from pathlib import Path
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from saerl_ray import features, sae
-from saerl_ray.config import load_config
-from saerl_ray.featureio import load_features
-from saerl_ray.stage import Stage
+from saerl_ray.core.config import load_config
+from saerl_ray.core.featureio import load_features
+from saerl_ray.core.stage import Stage
+from saerl_ray.stages import features, sae
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ import time
 
 import pyarrow as pa
 import pytest
+from testkit import OutageProxy
 
-from saerl_ray import storage
-from saerl_ray.stage import MARKER, Stage, StageNotReady, marker_of
-from saerl_ray.testing import OutageProxy
+from saerl_ray.core import storage
+from saerl_ray.core.stage import MARKER, Stage, StageNotReady, marker_of
 
 
 @pytest.fixture(params=["local", "s3"])

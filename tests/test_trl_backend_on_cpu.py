@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 import torch
+from testkit import commit_plan, tiny_model
 
-from saerl_ray import trl_backend as tb
-from saerl_ray.config import load_config
-from saerl_ray.testing import commit_plan, tiny_model
+from saerl_ray.core.config import load_config
+from saerl_ray.trainers import trl_backend as tb
 
 
 def test_step_layout_splits_whole_global_batches_over_workers():
@@ -80,7 +80,7 @@ def test_grpo_two_steps_on_two_ray_train_workers_reports_to_the_sampler(
 ):
     import ray
 
-    from saerl_ray.sampler import get_or_create_sampler
+    from saerl_ray.sampler.actor import get_or_create_sampler
 
     run_dir = tmp_path / "run"
     plan = write_plan(run_dir, shared_data)
@@ -147,7 +147,7 @@ def test_freeze_below_leaves_only_the_top_layers_and_final_norm_trainable():
 def test_resume_continues_model_and_sampler_from_the_last_checkpoint(tmp_path, tiny_model_dir, shared_data, ray_cluster):
     import ray
 
-    from saerl_ray.sampler import get_or_create_sampler
+    from saerl_ray.sampler.actor import get_or_create_sampler
 
     run_dir = tmp_path / "run"
     plan = write_plan(run_dir, shared_data)

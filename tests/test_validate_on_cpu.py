@@ -4,10 +4,20 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from saerl_ray import validate
-from saerl_ray.config import DifficultyConfig
-from saerl_ray.validate import difficulty_spearman, quality_auroc, sae_design, topic_nmi
-from saerl_ray.validate_difficulty import auroc, difficulty_oof, pairwise_auroc, seeds_summary
+from saerl_ray.core.config import DifficultyConfig
+from saerl_ray.validation import validate
+from saerl_ray.validation.validate import (
+    difficulty_spearman,
+    quality_auroc,
+    sae_design,
+    topic_nmi,
+)
+from saerl_ray.validation.validate_difficulty import (
+    auroc,
+    difficulty_oof,
+    pairwise_auroc,
+    seeds_summary,
+)
 
 SMALL_GRID = {"signals.difficulty.alphas": [1e-2, 1e-1], "signals.difficulty.l1_ratios": [0.5]}
 
@@ -95,9 +105,9 @@ def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config,
     """Two SAE seeds and the benchmark-order check on the tiny model, as validate computes them after its
     table (validate.main's JSON carries these keys: tests/test_pipeline_on_cpu.py): the keys, their
     shapes, side dirs that a rerun reuses."""
-    from saerl_ray.config import signal_codes
-    from saerl_ray.featureio import code_columns, read_surprisal
-    from saerl_ray.validate_difficulty import difficulty_extras, log_len
+    from saerl_ray.core.config import signal_codes
+    from saerl_ray.core.featureio import code_columns, read_surprisal
+    from saerl_ray.validation.validate_difficulty import difficulty_extras, log_len
 
     run = tmp_path / "run"
     # features.surprisal on: the run's parts carry it, the difficulty side runs featurise codes only
@@ -142,7 +152,7 @@ def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config,
 
 def test_validate_without_extras(tmp_path, tiny_config):
     """sae_seeds=1 and ood off: the keys are there, with one seed and null."""
-    from saerl_ray.validate_difficulty import difficulty_extras
+    from saerl_ray.validation.validate_difficulty import difficulty_extras
 
     cfg = tiny_config(tmp_path / "run", **SMALL_GRID, **{"validation.ood": False})
     y = np.arange(100) % 5 + 1.0

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from saerl_ray.config import ConfigError, load_config
-from saerl_ray.integrations import verl_launch as launch
-from saerl_ray.stage import Stage
+from saerl_ray.core.config import ConfigError, load_config
+from saerl_ray.core.stage import Stage
+from saerl_ray.trainers import verl_launch as launch
 
 BATCH, GROUP = 4, 4
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_a_refused_config_starts_nothing(tmp_path):
 
 
 def test_train_dispatches_to_the_verl_backend(tmp_path, monkeypatch):
-    from saerl_ray import train
+    from saerl_ray.trainers import train
 
     seen = []
     monkeypatch.setattr(launch, "run", lambda cfg: seen.append(cfg.train.backend) or {"backend": "verl"})
@@ -167,7 +167,7 @@ def test_dataset_is_verls_rl_format_in_plan_order(tmp_path):
 
 
 def test_reward_function_scores_like_the_other_backends_and_never_raises():
-    from saerl_ray.integrations.verl_reward import compute_score
+    from saerl_ray.trainers.verl_reward import compute_score
 
     assert compute_score("gsm8k", "so it is \\boxed{4}", "4") == {"score": 1.0, "acc": 1.0}
     assert compute_score("gsm8k", "it is 5", "4") == {"score": 0.0, "acc": 0.0}

@@ -21,10 +21,10 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
+from testkit import commit_plan
 
-from saerl_ray.config import ConfigError, load_config
-from saerl_ray.integrations import verl_launch as launch
-from saerl_ray.testing import commit_plan
+from saerl_ray.core.config import ConfigError, load_config
+from saerl_ray.trainers import verl_launch as launch
 
 pytestmark = pytest.mark.verl
 
@@ -61,7 +61,7 @@ def run(tmp_path, tiny_model_dir, ray_cluster):
     """Plan + sampler actor + verl dataset + composed verl config, as `verl_launch.run` makes them."""
 
     def setup(algo="grpo", mode="static", steps=3, extra=()):
-        from saerl_ray.sampler import actor_name, get_or_create_sampler
+        from saerl_ray.sampler.actor import actor_name, get_or_create_sampler
 
         cfg = make_cfg(tmp_path, tiny_model_dir, algo, mode, steps, extra)
         plan = write_plan(cfg.run_dir)
@@ -84,7 +84,7 @@ def build_trainer(config):
     from verl.utils import hf_tokenizer
     from verl.utils.dataset.rl_dataset import collate_fn
 
-    from saerl_ray.integrations.verl_trainer import SaerlRayPPOTrainer, curriculum_patches
+    from saerl_ray.trainers.verl_trainer import SaerlRayPPOTrainer, curriculum_patches
 
     tokenizer = hf_tokenizer(config.actor_rollout_ref.model.path)
     train = main_ppo_v0.create_rl_dataset(config.data.train_files, config.data, tokenizer, None, is_train=True)
@@ -111,7 +111,7 @@ def step_batch(trainer, batch_dict, correct):
     import torch
     from verl import DataProto
 
-    from saerl_ray.integrations.verl_reward import compute_score
+    from saerl_ray.trainers.verl_reward import compute_score
 
     batch = DataProto.from_single_dict(batch_dict)
     batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch.batch))], dtype=object)
@@ -195,8 +195,11 @@ def test_overrides_compose_with_verls_hydra_config_and_pass_its_validation(tmp_p
 def test_task_runner_swaps_in_the_curriculum_sampler_and_trainer_only_while_it_runs(run, monkeypatch):
     from verl.trainer import main_ppo_v0
 
-    from saerl_ray.integrations.verl_sampler import CurriculumDataSampler, create_curriculum_sampler
-    from saerl_ray.integrations.verl_trainer import SaerlRayPPOTrainer, SaerlTaskRunner
+    from saerl_ray.trainers.verl_sampler import (
+        CurriculumDataSampler,
+        create_curriculum_sampler,
+    )
+    from saerl_ray.trainers.verl_trainer import SaerlRayPPOTrainer, SaerlTaskRunner
 
     r = run()
     seen = {}
@@ -212,9 +215,8 @@ def test_task_runner_swaps_in_the_curriculum_sampler_and_trainer_only_while_it_r
     assert isinstance(seen["sampler"], CurriculumDataSampler) and len(seen["sampler"]) == 3 * BATCH
     assert (main_ppo_v0.create_rl_sampler, main_ppo_v0.RayPPOTrainer) == original  # restored afterwards
     # Without data.saerl the drop-in is verl's own sampler.
-    from torch.utils.data import SequentialSampler
-
     from omegaconf import OmegaConf
+    from torch.utils.data import SequentialSampler
 
     plain = OmegaConf.create({"shuffle": False, "seed": None})
     assert isinstance(create_curriculum_sampler(plain, list(range(3))), SequentialSampler)
@@ -223,7 +225,7 @@ def test_task_runner_swaps_in_the_curriculum_sampler_and_trainer_only_while_it_r
 def test_verls_loader_serves_the_actors_order_one_call_per_step(run):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from saerl_ray.integrations.verl_sampler import CurriculumDataSampler
+    from saerl_ray.trainers.verl_sampler import CurriculumDataSampler
 
     r = run(mode="static", steps=3)
     trainer = build_trainer(r.config)
@@ -314,7 +316,7 @@ def test_run_composes_validates_and_hands_verls_run_ppo_our_task_runner(tmp_path
     """launch.run end to end except verl's GPU training (run_ppo is recorded, not executed)."""
     import verl.trainer.main_ppo as main_ppo
 
-    from saerl_ray.integrations.verl_trainer import SaerlTaskRunner
+    from saerl_ray.trainers.verl_trainer import SaerlTaskRunner
 
     cfg = make_cfg(tmp_path, tiny_model_dir, "dapo", steps=2)
     write_plan(cfg.run_dir)

@@ -15,14 +15,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: sampler_drill
 
 import ray  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+from sampler_drill import drill  # noqa: E402
 
-from saerl_ray import storage  # noqa: E402
-from saerl_ray.config import load_config  # noqa: E402
-from saerl_ray.sampler import SAMPLER_NAMESPACE, CurriculumSampler, actor_name  # noqa: E402
-from saerl_ray.sampler_drill import drill  # noqa: E402
+from saerl_ray.core import storage  # noqa: E402
+from saerl_ray.core.config import load_config  # noqa: E402
+from saerl_ray.sampler.actor import SAMPLER_NAMESPACE, CurriculumSampler, actor_name  # noqa: E402
 
 
 def main(run_dir: str) -> None:
