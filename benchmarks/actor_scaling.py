@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import ray
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
 
 
 @ray.remote(num_cpus=1)
@@ -67,7 +65,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=256)
     a = ap.parse_args()
-    prompts = [json.loads(line)["problem"] for line in DATA.read_text().splitlines()[: a.prompts]]
+    from saerl_ray.core.data import rows
+
+    prompts = [r["problem"] for r in rows("math500")[: a.prompts]]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     args = (a.model, a.layer, prompts)
     run(*args, 1, 1, a.batch, a.max_tokens)  # warm-up: page in weights, import torch in a worker

@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 ARMS = ["saerl", "shuffled", "length", "no_mix"]
 UPSTREAM = ["ingest", "sae", "features", "signals"]
 
@@ -49,8 +48,9 @@ UPSTREAM = ["ingest", "sae", "features", "signals"]
 def easy_gsm8k(max_answer: int, max_chars: int) -> list[dict]:
     """GSM8K-train problems with a small non-negative integer answer and a short statement."""
     rows = []
-    for line in (DATA / "gsm8k_train.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    from saerl_ray.core.data import rows as data_rows
+
+    for r in data_rows("gsm8k_train"):
         gold = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
         if re.fullmatch(r"\d+", gold) and int(gold) <= max_answer and len(r["question"]) <= max_chars:
             rows.append({"question": r["question"], "answer": r["answer"]})
@@ -65,8 +65,10 @@ def gsm8k_arithmetic(max_operand: int) -> list[dict]:
     ("What is 48 / 2?"), both operands <= max_operand, deduplicated: real arithmetic a 135M model
     partly solves, where it solves almost no full GSM8K problem."""
     rows, seen = [], set()
-    for line in (DATA / "gsm8k_train.jsonl").read_text().splitlines():
-        for a, op, b, c in CALC.findall(json.loads(line)["answer"]):
+    from saerl_ray.core.data import rows as data_rows
+
+    for r in data_rows("gsm8k_train"):
+        for a, op, b, c in CALC.findall(r["answer"]):
             if (a, op, b) not in seen and max(int(a), int(b)) <= max_operand:
                 seen.add((a, op, b))
                 rows.append({"question": f"What is {a} {op} {b}?", "answer": f"#### {c}"})

@@ -38,12 +38,13 @@ from saerl_ray.core.models import DTYPES, load_model, load_tokenizer
 from saerl_ray.core.stage import Stage
 from saerl_ray.stages import features, sae
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def real_prompts(n: int) -> list[str]:
-    gsm = [json.loads(x)["question"] for x in open(DATA / "gsm8k_train.jsonl")][: n - n // 2]
-    math = [json.loads(x)["problem"] for x in open(DATA / "math500.jsonl")][: n // 2]
+    from saerl_ray.core.data import rows
+
+    gsm = [r["question"] for r in rows("gsm8k_train")][: n - n // 2]
+    math = [r["problem"] for r in rows("math500")][: n // 2]
     return gsm + math
 
 

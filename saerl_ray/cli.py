@@ -1,6 +1,6 @@
 """`saerl-ray` command line: one subcommand per stage, every config field as a dotted flag.
 
-    saerl-ray ingest --preset math --input ../shared/data/math500.jsonl --run-dir runs/m
+    saerl-ray ingest --preset math --input data/math500.jsonl.gz --run-dir runs/m
     saerl-ray features --config configs/gsm8k_math500.yaml --features.batch_size 64
     saerl-ray run --config configs/gsm8k_math500.yaml          # every stage in order
     saerl-ray models pull smollm2

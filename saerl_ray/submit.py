@@ -23,6 +23,7 @@ import yaml
 
 from saerl_ray.core import storage
 from saerl_ray.core.config import ConfigError, RunConfig, UserError
+from saerl_ray.core.data import expand as expand_data
 
 
 class SubmitError(UserError, ValueError):
@@ -38,8 +39,20 @@ def _digest(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def _expanded(path: str) -> str:
+    """`path` with ${SAERL_DATA} expanded, or as written when there is no data folder here."""
+    try:
+        return expand_data(path)
+    except FileNotFoundError:
+        return path
+
+
 def stage_path(path: str, run_dir: str, what: str) -> str:
     """Where the job should read `path`: a URI stays, a local file or folder is copied under run_dir."""
+    try:
+        path = expand_data(path)
+    except FileNotFoundError as e:
+        raise SubmitError(f"{what}: {e}") from None
     if storage.is_uri(path):
         return path
     local = Path(path).expanduser()
@@ -89,7 +102,7 @@ def stage_config(cfg: RunConfig) -> dict[str, Any]:
             cfg.signals.difficulty.label_file, run_dir, "signals.difficulty.label_file")
     if cfg.train.heldout_file:
         tree["train"]["heldout_file"] = stage_path(cfg.train.heldout_file, run_dir, "train.heldout_file")
-    if Path(cfg.eval.data_dir).exists() or storage.is_uri(cfg.eval.data_dir):
+    if storage.is_uri(cfg.eval.data_dir) or Path(_expanded(cfg.eval.data_dir)).exists():
         tree["eval"]["data_dir"] = stage_path(cfg.eval.data_dir, run_dir, "eval.data_dir")
     tree["model"]["name"] = stage_model(cfg.model.name, run_dir)
     if cfg.train.policy:

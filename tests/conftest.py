@@ -16,14 +16,38 @@ from testkit import S3Server
 S3 = S3Server()
 os.environ.update(S3.env())
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Where the tests find real data, first that has a file: SAERL_DATA, this workplace's full read-only copy
+# (../shared/data: every benchmark), the repo's data/ (GSM8K train/test and MATH-500, gzipped).
+DATA_SOURCES = [Path(p) for p in [os.environ.get("SAERL_DATA", "")] if p] + [
+    Path(__file__).resolve().parents[2] / "shared" / "data", Path(__file__).resolve().parents[1] / "data"]
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.fail(f"real data expected at {SHARED_DATA} (shared/ beside the repo)")
-    return SHARED_DATA
+def shared_data(tmp_path_factory) -> Path:
+    """One folder of plain .jsonl data files (the tests read them as text), gathered from DATA_SOURCES."""
+    import gzip
+
+    out = tmp_path_factory.mktemp("data")
+    for src in DATA_SOURCES:
+        for f in sorted(src.glob("*.jsonl")) + sorted(src.glob("*.jsonl.gz")) if src.is_dir() else []:
+            dst = out / f.name.removesuffix(".gz")
+            if not dst.exists():
+                dst.write_bytes(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes())
+    if not (out / "math500.jsonl").exists():
+        pytest.fail(f"no real data: none of {[str(s) for s in DATA_SOURCES]} holds math500.jsonl(.gz)")
+    return out
+
+
+@pytest.fixture(scope="session")
+def require_data(shared_data):
+    """`require_data("aime24.jsonl", ...)`: skip a test whose benchmark files are not here. Only GSM8K and
+    MATH-500 ship with the repo (data/README.md); the other benchmarks come from SAERL_DATA (CI has them)."""
+    def need(*names: str) -> Path:
+        missing = [n for n in names if not (shared_data / n).exists()]
+        if missing:
+            pytest.skip(f"{missing} not in {[str(s) for s in DATA_SOURCES]}: set SAERL_DATA to a folder that has them")
+        return shared_data
+    return need
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from saerl_ray.stages.evaluate import (
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
-def test_every_benchmark_file_yields_prompts_and_gradable_gold(shared_data, name):
+def test_every_benchmark_file_yields_prompts_and_gradable_gold(require_data, name):
+    shared_data = require_data(BENCHMARKS[name].file)
     rows = load_benchmark(shared_data, name)
     assert len(rows) >= 30
     assert [r["row"] for r in rows] == sorted(r["row"] for r in rows)
@@ -24,7 +25,8 @@ def test_every_benchmark_file_yields_prompts_and_gradable_gold(shared_data, name
         assert math_reward(f"\\boxed{{{r['answer']}}}", r["answer"]) == 1.0, (name, r["row"], r["answer"])
 
 
-def test_minerva_gold_comes_from_the_solutions_last_box(shared_data):
+def test_minerva_gold_comes_from_the_solutions_last_box(require_data):
+    shared_data = require_data("minerva_math.jsonl")
     first = json.loads((shared_data / "minerva_math.jsonl").read_text().splitlines()[0])
     row = load_benchmark(shared_data, "minerva", limit=1)[0]
     assert row["answer"] in first["solution"]

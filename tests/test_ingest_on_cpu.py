@@ -70,7 +70,8 @@ def test_unreadable_file_error_names_the_file(tmp_path):
         ("minerva", "minerva_math.jsonl", lambda r: r["answer"] and "boxed" not in r["answer"]),
     ],
 )
-def test_presets_map_real_files(preset, file, field_checks, shared_data):
+def test_presets_map_real_files(preset, file, field_checks, require_data):
+    shared_data = require_data(file)
     accepted, rejected, counts = ingest([InputSpec(path=str(shared_data / file), preset=preset, limit=50)])
     n = counts[str(shared_data / file)]["rows"]
     assert n == min(50, len((shared_data / file).read_text().splitlines()))
@@ -109,7 +110,8 @@ def test_last_boxed_is_brace_balanced():
     assert last_boxed("no box") is None
 
 
-def test_rerun_is_a_noop_and_changed_config_recomputes(tmp_path, shared_data):
+def test_rerun_is_a_noop_and_changed_config_recomputes(tmp_path, require_data):
+    shared_data = require_data("aime24.jsonl")
     args = ["ingest", "--preset", "aime", "--input", str(shared_data / "aime24.jsonl"), "--run-dir", str(tmp_path)]
     cli_main(args)
     marker = tmp_path / "ingest/_DONE.json"
@@ -121,8 +123,9 @@ def test_rerun_is_a_noop_and_changed_config_recomputes(tmp_path, shared_data):
     assert pq.read_table(tmp_path / "ingest/rejected.parquet").num_rows > 0
 
 
-def test_a_copied_or_touched_input_is_the_same_input_an_edited_one_is_not(tmp_path, shared_data):
+def test_a_copied_or_touched_input_is_the_same_input_an_edited_one_is_not(tmp_path, require_data):
     """Inputs are fingerprinted by content: re-mounting the data (new mtimes) must not redo every stage."""
+    shared_data = require_data("aime24.jsonl")
     import os
 
     data = tmp_path / "aime.jsonl"

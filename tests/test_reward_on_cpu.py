@@ -50,7 +50,8 @@ def test_gsm8k_gold_after_hashes_with_commas(shared_data):
     assert math_reward(r["answer"].replace("####", "so"), r["answer"]) == 1.0
 
 
-def test_aime_and_amc_integer_answers(shared_data):
+def test_aime_and_amc_integer_answers(require_data):
+    shared_data = require_data("aime24.jsonl", "amc23.jsonl")
     for r in _rows(shared_data, "aime24.jsonl"):
         assert math_reward(f"\\boxed{{{int(r['answer'])}}}", r["answer"]) == 1.0  # "073" vs 73
         assert math_reward(f"\\boxed{{{int(r['answer']) + 2}}}", r["answer"]) == 0.0
@@ -59,7 +60,8 @@ def test_aime_and_amc_integer_answers(shared_data):
     assert math_reward("The answer is $\\boxed{\\textbf{(113) }}$", "113") == 1.0
 
 
-def test_olympiadbench_list_answers_as_json_or_repr_text(shared_data):
+def test_olympiadbench_list_answers_as_json_or_repr_text(require_data):
+    shared_data = require_data("olympiadbench.jsonl")
     rows = _rows(shared_data, "olympiadbench.jsonl")[:150]
     for r in rows:
         boxed = ", ".join(a.strip().strip("$") for a in r["final_answer"])

@@ -101,10 +101,11 @@ def test_sae_design_drops_rare_latents():
     assert D.shape == (100, 2) and np.allclose(D[0], np.log1p([1.0, 2.0]))
 
 
-def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config, ray_cluster):
+def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config, ray_cluster, require_data):
     """Two SAE seeds and the benchmark-order check on the tiny model, as validate computes them after its
     table (validate.main's JSON carries these keys: tests/test_pipeline_on_cpu.py): the keys, their
     shapes, side dirs that a rerun reuses."""
+    require_data("gsm8k_test.jsonl", "amc23.jsonl", "olympiadbench.jsonl", "aime24.jsonl")
     from saerl_ray.core.config import signal_codes
     from saerl_ray.core.featureio import code_columns, read_surprisal
     from saerl_ray.validation.validate_difficulty import difficulty_extras, log_len

@@ -25,6 +25,8 @@ import torch
 
 from saerl_ray.core import storage
 from saerl_ray.core.config import ANSWER_INSTRUCTION, RunConfig, UserError, fingerprint
+from saerl_ray.core.data import find as find_data
+from saerl_ray.core.data import stem_of
 from saerl_ray.core.device import input_device
 from saerl_ray.core.reward import (
     extract_answer,
@@ -84,9 +86,10 @@ def load_benchmark(data_dir: str | Path, name: str, limit: int | None = None) ->
     if name not in BENCHMARKS:
         raise EvalDataError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
-    path = storage.join(data_dir, spec.file)
-    if not storage.exists(path):
-        raise EvalDataError(f"benchmark {name}: file {path} not found (set --eval.data_dir)")
+    path = find_data(str(data_dir), stem_of(spec.file))
+    if path is None:
+        raise EvalDataError(f"benchmark {name}: {data_dir} holds no {spec.file} (or .gz); set --eval.data_dir or "
+                            "SAERL_DATA to a folder that has it (data/README.md says where each set comes from)")
     rows = []
     try:
         records = list(storage.iter_jsonl(path))

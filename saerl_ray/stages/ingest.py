@@ -1,6 +1,6 @@
 """ingest stage: raw prompt files -> `ingest/prompts.parquet` + `ingest/rejected.parquet`.
 
-    saerl-ray ingest --preset math --input ../shared/data/math500.jsonl --run-dir runs/m
+    saerl-ray ingest --preset math --input data/math500.jsonl.gz --run-dir runs/m
     saerl-ray ingest --config configs/gsm8k_math500.yaml
 
 Inputs are jsonl / json / parquet files, directories of them, or an HF `save_to_disk` dir, on a local
@@ -18,10 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 
 from saerl_ray.core import storage
 from saerl_ray.core.config import InputSpec, RunConfig, UserError, fingerprint
+from saerl_ray.core.data import expand as expand_data
+from saerl_ray.core.data import stem_of
 from saerl_ray.core.reward import last_boxed
 from saerl_ray.core.stage import Stage
 
@@ -76,11 +78,25 @@ class RawRow:
 # ---------------------------------------------------------------- reading
 
 
+# Gzipped text files are read through pyarrow's compression detection (by extension).
+READABLE = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".arrow")
+
+
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     try:
         return storage.filesystem(path)
     except Exception as e:  # pyarrow raises several types for bad URIs / missing credentials
         raise IngestError(f"cannot open input {path}: {e}") from e
+
+
+def _hub_error(path: str, e: Exception) -> IngestError:
+    """One line for a hub path that cannot be read: offline, or no network, or no such dataset."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        why = "the Hugging Face hub is switched off here (HF_HUB_OFFLINE=1)"
+    else:
+        why = f"the Hugging Face hub did not answer ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    return IngestError(f"input {path}: {why}; download it where a network exists and point the path at the "
+                       "local copy (or a folder under SAERL_DATA)")
 
 
 def _list_files(fs: pafs.FileSystem, path: str, shown: str) -> list[str]:
@@ -91,10 +107,10 @@ def _list_files(fs: pafs.FileSystem, path: str, shown: str) -> list[str]:
         return [path]
     files = [
         f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if f.type == pafs.FileType.File and f.path.endswith((".jsonl", ".json", ".parquet", ".arrow"))
+        if f.type == pafs.FileType.File and f.path.endswith(READABLE)
     ]
     if not files:
-        raise IngestError(f"input directory {shown} holds no .jsonl/.json/.parquet/.arrow files")
+        raise IngestError(f"input directory {shown} holds no {'/'.join(READABLE)} files")
     return sorted(files)
 
 
@@ -126,6 +142,18 @@ def _table_rows(table: pa.Table, name: str) -> Iterator[RawRow]:
 
 def read_rows(path: str) -> Iterator[RawRow]:
     """Every row of every file under `path`, parse failures included (as RawRow.error)."""
+    if path.startswith("hf://"):
+        try:
+            yield from _read_rows(path)
+        except IngestError:
+            raise
+        except Exception as e:  # huggingface_hub raises its own types for offline mode, 404s, timeouts
+            raise _hub_error(path, e) from None
+        return
+    yield from _read_rows(path)
+
+
+def _read_rows(path: str) -> Iterator[RawRow]:
     fs, p = _filesystem(path)
     if fs.get_file_info(f"{p}/dataset_info.json").type == pafs.FileType.File:
         yield from _hf_saved_rows(path)
@@ -142,7 +170,7 @@ def read_rows(path: str) -> Iterator[RawRow]:
             else:
                 with fs.open_input_stream(f) as fh:
                     data = fh.read()
-                if f.endswith(".json") and data.lstrip()[:1] == b"[":
+                if f.endswith((".json", ".json.gz")) and data.lstrip()[:1] == b"[":
                     try:
                         records = json.loads(data)
                     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -269,6 +297,14 @@ def normalise_record(record: Any, spec: InputSpec, max_chars: int, require_answe
 # ---------------------------------------------------------------- stage
 
 
+def input_path(spec: InputSpec) -> str:
+    """The input's path with ${SAERL_DATA} expanded (core/data.py)."""
+    try:
+        return expand_data(spec.path)
+    except FileNotFoundError as e:
+        raise IngestError(f"ingest input {spec.path}: {e}") from None
+
+
 def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000, require_answer: bool = False):
     """Pure core: returns (accepted rows, rejected rows, per-input counts)."""
     accepted: list[dict] = []
@@ -276,9 +312,10 @@ def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000, r
     seen: dict[str, str] = {}
     counts: dict[str, dict] = {}
     for spec in inputs:
-        source = spec.source or Path(spec.path.rstrip("/")).stem
+        path = input_path(spec)
+        source = spec.source or stem_of(path.rstrip("/"))
         c = {"rows": 0, "accepted": 0, "rejected": 0, "by_reason": Counter()}
-        for raw in read_rows(spec.path):
+        for raw in read_rows(path):
             if spec.limit is not None and c["rows"] >= spec.limit:
                 break
             c["rows"] += 1
@@ -303,8 +340,8 @@ def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000, r
             c["rejected"] += 1
             c["by_reason"][reason_kind(reason)] += 1
         c["by_reason"] = dict(c["by_reason"])
-        assert c["accepted"] + c["rejected"] == c["rows"], f"counts do not reconcile for {spec.path}"
-        counts[spec.path] = c
+        assert c["accepted"] + c["rejected"] == c["rows"], f"counts do not reconcile for {path}"
+        counts[path] = c
     return accepted, rejected, counts
 
 
@@ -316,7 +353,7 @@ def run(cfg: RunConfig) -> dict:
     stats = []
     for spec in cfg.ingest.inputs:
         try:
-            stats.append([spec.path, *storage.version_of(spec.path)])
+            stats.append([spec.path, *storage.version_of(input_path(spec))])
         except (FileNotFoundError, IsADirectoryError, OSError):  # a folder, or missing: read_rows says which
             stats.append([spec.path])
     st = Stage(cfg.run_dir, "ingest", fingerprint(cfg.ingest, stats))

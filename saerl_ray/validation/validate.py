@@ -53,6 +53,8 @@ from sklearn.preprocessing import StandardScaler, normalize
 
 from saerl_ray.core import storage
 from saerl_ray.core.config import RunConfig
+from saerl_ray.core.data import expand as expand_data
+from saerl_ray.core.data import find as find_data
 from saerl_ray.validation.validate_difficulty import (  # noqa: F401
     difficulty_extras,
     difficulty_oof,
@@ -112,10 +114,8 @@ def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, n
 def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
     """The run's own filter (signals/quality.json: trained on the run's pool the way the signals stage
     does; the stage runs here if it has not) applied to curated prompts: MATH-500 (the run's codes) and
-    GSM8K-test (gsm8k_test.jsonl beside an ingest input; all rows, featurised here). Their share dropped."""
+    GSM8K-test (gsm8k_test.jsonl or .jsonl.gz beside an ingest input; all rows, featurised here). Their share dropped."""
     from pathlib import Path
-
-    import pandas as pd
 
     from saerl_ray.core.featureio import load_surprisal
     from saerl_ray.pipeline import run_pipeline
@@ -128,10 +128,9 @@ def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
     sur = cfg.features.surprisal
     sets = {"math500": (X_math, math["prompt"].str.len().to_numpy(float),
                         load_surprisal(cfg.run_dir, list(math["id"])) if sur else None)}
-    found = [Path(i.path).parent / "gsm8k_test.jsonl" for i in cfg.ingest.inputs]
-    found = [f for f in found if f.exists()]
+    found = [f for f in (find_data(str(Path(expand_data(i.path)).parent), "gsm8k_test") for i in cfg.ingest.inputs) if f]
     if found:
-        gsm = [str(q).strip() for q in pd.read_json(found[0], lines=True)["question"]]
+        gsm = [str(row["question"]).strip() for _, row in storage.iter_jsonl(found[0])]
         X_gsm, s_gsm = featurize_texts(gsm, cfg.run_dir, cfg, with_surprisal=True) if sur else (
             featurize_texts(gsm, cfg.run_dir, cfg), None)
         sets["gsm8k_test"] = (X_gsm, np.array([len(t) for t in gsm], float), s_gsm)

@@ -46,11 +46,12 @@ from saerl_ray.core.config import (
     RunConfig,
     fingerprint,
 )
+from saerl_ray.core.data import find as find_data
 from saerl_ray.core.stage import MARKER, PARTIAL, Stage, marker_of
 from saerl_ray.signal_models import difficulty as dif
 from saerl_ray.signal_models import quality
 
-# Benchmark file stem -> ingest preset (files in ../shared/data; see its README).
+# Benchmark file stem -> ingest preset (files in validation.data_dir; data/README.md).
 OOD_PRESETS = {
     "gsm8k_test": "gsm8k", "gsm8k_train": "gsm8k", "math500": "math", "amc23": "amc",
     "olympiadbench": "olympiadbench", "aime24": "aime", "minerva_math": "minerva",
@@ -198,9 +199,10 @@ def ood_codes(cfg: RunConfig) -> dict[str, tuple[sp.csr_matrix, np.ndarray, np.n
     side = storage.join(cfg.run_dir, "validate", "ood")
     specs = []
     for name in names:
-        src = storage.join(vc.data_dir, f"{name}.jsonl")
-        if not storage.exists(src):
-            raise ConfigError(f"validation.ood_tiers names {name!r} but {src} does not exist (set validation.data_dir)")
+        src = find_data(vc.data_dir, name)
+        if src is None:
+            raise ConfigError(f"validation.ood_tiers names {name!r} but {vc.data_dir} holds no {name}.jsonl or "
+                              f"{name}.jsonl.gz (set validation.data_dir or SAERL_DATA)")
         text = _subset_lines(src, vc.ood_max_prompts, cfg.seed)
         dst = storage.join(side, "inputs", f"{name}.jsonl")
         if not storage.exists(dst) or storage.read_text(dst) != text:  # unchanged: ingest's fingerprint holds
