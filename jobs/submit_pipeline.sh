@@ -2,7 +2,8 @@
 # Submit the whole data pipeline (ingest -> report) to a running Ray cluster.
 #   jobs/submit_pipeline.sh configs/gsm8k_math500.yaml --run_dir s3://bucket/runs/main [--features.num_actors 8 ...]
 # run_dir must be an object-store URI or a path every node mounts; local inputs are staged there first.
-# SAERL_DRIVER_GPUS=1 puts the driver (which trains the SAE and runs label/eval) on a GPU node.
+# GPU work gets its own Ray GPUs: --sae.num_gpus 1 trains the SAE in a GPU task that exits before features,
+# --label.num_gpus 1 labels in a GPU actor. SAERL_DRIVER_GPUS=1 puts the driver itself on a GPU node (HF eval).
 # Then: ray job logs -f <id>   ray job status <id>   ray job stop <id>
 set -euo pipefail
 source "$(dirname "$0")/_submit_common.sh"

@@ -23,6 +23,8 @@ import jsonschema
 import pytest
 import yaml
 
+from saerl_ray.core.device import min_driver
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster_configs"
 LAUNCHER = ["aws.yaml", "gcp.yaml"]
@@ -36,8 +38,6 @@ CRD = CONFIGS / "kuberay" / "crd" / "ray.io_rayjobs.v1.7.0.schema.json.gz"
 # Build tools the flash-attn builder stage installs because --no-build-isolation skips its build env;
 # they are not runtime dependencies and none reaches the final image except as the wheel they build.
 FLASH_ATTN_BUILD_TOOLS = {"packaging", "psutil", "setuptools", "wheel", "ninja"}
-# The lowest NVIDIA driver branch for a CUDA runtime (NVIDIA's CUDA release notes, "minimum driver").
-MIN_DRIVER = {"12.8": 570, "12.9": 575, "13.0": 580}
 
 
 def _load_deps():
@@ -190,8 +190,11 @@ def test_dockerfile_installs_in_the_one_working_order():
     stages = dockerfile_stages()
     builder, final = stages[0], stages[-1]
     # Builder: torch, then flash-attn from source without build isolation.
+    # Builder: torch, then flash-attn from source without build isolation, then DeepSpeed's wheel (its
+    # ops prebuilt against that torch; tests/test_image_on_cpu.py checks the compiles themselves).
     b = install_steps(runs(builder))
-    assert [k for k, _ in b if k != "other"] == ["torch", "flash-attn-nbi"], b
+    assert [k for k, _ in b if k != "other"] == ["torch", "flash-attn-nbi", "gpu"], b
+    assert "pin deepspeed" in [r for r in runs(builder) if "pip wheel" in r][-1]
     assert order_problems(b) == []
     # Final image: torch, the builder's flash-attn wheel, the gpu extra, the project.
     f = install_steps(runs(final))
@@ -199,24 +202,31 @@ def test_dockerfile_installs_in_the_one_working_order():
     assert order_problems(f) == []
     copied = [a for k, a in final["instructions"] if k == "COPY" and f"--from={builder['name']}" in a]
     assert copied, "the final stage must take flash-attn from the builder stage"
-    # The gpu extra is what gets installed: the requirements file is pyproject's core + gpu.
-    assert any("deps.py requirements --extra gpu" in r for r in runs(final))
+    # The gpu set is what gets installed: the requirements file is pyproject's core + gpu.
+    assert any("deps.py requirements --set gpu" in r for r in runs(final))
 
 
 def test_dockerfile_reads_versions_from_pyproject_only():
     stages = dockerfile_stages()
     code = "\n".join(a for s in stages for k, a in s["instructions"] if k in ("RUN", "ENV", "ARG"))
+    # NVIDIA_REQUIRE_CUDA is the driver torch's CUDA needs, not a package (test_image_on_cpu.py ties it
+    # to DOCUMENTED_TORCH_CUDA, and each image's build checks it against the installed torch).
+    code = re.sub(r'NVIDIA_REQUIRE_CUDA="[^"]*"', "", code)
     assert not re.search(r"[A-Za-z0-9_.\-\]]\s*(==|>=|<=|~=)\s*\d", code), "a version typed in the Dockerfile"
     # Every package-installing command names its packages through docker/deps.py, a built wheel, the
     # project itself, or (builder only) flash-attn's build tools.
     for i, s in enumerate(stages):
-        for kind, cmd in install_steps(runs(s)):
-            if kind == "other":
-                assert i == 0, f"final stage installs something outside pyproject: {cmd}"
-                pkgs = {w for w in cmd.split() if not w.startswith("-") and w not in ("pip", "install")}
-                assert pkgs <= FLASH_ATTN_BUILD_TOOLS, cmd
-            elif kind in ("torch", "flash-attn-nbi"):
-                assert "docker/deps.py pin" in cmd, cmd
+        for run in runs(s):
+            for kind, cmd in install_steps([run]):
+                if kind == "other":
+                    assert i == 0, f"an image stage installs something outside pyproject: {cmd}"
+                    pkgs = {w for w in cmd.split() if not w.startswith("-") and w not in ("pip", "install")}
+                    assert pkgs <= FLASH_ATTN_BUILD_TOOLS, cmd
+                elif kind == "torch":
+                    assert "docker/deps.py pin" in cmd, cmd
+                elif kind == "flash-attn-nbi" or (i == 0 and kind == "gpu"):
+                    # Built from the sdist the same RUN downloaded at pyproject's pin.
+                    assert re.search(r"pip download .*docker/deps\.py pin", run) or "docker/deps.py pin" in cmd, run
     # Base image: Ray at pyproject's pin, for pyproject's Python.
     ray_version = deps.exact_pins([deps.pin("ray")])["ray"]
     py = re.search(r">=\s*3\.(\d+)", PYPROJECT["requires-python"]).group(1)
@@ -417,7 +427,7 @@ def test_gcp_nodes_pin_one_driver_580_image_and_reach_the_bucket():
     assert "/family/" not in image, "an image family floats to whatever is newest: pin an image"
     driver = int(re.search(r"nvidia-(\d{3})", image).group(1))
     cuda = deps.DOCUMENTED_TORCH_CUDA
-    assert driver >= MIN_DRIVER[cuda], f"driver {driver} cannot run CUDA {cuda}"
+    assert driver >= int(min_driver(cuda).split(".")[0]), f"driver {driver} cannot run CUDA {cuda}"
     # Ray gives the head its service account; workers need one with storage rights to write blocks.
     for t, n in nodes.items():
         if t != cfg["head_node_type"]:
@@ -529,6 +539,132 @@ def test_no_public_bind_without_auth_anywhere(name):
     if "0.0.0.0" in code:
         assert "mode: token" in code, f"{name} binds 0.0.0.0 without token auth"
     assert "LoadBalancer" not in code and "NodePort" not in code and "enableIngress: true" not in code
+
+
+# ---------------------------------------------------------------- GPU placement and pod sizes
+
+# (vCPU, GiB, GPUs) of the instance types aws.yaml names (AWS's instance-type pages).
+INSTANCES = {"m5.2xlarge": (8, 32, 0), "m5.4xlarge": (16, 64, 0), "g5.xlarge": (4, 16, 1), "p4d.24xlarge": (96, 1152, 8)}
+# What a pod may request of its node: EKS's kubelet reserve (memory 255 MiB + 11 MiB per allowed pod, CPU
+# 60-110 millicores), the eviction threshold, the aws-node / kube-proxy daemonsets and the OS need the rest.
+SPARE_CPUS, MEMORY_SHARE = 1, 0.8
+TRAIN_RESOURCE = "saerl_train_gpu"
+INSTANCE_ANNOTATION = "saerl-ray/instance-type"
+
+
+def quantity(q: str) -> float:
+    """A Kubernetes CPU or memory quantity as cores or GiB."""
+    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, "m": 1e-3}
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
+    return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+def group_name(group: dict) -> str:
+    return group.get("groupName", "head")
+
+
+def autoscaler_view(doc: dict) -> dict[str, dict]:
+    """Each group's Ray resources as the KubeRay autoscaler derives them (Ray's own parser)."""
+    from ray.autoscaler._private.kuberay import autoscaling_config
+
+    cr = {"metadata": {"name": "saerl", "namespace": "default"}, "spec": cluster_spec(doc)}
+    types = autoscaling_config._derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    return {t: v["resources"] for t, v in types.items()}
+
+
+def rayjob_config():
+    """The RayJob entrypoint's run config, parsed as jobs/pipeline.py parses it."""
+    from saerl_ray.cli import build_parser, overrides
+    from saerl_ray.core.config import load_config
+
+    argv = shlex.split(load("kuberay/rayjob.yaml")["spec"]["entrypoint"])[2:]
+    rel = Path(argv[argv.index("--config") + 1]).relative_to(image_home())
+    argv[argv.index("--config") + 1] = str(ROOT / rel)
+    ns = build_parser().parse_args(["run", *argv])
+    return load_config(ns.config, overrides(ns))
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_pod_requests_fit_the_aws_instance_types(name):
+    aws_types = {t["node_config"]["InstanceType"] for t in load("aws.yaml")["available_node_types"].values()}
+    assert set(INSTANCES) == aws_types, "the size table must cover exactly the instance types aws.yaml names"
+    for g in groups(cluster_spec(load(name))):
+        itype = g["template"].get("metadata", {}).get("annotations", {}).get(INSTANCE_ANNOTATION)
+        assert itype in INSTANCES, f"{name} {group_name(g)}: annotate the aws.yaml instance type it is sized for"
+        vcpu, gib, gpus = INSTANCES[itype]
+        for c in containers(g):
+            req = c["resources"]["requests"]
+            assert quantity(req["cpu"]) <= vcpu - SPARE_CPUS, f"{name} {group_name(g)}: {req['cpu']} CPU on a {itype}"
+            assert quantity(req["memory"]) <= MEMORY_SHARE * gib, f"{name} {group_name(g)}: {req['memory']} on a {itype}"
+            assert int(req.get("nvidia.com/gpu", 0)) <= gpus, f"{name} {group_name(g)}: more GPUs than a {itype} has"
+        assert is_gpu_group(g) == (gpus > 0), f"{name} {group_name(g)}: a {itype} pod should use its GPUs"
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_omp_threads_follow_each_pods_cpu_limit(name):
+    for g in groups(cluster_spec(load(name))):
+        for c in containers(g):
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert "OMP_NUM_THREADS" in env, f"{name} {group_name(g)}/{c['name']}: OMP_NUM_THREADS unset"
+            e = env["OMP_NUM_THREADS"]
+            if "value" in e:
+                assert quantity(e["value"]) == quantity(c["resources"]["limits"]["cpu"])
+            else:
+                ref = e["valueFrom"]["resourceFieldRef"]
+                assert ref["resource"] == "limits.cpu" and ref.get("containerName", c["name"]) == c["name"]
+                assert quantity(ref.get("divisor", "1")) == 1
+
+
+def test_rayjob_sae_stage_gets_a_gpu():
+    doc = load("kuberay/rayjob.yaml")
+    cfg = rayjob_config()
+    entry_gpus = doc["spec"].get("entrypointNumGpus", 0)
+    assert cfg.sae.source == "train" and (cfg.sae.num_gpus >= 1 or entry_gpus >= 1), \
+        "the SAE stage would train on the head's CPUs"
+    # ...and some GPU group can hold the task (or the driver) that asks for them.
+    most = max(v.get("GPU", 0) for v in autoscaler_view(doc).values())
+    assert max(cfg.sae.num_gpus, entry_gpus) <= most
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_only_training_node_types_advertise_the_train_resource(name):
+    types = validated(load(name))["available_node_types"]
+    train = {t: v["resources"] for t, v in types.items() if v["resources"].get("GPU", 0) >= 8}
+    assert train, f"{name}: no training node type"
+    for t, v in types.items():
+        res = v["resources"]
+        expected = res["GPU"] if t in train else None
+        assert res.get(TRAIN_RESOURCE) == expected, f"{name} {t}: {TRAIN_RESOURCE}={res.get(TRAIN_RESOURCE)}"
+
+
+def test_only_the_kuberay_training_group_advertises_the_train_resource():
+    # raycluster.yaml is where training jobs run (the RayJob runs the data pipeline only).
+    view = autoscaler_view(load("kuberay/raycluster.yaml"))
+    for group, res in view.items():
+        expected = res["GPU"] if res.get("GPU", 0) >= 8 else None
+        assert res.get(TRAIN_RESOURCE) == expected, f"{group}: {TRAIN_RESOURCE}={res.get(TRAIN_RESOURCE)}"
+
+
+def verl_image() -> str:
+    (image,) = set(launcher_images(load("aws.yaml")))
+    return image.replace("/saerl-ray:", "/saerl-ray-verl:")
+
+
+@pytest.mark.parametrize("name", LAUNCHER + KUBERAY)
+def test_every_cluster_config_names_the_verl_image(name):
+    text = (CONFIGS / name).read_text()
+    comments = "\n".join(line.split("#", 1)[1] for line in text.splitlines() if "#" in line)
+    assert verl_image() in comments, f"{name} does not say which image verl training needs"
+    if name in LAUNCHER:  # a commented alternative for docker.image, ready to swap in
+        assert re.search(rf"^  # image: {re.escape(verl_image())}$", text, re.MULTILINE), name
+
+
+def test_raycluster_sed_recipe_gives_a_valid_all_verl_cluster():
+    text = (CONFIGS / "kuberay/raycluster.yaml").read_text()
+    (cmd,) = re.findall(r"#\s+(sed '[^']+' cluster_configs/kuberay/raycluster\.yaml)", text)
+    pattern, replacement = re.fullmatch(r"sed 's#([^#]+)#([^#]+)#' \S+", cmd).groups()
+    doc = yaml.safe_load(text.replace(pattern, replacement))
+    assert set(pod_images(doc)) == {verl_image()} and crd_errors(doc) == []
 
 
 # ---------------------------------------------------------------- docker/deps.py (the dependency check)

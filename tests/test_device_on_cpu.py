@@ -39,6 +39,40 @@ def test_select_device_uses_cuda_only_for_a_process_that_holds_gpus():
         D.select_device([0, 1], cuda_available=False)
 
 
+# --- the NVIDIA driver torch's CUDA needs --------------------------------------------------------------
+
+
+def test_driver_check_names_the_driver_found_and_the_one_needed():
+    msg = D.driver_error("570.124.06", "13.0")  # a CUDA 12.8 driver under torch 2.13's CUDA 13.0
+    assert msg and "\n" not in msg and "570.124.06" in msg and ">= 580" in msg and "CUDA 13.0" in msg
+    assert D.driver_error("580.65.06", "13.0") is None
+    assert D.driver_error("570.124.06", "12.8") is None  # CUDA 12.x runs on any driver >= 525.60.13
+    assert D.driver_error("525.60.12", "12.8") and D.driver_error("525.60.13", "12.8") is None
+    assert D.driver_error(None, "13.0") is None  # no NVIDIA driver: a CPU host, nothing to stop
+    assert D.driver_error("470.1", None) is None  # a CPU build of torch never touches the driver
+    with pytest.raises(ValueError, match="CUDA 14.0"):
+        D.min_driver("14.0")
+
+
+@pytest.mark.parametrize("text", [
+    "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.124.06  Thu Feb 20 15:49:19 UTC 2025\nGCC version: gcc 12",
+    "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.124.06  Release Build  (dvs-builder@U16)  Thu Feb 20",
+])
+def test_driver_version_is_read_from_the_kernel_module(text):
+    assert D.parse_driver_version(text) == "570.124.06"
+
+
+def test_a_gpu_stage_on_an_old_driver_stops_before_choosing_a_device(monkeypatch):
+    # On such a driver torch.cuda reports no GPU at all: without the check the stage would quietly run
+    # on the CPU (a driver process) or blame the torch build (a GPU actor).
+    monkeypatch.setattr(D, "installed_driver", lambda: "570.124.06")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(RuntimeError, match=r"NVIDIA driver 570\.124\.06 .* needs driver >= 580"):
+        D.current_placement()
+    monkeypatch.setattr(D, "installed_driver", lambda: "580.65.06")
+    assert D.current_placement() == D.Placement("cpu", 0)  # new enough; this machine has no GPU
+
+
 def test_this_process_and_a_zero_gpu_ray_worker_get_the_cpu(ray_cluster):
     here = D.current_placement()
     assert here.is_cuda == torch.cuda.is_available() and (here.n_gpus > 0) == here.is_cuda

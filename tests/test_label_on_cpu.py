@@ -72,3 +72,57 @@ def test_label_without_gradable_prompts_names_the_split(tmp_path, tiny_model_dir
     call_stage("ingest", cfg)
     with pytest.raises(ValueError, match="no prompts of split 'validation'"):
         call_stage("label", cfg)
+
+
+def test_vllm_gets_bf16_the_memory_fraction_and_the_held_gpus():
+    from saerl_ray.core.device import Placement
+
+    one = label.vllm_engine_args("/m", "float32", False, Placement("cuda:0", 1), 0.7)
+    # model.dtype's float32 default is the CPU dtype: on a GPU vLLM generates in bf16.
+    assert one == {"model": "/m", "dtype": "bfloat16", "trust_remote_code": False,
+                   "gpu_memory_utilization": 0.7, "tensor_parallel_size": 1}
+    four = label.vllm_engine_args("/m", "float16", True, Placement("cuda:0", 4), 0.85)
+    # Another half-precision dtype is kept; four held GPUs are one tensor-parallel engine whose workers
+    # are subprocesses on them (vLLM's Ray backend would wait for GPUs this actor already holds).
+    assert four["dtype"] == "float16" and four["tensor_parallel_size"] == 4
+    assert four["distributed_executor_backend"] == "mp" and four["trust_remote_code"] is True
+    with pytest.raises(ValueError, match="vLLM needs a GPU.*--label.num_gpus"):
+        label.vllm_engine_args("/m", "float32", False, Placement("cpu", 0), 0.85)
+
+
+def test_gpu_memory_utilization_is_a_fraction(tmp_path, tiny_model_dir, shared_data):
+    from saerl_ray.core.config import ConfigError
+
+    assert _cfg(tmp_path, tiny_model_dir, shared_data).label.gpu_memory_utilization == 0.85
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+            _cfg(tmp_path, tiny_model_dir, shared_data, **{"label.gpu_memory_utilization": bad})
+
+
+def test_label_gpus_are_reserved_by_a_ray_actor_killed_afterwards(tmp_path, tiny_model_dir, shared_data,
+                                                                  ray_cluster, monkeypatch):
+    """label.num_gpus=2: the sampler runs in a Ray actor asking for 2 GPUs (so Ray co-places no other GPU
+    actor there) and is killed when labelling ends. This machine has no GPU: the actor runs with the
+    GPU request swapped for 0, which exercises the same code path (HF generate, no vLLM here)."""
+    import ray
+
+    cfg = _cfg(tmp_path / "run", tiny_model_dir, shared_data, **{"label.num_gpus": 2})
+    call_stage("ingest", cfg)
+    assert label.sampler_actor_options(2)["num_gpus"] == 2
+    requested, actors = [], []
+    real_options, real_init = label.sampler_actor_options, label.RemoteSampler.__init__
+
+    def no_gpu(num_gpus):
+        requested.append(real_options(num_gpus))
+        return {**real_options(num_gpus), "num_gpus": 0, "num_cpus": 0.5}
+
+    def record(self, *a):
+        real_init(self, *a)
+        actors.append(self.actor)
+
+    monkeypatch.setattr(label, "sampler_actor_options", no_gpu)
+    monkeypatch.setattr(label.RemoteSampler, "__init__", record)
+    summary = call_stage("label", cfg)
+    assert [r["num_gpus"] for r in requested] == [2] and summary["backend"] == "hf" and summary["rows"] == 7
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actors[0].get_backend.remote())  # killed: its GPUs are free for the next stage

@@ -42,14 +42,18 @@ class Cluster:
         self.gcs, self.dash = free_port(), free_port()
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], hide: str | None = None) -> None:
+        """`ray start --block` for one node; `hide`: a folder this node sees as an empty tmpfs (its own
+        private mount namespace), as a second machine would not see the first one's local files."""
         ports = ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
                  "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                  "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
                  "--min-worker-port", "0", "--max-worker-port", "0"]
         log = open(Path(self.temp_dir) / f"start-{name}.log", "ab")
+        wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs tmpfs "$0" && exec "$@"', hide] if hide else []
         self.procs[name] = subprocess.Popen(
-            [str(RAY), "start", "--block", "--disable-usage-stats", *args, *ports],
+            [*wrap, str(RAY), "start", "--block", "--disable-usage-stats", *args, *ports],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -59,9 +63,9 @@ class Cluster:
                              "--dashboard-port", str(self.dash), "--temp-dir", self.temp_dir,
                              "--ray-client-server-port", str(free_port())])
 
-    def add_worker(self, name: str, resources: dict[str, float] | None = None) -> None:
+    def add_worker(self, name: str, resources: dict[str, float] | None = None, hide: str | None = None) -> None:
         self._start(name, ["--address", f"127.0.0.1:{self.gcs}", "--num-cpus", "1",
-                           "--resources", json.dumps({name: 1, **(resources or {})})])
+                           "--resources", json.dumps({name: 1, **(resources or {})})], hide=hide)
 
     def node_ids(self) -> dict[str, str]:
         """worker name -> alive node id (by its custom resource)."""
@@ -337,3 +341,48 @@ def test_node_hosting_the_sampler_dies_mid_epoch(cluster, tmp_path):
         assert result["lost_reward_groups"] == result["double_counted_reward_groups"] == 0
     finally:
         cluster.restart_worker("w2")
+
+
+def trainer_plan(n: int = 8):
+    import pyarrow as pa
+
+    return pa.table({
+        "position": pa.array(range(n), pa.int64()), "batch": pa.array([i // 4 for i in range(n)], pa.int64()),
+        "id": [f"q{i:03d}" for i in range(n)], "prompt": [f"What is {i}+{i}?" for i in range(n)],
+        "answer": [str(2 * i) for i in range(n)], "source": ["gsm8k"] * n,
+        "cluster": pa.array([i // 4 for i in range(n)], pa.int32()),
+        "difficulty_pred": pa.array([float(i) for i in range(n)], pa.float32()), "mixed": [False] * n,
+    })
+
+
+def test_trainer_side_reads_and_checkpoints_cross_nodes_only_through_the_run_dir(cluster):
+    """Issue 23: OpenRLHF's trainer actor on a node that cannot see the driver's disk (worker w3 has an
+    empty tmpfs over the driver's scratch folder). A prompt file the driver wrote to a local run_dir is
+    not there (the old path: FileNotFoundError); with run_dir on S3 the trainer reads every plan row, and
+    a checkpoint shard w3's rank wrote locally reaches the driver's node through the bucket."""
+    from testkit import commit_plan
+
+    hidden = tempfile.mkdtemp(prefix="/tmp/saerl-hidden-")
+    run_dir = f"s3://saerl-test/mn-files-{secrets.token_hex(3)}"
+    plan = trainer_plan()
+    commit_plan(run_dir, plan)
+    cluster.add_worker("w3", hide=hidden)
+    try:
+        cluster.wait_up(lambda: "w3" in cluster.node_ids() or None, "worker w3")
+        job = cluster.client.submit_job(
+            entrypoint=f"python tests/drills/trainer_files_on_another_node.py {run_dir} {hidden}",
+            submission_id=f"mn-files-{secrets.token_hex(2)}", runtime_env={"working_dir": str(REPO)},
+            entrypoint_resources={"head": 1},  # the driver on the head: its scratch is the hidden folder
+        )
+        status = wait_job(cluster.client, job, timeout=600)
+        logs = cluster.client.get_job_logs(job)
+        assert status == "SUCCEEDED", logs[-4000:]
+        result = json.loads(next(l for l in reversed(logs.splitlines()) if l.startswith("DRILL "))[6:])
+        assert result["local_run_dir"] == "FileNotFoundError"  # a driver-local path is nothing on w3
+        assert result["object_store"] == plan.column("id").to_pylist()
+        ckpt = result["checkpoint"]
+        assert ckpt["tag"] == "global_step2" and not ckpt["here_before"] and ckpt["w3_before"] == []
+        assert ckpt["here_after"] == "rank-1 shard written on w3"
+    finally:
+        cluster.kill("w3")
+        shutil.rmtree(hidden, ignore_errors=True)

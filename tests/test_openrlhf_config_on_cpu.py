@@ -72,7 +72,7 @@ def test_extra_args_still_win_over_mapped_fields(tmp_path):
     ({"prompt.system": "Be brief."}, "prompt.system"),
     ({"trainable_layers": 4}, "train.trainable_layers"),
     ({"extra_args": ["--train.async_enable"]}, "train.extra_args"),
-    ({"run_dir": "s3://bucket/run"}, "run_dir"),
+    ({"node_resource": " "}, "train.node_resource"),
 ])
 def test_values_openrlhf_cannot_honour_are_refused_by_name(tmp_path, fields, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -131,4 +131,66 @@ def test_heldout_file_becomes_an_eval_set_the_reward_file_does_not_report(tmp_pa
     assert [r["prompt"] for r in bare] == ["0+0?", "1+1?", "2+2?"]  # prompt.instruction reaches OpenRLHF's text
     labels = [parse_label(r["label"]) for r in rows]
     assert [lb["answer"] for lb in labels] == ["0", "2", "4"] and all(lb["sampler"] is None for lb in labels)
-    assert Path(path).parent == launch.out_dir(cfg)
+    assert str(Path(path).parent) == launch.out_dir(cfg)
+
+
+def test_object_store_run_dir_inputs_in_the_bucket_outputs_in_node_scratch(tmp_path, s3_run_dir, monkeypatch):
+    """An s3:// run_dir is accepted (it was refused): the prompt/held-out files the trainer actor fetches
+    are in the bucket, and every path DeepSpeed/OpenRLHF writes with file I/O is node-local scratch."""
+    monkeypatch.setenv("SAERL_SCRATCH", str(tmp_path / "scratch"))
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    cfg = cfg_with(tmp_path, run_dir=s3_run_dir, heldout_file=str(heldout), heldout_every=2)
+    out = launch.out_dir(cfg)
+    assert out == f"{s3_run_dir}/openrlhf"
+    f = launch.build_flags(cfg, f"{out}/prompts.parquet", "policy")
+    scratch = launch.scratch_dir(cfg)
+    assert scratch.startswith(str(tmp_path / "scratch"))
+    assert value(f, "--data.prompt_dataset") == f"{out}/prompts.parquet"
+    assert value(f, "--eval.dataset") == launch.write_heldout_file(cfg) == f"{out}/heldout.parquet"
+    for flag in ("--ckpt.path", "--ckpt.output_dir", "--logger.tensorboard_dir"):
+        assert value(f, flag).startswith(scratch + "/"), flag
+    from saerl_ray.core import storage
+
+    assert storage.read_parquet(f"{out}/heldout.parquet").column("datasource").to_pylist() == ["heldout"]
+
+
+def test_node_resource_goes_on_every_gpu_bundle_one_unit_per_gpu():
+    bundles = [{"GPU": 1, "CPU": 1}, {"GPU": 2, "CPU": 1}, {"CPU": 4}]
+    assert launch.with_node_resource(bundles, "saerl_train_gpu") == [
+        {"GPU": 1, "CPU": 1, "saerl_train_gpu": 1.0}, {"GPU": 2, "CPU": 1, "saerl_train_gpu": 2.0}, {"CPU": 4}]
+    assert launch.with_node_resource(bundles, None) == bundles
+    assert bundles[0] == {"GPU": 1, "CPU": 1}  # the caller's list is not modified
+
+
+def test_node_resource_reaches_placement_groups_ray_creates(ray_cluster):
+    """The wrapper the launcher installs around OpenRLHF's CLI: a PACK group of GPU bundles asks for the
+    custom resource, so on a cluster without it the group stays pending instead of landing anywhere."""
+    import importlib
+    import sys
+    import types
+
+    import ray
+
+    pg_module = importlib.import_module("ray.util.placement_group")
+
+    # OpenRLHF's modules that import `placement_group` by name; stand-ins where OpenRLHF is absent.
+    fakes = {}
+    for name in ("openrlhf", "openrlhf.trainer", "openrlhf.trainer.ray", "openrlhf.trainer.ray.launcher",
+                 "openrlhf.trainer.ray.vllm_engine"):
+        if name not in sys.modules:
+            fakes[name] = sys.modules[name] = types.ModuleType(name)
+    original = pg_module.placement_group
+    try:
+        with launch.node_typed_placement_groups("saerl_train_gpu"):
+            pg = pg_module.placement_group([{"CPU": 0.01}, {"CPU": 0.01, "GPU": 1}], strategy="PACK")
+        assert pg_module.placement_group is original  # restored on exit
+        ready, _ = ray.wait([pg.ready()], timeout=2)
+        assert not ready  # no node advertises saerl_train_gpu (nor a GPU) on this CPU cluster
+        spec = ray.util.placement_group_table(pg)
+        assert spec["bundles"][1] == {"CPU": 0.01, "GPU": 1.0, "saerl_train_gpu": 1.0}
+        assert spec["bundles"][0] == {"CPU": 0.01}
+        ray.util.remove_placement_group(pg)
+    finally:
+        for name in fakes:
+            sys.modules.pop(name, None)

@@ -16,11 +16,14 @@ import os
 import time
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from testkit import commit_plan
 
+from saerl_ray.core import storage
 from saerl_ray.core.config import load_config
 from saerl_ray.trainers import openrlhf_launch as launch
 
@@ -50,9 +53,9 @@ def write_plan(run_dir, shared_data):
     return table
 
 
-def make_cfg(tmp_path, policy_dir, algo="grpo", mode="static", steps=4, extra=(), **train):
+def make_cfg(tmp_path, policy_dir, algo="grpo", mode="static", steps=4, extra=(), run_dir=None, **train):
     return load_config(None, {
-        "run_dir": str(tmp_path / "run"), "model.name": str(policy_dir), "plan.batch_size": BATCH,
+        "run_dir": run_dir or str(tmp_path / "run"), "model.name": str(policy_dir), "plan.batch_size": BATCH,
         "sampler.mode": mode, "train.backend": "openrlhf", "train.algo": algo, "train.steps": steps,
         "train.num_generations": GROUP, "train.max_new_tokens": 64, "train.extra_args": list(extra),
         **{f"train.{k}": v for k, v in train.items()},
@@ -105,7 +108,7 @@ def run(tmp_path, smollm2_dir, shared_data, ray_cluster, monkeypatch):
         plan = write_plan(cfg.run_dir, shared_data)
         sampler = get_or_create_sampler(cfg)
         name = actor_name(cfg.run_dir)
-        flags = launch.build_flags(cfg, launch.out_dir(cfg) / "prompts.parquet", str(smollm2_dir))
+        flags = launch.build_flags(cfg, storage.join(launch.out_dir(cfg), "prompts.parquet"), str(smollm2_dir))
         launch.write_prompt_file(cfg, name, GROUP)
         args = launch.parse_flags(flags)
         for k, v in launch.trainer_env(name, steps * BATCH).items():
@@ -156,7 +159,7 @@ def test_grpo_and_dapo_flags_pass_openrlhfs_parser(tmp_path, smollm2_dir):
         assert args.train.batch_size == BATCH * GROUP and args.data.dataloader_num_workers == 0
         assert args.reward.remote_url == [str(launch.REWARD_FILE)]
         assert args.vllm.gpu_memory_utilization == 0.7  # extra_args come last and win
-        assert args.ckpt.path.startswith(str(tmp_path / "run" / "openrlhf"))
+        assert args.ckpt.path.startswith(launch.scratch_dir(cfg))  # node-local; mirrored to the run dir
         if algo == "grpo":
             assert args.algo.kl.use_loss and args.algo.kl.estimator == "k3"
         else:
@@ -337,7 +340,7 @@ def test_train_fields_reach_openrlhfs_parsed_args(tmp_path, smollm2_dir):
     assert a.rollout.temperature == 0.7
     assert a.rollout.batch_size == 6 and a.train.batch_size == 6 * GROUP  # prompts_per_step, not plan.batch_size
     assert a.ckpt.save_steps == 3 and a.ckpt.load_enable is False
-    assert a.eval.dataset == str(launch.out_dir(cfg) / "heldout.parquet") and a.eval.steps == 2
+    assert a.eval.dataset == storage.join(launch.out_dir(cfg), "heldout.parquet") and a.eval.steps == 2
     assert a.eval.temperature == 0 and a.eval.n_samples_per_prompt == 1
 
     # Defaults: flat LR, no KL (so no reference model), resume on, no checkpoints when save_every is 0.
@@ -390,7 +393,8 @@ def test_run_commits_an_openrlhf_stage_and_reruns_only_on_a_new_config(tmp_path,
     assert len(argv) == 1
     monkeypatch.undo()
     args = launch.parse_flags(argv[0])
-    assert args.data.prompt_dataset == str(out / "prompts.parquet") and args.ckpt.path == str(out / "ckpt")
+    assert args.data.prompt_dataset == str(out / "prompts.parquet")
+    assert args.ckpt.path == str(Path(launch.scratch_dir(cfg)) / "ckpt")
 
     monkeypatch.setattr(launch.runpy, "run_module", lambda *a, **k: argv.append(list(launch.sys.argv[1:])))
     monkeypatch.setattr(ppo_trainer, "PPOTrainer", ppo_trainer.PPOTrainer)
@@ -399,6 +403,61 @@ def test_run_commits_an_openrlhf_stage_and_reruns_only_on_a_new_config(tmp_path,
     assert len(argv) == 1
     launch.run(make_cfg(tmp_path, tmp_path, steps=3, kl_coef=0.01))  # a new KL weight trains again
     assert len(argv) == 2 and launch.flag_value(argv[1], "--algo.kl.init_coef", "") == "0.01"
+
+
+class SavingGroup:
+    """Stands in for OpenRLHF's RayActorGroup of policy actors: real Ray actors (on this one-node
+    cluster) whose `save_checkpoint` writes what DeepSpeed's rank 0 writes into `--ckpt.path`."""
+
+    def __init__(self, ckpt_path):
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Rank:
+            def save_checkpoint(self, tag, **_):
+                base = Path(ckpt_path) / "_actor"
+                (base / tag).mkdir(parents=True, exist_ok=True)
+                (base / tag / "mp_rank_00_model_states.pt").write_bytes(tag.encode())
+                (base / "latest").write_text(tag)
+
+        self._actor_handlers = [Rank.remote()]
+
+    def async_run_method(self, method_name, **kwargs):
+        return [getattr(a, method_name).remote(**kwargs) for a in self._actor_handlers]
+
+
+@needs_openrlhf
+def test_trainer_reads_its_inputs_and_mirrors_checkpoints_with_an_s3_run_dir(
+        tmp_path, smollm2_dir, shared_data, ray_cluster, s3_run_dir, monkeypatch):
+    """run_dir on S3 (refused before): the trainer builds OpenRLHF's PromptDataset from the bucket's prompt
+    file, each save is uploaded to <run_dir>/openrlhf/ckpt with DeepSpeed's `latest` pointer, and a
+    resuming trainer gets that checkpoint back into its node-local --ckpt.path before anything loads it."""
+    from saerl_ray.sampler.actor import actor_name, get_or_create_sampler
+
+    monkeypatch.setenv("SAERL_SCRATCH", str(tmp_path / "scratch"))
+    cfg = make_cfg(tmp_path, smollm2_dir, steps=2, run_dir=s3_run_dir, save_every=2)
+    plan = write_plan(cfg.run_dir, shared_data)
+    sampler = get_or_create_sampler(cfg)  # noqa: F841 (held: the trainer looks it up by name)
+    name, out = actor_name(cfg.run_dir), launch.out_dir(cfg)
+    args = launch.parse_flags(launch.build_flags(cfg, launch.write_prompt_file(cfg, name, GROUP), str(smollm2_dir)))
+    prompts = args.data.prompt_dataset
+    assert prompts == f"{s3_run_dir}/openrlhf/prompts.parquet"
+    for k, v in launch.trainer_env(name, 2 * BATCH, stage_dir=out, scratch=launch.scratch_dir(cfg)).items():
+        monkeypatch.setenv(k, v)
+    trainer = make_trainer(args)
+    assert label_ids(trainer.prompts_dataloader.dataset.labels) == plan.column("id").to_pylist()
+
+    trainer.actor_model_group = SavingGroup(args.ckpt.path)
+    trainer.save_logs_and_checkpoints(2, {}, {"global_step": 2})
+    assert storage.read_text(f"{out}/ckpt/_actor/latest") == "global_step2"
+    assert storage.read_bytes(f"{out}/ckpt/_actor/global_step2/mp_rank_00_model_states.pt") == b"global_step2"
+
+    import shutil
+
+    shutil.rmtree(launch.scratch_dir(cfg))  # a fresh node: nothing local
+    args.ckpt.load_enable, args.data.prompt_dataset = True, prompts  # (the first trainer pointed it at its copy)
+    make_trainer(args)
+    assert (Path(args.ckpt.path) / "_actor" / "latest").read_text() == "global_step2"
 
 
 # --- core env (no OpenRLHF needed): the launcher's flag mapping and prompt file, the reward file ---

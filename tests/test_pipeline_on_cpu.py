@@ -34,7 +34,8 @@ def test_pipeline_end_to_end(pipeline_run_dir, tiny_config, ray_cluster):
     assert plan_summary["mixing_ratio"] == 0.25 and plan_summary["planned"] == len(kept)
 
 
-def test_validate_json_is_the_only_stdout(tmp_path, tiny_config, ray_cluster, capsys):
+def test_validate_json_is_the_only_stdout(tmp_path, tiny_config, ray_cluster, capsys, require_data):
+    require_data("gsm8k_test.jsonl", "amc23.jsonl", "olympiadbench.jsonl", "aime24.jsonl")  # validate's default benchmark-order tiers
     cfg = tiny_config(tmp_path / "run")
     assert validate.main(cfg, as_json=True) == 0  # runs ingest/sae/features itself
     out, err = capsys.readouterr()

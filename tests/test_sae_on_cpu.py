@@ -120,3 +120,79 @@ def test_evaluate_scores_perfect_and_mean_reconstructions():
     m = sae.evaluate(s, iter([x[:100], x[100:]]))
     assert m["explained_variance"] == pytest.approx(1.0, abs=1e-5) and m["holdout_tokens"] == 200
     assert np.isclose(m["mse"], 0, atol=1e-10)
+
+
+def test_driver_stage_drops_lens_and_sae_then_empties_the_cuda_cache(tmp_path, tiny_model_dir, shared_data,
+                                                                     monkeypatch):
+    """An 8-GPU SAE stage in the driver must hand its GPU memory back before the features actors start:
+    by the time the cache is emptied, nothing may still reference the lens or either SAE."""
+    import gc
+    import weakref
+
+    _ingest(tmp_path / "run", shared_data)
+    refs, at_release = {}, []
+    real_lens, real_bias, real_load = sae.load_lens_model, sae.init_decoder_bias, sae.load_sae
+
+    def lens(*a, **k):
+        model = real_lens(*a, **k)
+        refs["lens"] = weakref.ref(model)
+        return model
+
+    def bias(s, sample):
+        refs["training_sae"] = weakref.ref(s)
+        return real_bias(s, sample)
+
+    def load(*a, **k):
+        s = real_load(*a, **k)
+        refs["inference_sae"] = weakref.ref(s)
+        return s
+
+    monkeypatch.setattr(sae, "load_lens_model", lens)
+    monkeypatch.setattr(sae, "init_decoder_bias", bias)
+    monkeypatch.setattr(sae, "load_sae", load)
+    monkeypatch.setattr(sae, "cuda_was_used", lambda: True)  # as after a run on CUDA
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: at_release.append({k: r() is None for k, r in refs.items()}))
+    gc.disable()  # only the stage's own collection may break the trainer's reference cycles
+    try:
+        sae.run(_config(tmp_path / "run", tiny_model_dir))
+    finally:
+        gc.enable()
+    assert at_release == [{"lens": True, "training_sae": True, "inference_sae": True}]
+
+
+def test_gpu_sae_training_runs_in_a_task_whose_process_exits():
+    """sae.num_gpus > 0: a Ray task reserves the GPUs, and its worker exits afterwards (max_calls=1), so
+    the CUDA context and cache go with it. Ray keeps max_calls only when given to ray.remote itself."""
+    import ray
+
+    task = ray.remote(**sae.gpu_task_options(8))(sae.build)
+    assert task._default_options["num_gpus"] == 8 and task._default_options["max_calls"] == 1
+    assert sae.gpu_task_options(1)["num_gpus"] == 1
+
+
+def test_sae_num_gpus_dispatches_training_to_the_gpu_task_but_not_a_finished_stage(tmp_path, tiny_model_dir,
+                                                                                   shared_data, monkeypatch):
+    import ray
+
+    _ingest(tmp_path / "run", shared_data)
+    cfg = _config(tmp_path / "run", tiny_model_dir, **{"sae.num_gpus": 2})
+    launched = []
+
+    def fake_remote(**options):
+        def wrap(fn):
+            class Task:
+                @staticmethod
+                def remote(c):
+                    launched.append(options)
+                    return fn(c)  # run it here: this machine has no GPU to reserve
+
+            return Task
+
+        return wrap
+
+    monkeypatch.setattr(ray, "remote", fake_remote)
+    monkeypatch.setattr(ray, "get", lambda x: x)
+    monkeypatch.setattr("saerl_ray.core.ray_init.init_ray", lambda *_: None)
+    summary = sae.run(cfg)
+    assert launched == [sae.gpu_task_options(2)] and summary["d_sae"] == 256
+    assert sae.run(cfg) == summary and len(launched) == 1  # done: no task, no GPU node woken

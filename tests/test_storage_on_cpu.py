@@ -116,3 +116,75 @@ def test_unreachable_s3_fails_clearly_and_leaves_no_marker(s3_server, s3_run_dir
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     assert not Stage(s3_run_dir, "plan", "fp").done()
     assert storage.list_dir(storage.join(s3_run_dir, "plan")) == ["_PARTIAL.json", "plan.parquet"]
+
+
+def test_sync_tree_streams_only_what_the_other_side_lacks(base, tmp_path):
+    src = tmp_path / "ckpt"
+    (src / "global_step2").mkdir(parents=True)
+    (src / "global_step2" / "shard_0.pt").write_bytes(b"x" * 3000)
+    (src / "latest").write_text("global_step2")
+    remote = storage.join(base, "ckpt")
+    assert storage.sync_tree(str(src), remote) == 2
+    assert storage.sizes(remote) == {"global_step2/shard_0.pt": 3000, "latest": 12}
+    assert storage.sync_tree(str(src), remote) == 0  # nothing new: nothing sent again
+    (src / "global_step2" / "shard_1.pt").write_bytes(b"y" * 10)
+    assert storage.sync_tree(str(src), remote) == 1
+    back = tmp_path / "back"
+    assert storage.sync_tree(remote, str(back)) == 3
+    assert (back / "global_step2" / "shard_0.pt").read_bytes() == b"x" * 3000
+    assert not [p for p in back.rglob("*") if storage.PARTIAL_TAG in p.name]
+
+
+def test_checkpoint_mirror_push_publish_pull_prune(base, tmp_path):
+    """What a trainer's nodes do with a library's node-local checkpoint folder (run_files.Mirror)."""
+    from saerl_ray.trainers.run_files import Mirror
+
+    remote = storage.join(base, "openrlhf", "ckpt")
+    node_a, node_b = Mirror(str(tmp_path / "a"), remote), Mirror(str(tmp_path / "b"), remote)
+    for step in (1, 2, 3):  # rank 0 on node a (module states + pointer), rank 1 on node b
+        tag = f"_actor/global_step{step}"
+        (tmp_path / "a" / tag).mkdir(parents=True)
+        (tmp_path / "a" / tag / "mp_rank_00_model_states.pt").write_bytes(b"m%d" % step)
+        (tmp_path / "a" / tag / "zero_pp_rank_0_optim_states.pt").write_bytes(b"o0")
+        (tmp_path / "b" / tag).mkdir(parents=True)
+        (tmp_path / "b" / tag / "zero_pp_rank_1_optim_states.pt").write_bytes(b"o1")
+        (tmp_path / "a" / "_actor" / "latest").write_text(f"global_step{step}")
+        assert node_a.push([tag, f"global_step{step}_hf"]) == 2 and node_b.push([tag]) == 1
+        node_a.publish(["_actor/latest"])
+        node_a.prune("_actor", "global_step", keep=2)
+    assert node_b.read_pointer("_actor/latest") == "global_step3"
+    stored = storage.list_dir(storage.join(remote, "_actor"), recursive=True)
+    assert sorted({r.split("/")[0] for r in stored if "/" in r}) == ["global_step2", "global_step3"]
+    # Resume on a fresh node c with a stale checkpoint of its own: it ends up with exactly the stored one.
+    node_c = Mirror(str(tmp_path / "c"), remote)
+    (tmp_path / "c" / "_actor" / "global_step9").mkdir(parents=True)
+    (tmp_path / "c" / "_actor" / "latest").write_text("global_step9")
+    assert node_c.pull(["_actor/global_step3"], ["_actor/latest"]) == 4
+    got = sorted(str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert got == ["_actor/global_step3/mp_rank_00_model_states.pt", "_actor/global_step3/zero_pp_rank_0_optim_states.pt",
+                   "_actor/global_step3/zero_pp_rank_1_optim_states.pt", "_actor/latest"]
+    assert (tmp_path / "c" / "_actor" / "latest").read_text() == "global_step3"
+    # Nothing stored (a new run): the node's folder is emptied, never resumed from a stale local copy.
+    empty = Mirror(str(tmp_path / "c"), storage.join(base, "nothing"))
+    assert empty.read_pointer("_actor/latest") is None and empty.pull([], []) == 0
+    assert not list((tmp_path / "c").iterdir())
+
+
+def test_fetch_gives_a_local_copy_of_an_object_and_a_local_path_unchanged(base, tmp_path):
+    from saerl_ray.trainers.run_files import fetch, node_scratch
+
+    src = storage.join(base, "openrlhf", "prompts.parquet")
+    storage.write_parquet(pa.table({"prompt": ["a", "b"]}), src)
+    local = fetch(src, str(tmp_path / "scratch"))
+    assert pq_rows(local) == 2
+    if storage.is_uri(base):
+        assert local.startswith(str(tmp_path / "scratch"))
+    else:
+        assert local == src
+    assert node_scratch(base, "openrlhf") == node_scratch(base, "openrlhf") != node_scratch(base + "x", "openrlhf")
+
+
+def pq_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).num_rows

@@ -189,3 +189,35 @@ def test_grpo_on_smollm2_from_a_real_plan(tmp_path, smollm2_dir, shared_data, ra
     assert summary["sampler"]["reported"] == 6
     assert [s for s, _ in summary["heldout_curve"]] == [0, 3]
     assert (run_dir / "train/model/model.safetensors").exists()
+
+
+def test_precision_is_bf16_on_a_cuda_placement_and_unchanged_on_cpu():
+    assert tb.train_precision(use_gpu=True, cpu_dtype="float32", bf16_supported=True) == ("bfloat16", True)
+    assert tb.train_precision(use_gpu=False, cpu_dtype="float32", bf16_supported=True) == ("float32", False)
+    assert tb.train_precision(use_gpu=False, cpu_dtype="bfloat16", bf16_supported=False) == ("bfloat16", False)
+    # A GPU without bf16 (pre-Ampere) trains in fp32, not in the CPU dtype nor in unscaled fp16.
+    assert tb.train_precision(use_gpu=True, cpu_dtype="float16", bf16_supported=False) == ("float32", False)
+
+
+def test_heldout_rows_travel_with_the_worker_config_not_as_a_driver_path(tmp_path, monkeypatch):
+    """A Ray Train worker on another node cannot open the driver's held-out file: `fit` reads it and ships
+    the rows; the worker never gets the path to open."""
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "train.heldout_file": str(heldout),
+                             "train.heldout_every": 1})
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, loop, train_loop_config, **_):
+            seen.update(train_loop_config)
+
+        def fit(self):
+            return SimpleNamespace(error=None)
+
+    import ray.train.torch
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    tb.fit(cfg, sampler=None, out_dir=str(tmp_path / "out"), policy="p", prompts_per_step=2, scratch=tmp_path / "s")
+    heldout.unlink()  # the driver's file is gone by the time a worker would look
+    assert seen["heldout"] == [{"prompt": "1+1?", "answer": "2"}]

@@ -111,7 +111,8 @@ def test_extra_args_are_hydra_overrides_that_come_last(tmp_path):
     ({"extra_args": ["trainer.use_v1=true"]}, "trainer.use_v1"),
     ({"extra_args": ["+data.custom_cls.path=x.py"]}, "data.custom_cls"),
     ({"extra_args": ["data.dataloader_num_workers=4"]}, "data.dataloader_num_workers"),
-    ({"run_dir": "s3://bucket/run"}, "run_dir"),
+    ({"extra_args": ["trainer.default_local_dir=/shared/ckpt"]}, "trainer.default_local_dir"),
+    ({"node_resource": ""}, "train.node_resource"),
 ])
 def test_values_verl_cannot_honour_are_refused_by_name(tmp_path, fields, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -134,8 +135,10 @@ def test_train_dispatches_to_the_verl_backend(tmp_path, monkeypatch):
 
 
 def write_plan(run_dir, n=8):
+    from saerl_ray.core import storage
+
     st = Stage(run_dir, "plan", "test-plan")
-    tmp = Path(st.begin(keep_partial=False))
+    tmp = st.begin(keep_partial=False)
     table = pa.table({
         "position": pa.array(range(n), pa.int64()), "batch": pa.array([i // BATCH for i in range(n)], pa.int64()),
         "id": [f"p{i}" for i in range(n)], "prompt": [f"What is {i}+{i}?" for i in range(n)],
@@ -143,7 +146,7 @@ def write_plan(run_dir, n=8):
         "cluster": pa.array([i // 4 for i in range(n)], pa.int32()),
         "difficulty_pred": pa.array([float(i) for i in range(n)], pa.float32()), "mixed": [False] * n,
     })
-    pq.write_table(table, tmp / "plan.parquet")
+    storage.write_parquet(table, storage.join(tmp, "plan.parquet"))
     st.commit({"rows": n})
     return table
 
@@ -198,6 +201,30 @@ def test_heldout_file_becomes_verls_validation_set(tmp_path):
     assert value(o, "data.val_max_samples") == "<absent>" and value(o, "trainer.val_before_train") == "true"
     rows = pq.read_table(path).to_pylist()
     assert [r["reward_model"]["ground_truth"] for r in rows] == ["0", "2", "4"]
+
+
+def test_object_store_run_dir_dataset_in_the_bucket_checkpoints_in_node_scratch(tmp_path, s3_run_dir, monkeypatch):
+    """An s3:// run_dir is accepted (it was refused): the dataset files verl's TaskRunner fetches are in
+    the bucket; verl's checkpoint folder is node-local scratch, mirrored to the bucket by the trainer."""
+    from saerl_ray.core import storage
+
+    monkeypatch.setenv("SAERL_SCRATCH", str(tmp_path / "scratch"))
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    cfg = cfg_with(tmp_path, run_dir=s3_run_dir, heldout_file=str(heldout), heldout_every=2,
+                   node_resource="saerl_train_gpu")
+    write_plan(cfg.run_dir)
+    dataset = launch.write_dataset(cfg)
+    o = launch.build_overrides(cfg, dataset, "policy", "actor-x")
+    out = f"{s3_run_dir}/verl"
+    assert dataset == value(o, "data.train_files") == f"{out}/train.parquet"
+    assert launch.write_heldout_file(cfg) == value(o, "data.val_files") == f"{out}/heldout.parquet"
+    assert storage.read_parquet(dataset).num_rows == 8
+    scratch = launch.scratch_dir(cfg)
+    assert scratch.startswith(str(tmp_path / "scratch")) and value(o, "trainer.default_local_dir") == f"{scratch}/ckpt"
+    assert value(o, "data.saerl.stage_dir") == out and value(o, "data.saerl.scratch") == scratch
+    assert value(o, "data.saerl.node_resource") == "saerl_train_gpu"
+    assert value(overrides_of(tmp_path), "data.saerl.node_resource") == "<absent>"
 
 
 def test_submit_script_and_runtime_env():

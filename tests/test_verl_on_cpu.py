@@ -14,6 +14,7 @@ checkpoint calls do nothing, and the actor update (`RayPPOTrainer._update_actor`
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -171,7 +172,7 @@ def test_overrides_compose_with_verls_hydra_config_and_pass_its_validation(tmp_p
         assert c.data.saerl.num_prompts == 3 * BATCH and c.trainer.total_training_steps == 3
         assert c.reward.custom_reward_function.path == str(launch.REWARD_FILE)
         assert c.actor_rollout_ref.rollout.gpu_memory_utilization == 0.7  # extra_args come last and win
-        assert c.trainer.default_local_dir == str(tmp_path / "run" / "verl" / "ckpt")
+        assert c.trainer.default_local_dir == str(Path(launch.scratch_dir(cfg)) / "ckpt")  # node-local, mirrored
         if algo == "grpo":
             assert c.actor_rollout_ref.actor.use_kl_loss is False and c.reward.reward_manager.name == "naive"
         else:
@@ -297,11 +298,15 @@ def test_resume_after_a_restart_serves_nothing_twice_and_loses_nothing(run, tmp_
     assert state  # the loader state verl saved holds the sampler's cursor
     lost_step = batch_ids(next(it))  # step 2 fetched, never checkpointed: the trainer dies here
     del trainer, it
+    stored = Path(r.cfg.run_dir) / "verl" / "ckpt"  # the save was mirrored to the run directory
+    assert (stored / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert (stored / "global_step_1" / "data.pt").read_bytes() == (ckpt / "global_step_1" / "data.pt").read_bytes()
+    shutil.rmtree(ckpt)  # the resumed trainer runs on a fresh node: nothing of the run is local there
 
     resumed = build_trainer(r.config)
     calls = count_calls(resumed.train_dataloader.sampler)
     resumed._load_checkpoint()
-    assert resumed.global_steps == 1
+    assert resumed.global_steps == 1 and (ckpt / "global_step_1" / "data.pt").exists()
     rest = [batch_ids(b) for b in resumed.train_dataloader]
     assert rest[0] == lost_step  # the batch the dead trainer never trained on comes back first
     epoch = committed + sum(rest, [])
@@ -332,3 +337,20 @@ def test_run_composes_validates_and_hands_verls_run_ppo_our_task_runner(tmp_path
     assert launch.run(cfg)["prompts"] == 2 * BATCH and len(got) == 1  # same config: the stage is done
     for k in launch.VERL_ENV:
         assert k in os.environ
+
+
+def test_node_resource_becomes_every_pools_accelerator_type(ray_cluster, monkeypatch):
+    """verl's own ResourcePoolManager: after our wrapper, each pool it creates carries the custom resource
+    that RayResourcePool.get_placement_groups adds to every GPU bundle."""
+    from verl.single_controller.ray.base import ResourcePoolManager
+
+    from saerl_ray.trainers.verl_trainer import pools_on_node_type
+
+    monkeypatch.setattr(ResourcePoolManager, "_check_resource_available", lambda self: None)  # no GPUs here
+    manager = pools_on_node_type(ResourcePoolManager({"global_pool": [2], "reward_pool": [1]}, {}), "saerl_train_gpu")
+    manager.create_resource_pool()
+    assert {n: p.accelerator_type for n, p in manager.resource_pool_dict.items()} == {
+        "global_pool": "saerl_train_gpu", "reward_pool": "saerl_train_gpu"}
+    plain = pools_on_node_type(ResourcePoolManager({"global_pool": [2]}, {}), None)
+    plain.create_resource_pool()
+    assert plain.resource_pool_dict["global_pool"].accelerator_type is None

@@ -84,8 +84,10 @@ class InputSpec(Section):
     """One input of the ingest stage: a file, a folder of them, or a dataset dir."""
 
     path: str = Field(description=(
-        "jsonl / json / parquet file, a directory of them, or an HF `save_to_disk` dir; local or an "
-        "s3:// / gs:// URI."))
+        "jsonl / json / parquet file (plain or .gz), a directory of them, or an HF `save_to_disk` dir; local, "
+        "an s3:// / gs:// URI, or hf://datasets/<id>/<path> on the Hugging Face hub (needs a network). "
+        "${SAERL_DATA} is read as the repo's data/ folder unless the SAERL_DATA environment variable names "
+        "another."))
     preset: str = Field("none", description=(
         "Column mapping preset: deepmath, math, gsm8k, olympiadbench, aime, amc, minerva or none."))
     source: str | None = Field(None, description=(
@@ -145,6 +147,10 @@ class SAEConfig(Section):
     lens_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
         "Compute dtype of the lens (the model cut at `layer`) for SAE activations and features; auto: "
         "bfloat16 on a GPU or a CPU with native bf16 (AVX-512-bf16/AMX), float32 elsewhere."))
+    num_gpus: int = Field(0, ge=0, description=(
+        "GPUs a Ray task reserves to train the SAE in (the lens split over them); the task's process exits "
+        "with it, so the GPUs and their memory are free before the features actors start. 0: train in the "
+        "driver process, on the GPUs it holds (`ray job submit --entrypoint-num-gpus`), else its CPU."))
     hf_cache: str | None = Field(None, description=(
         "Hugging Face hub cache folder holding the pretrained release (source=pretrained), e.g. on shared "
         "storage that every node mounts; null: the HF_HUB_CACHE / HF_HOME of the environment. Nothing is "
@@ -428,7 +434,7 @@ class TrainConfig(Section):
         "Learning-rate schedule; RL recipes keep it flat, linear and cosine decay it to 0 at `steps`."))
     heldout_file: str | None = Field(None, description=(
         "jsonl of {\"prompt\", \"answer\"} rows graded greedily every heldout_every steps (a held-out "
-        "accuracy curve); null: none."))
+        "accuracy curve; ${SAERL_DATA} expands as in ingest paths); null: none."))
     heldout_every: int = Field(0, description="Steps between held-out evaluations; 0: off.")
     gradient_checkpointing: bool = Field(True, description=(
         "Recompute activations in the backward pass instead of keeping them: less memory for more compute "
@@ -437,6 +443,11 @@ class TrainConfig(Section):
         "Update only the top N decoder layers (and the final norm); embeddings, the (tied) LM head and the "
         "layers below stay frozen, so a CPU step costs a fraction of a full one. null: train everything "
         "(trl only)."))
+    node_resource: str | None = Field(None, description=(
+        "Custom Ray resource that only the training node types advertise (the shipped cluster configs: "
+        "saerl_train_gpu, one unit per GPU): every GPU bundle OpenRLHF or verl reserves also asks for it, so "
+        "the autoscaler places training on those node types and never on the 1-GPU feature nodes "
+        "(openrlhf: 1 unit per GPU; verl: its resource pools' accelerator_type hook). null: any GPU node."))
 
     @field_validator("num_generations")
     @classmethod
@@ -467,6 +478,14 @@ class LabelConfig(Section):
     split: str = Field("train", description="Only prompts of this split are labelled.")
     model: str | None = Field(None, description=(
         "Model whose pass rates define difficulty; null: train.policy, else model.name."))
+    num_gpus: int | None = Field(None, ge=0, description=(
+        "GPUs the labelling Ray actor reserves (vLLM in bfloat16, tensor-parallel over them; HF generate "
+        "when vLLM is absent), so no other Ray GPU actor is placed on them. null: 1 when the Ray cluster "
+        "has a GPU now (or, with no cluster configured, this machine has one), else 0; an autoscaling "
+        "cluster whose GPU nodes are at zero needs 1 set. 0: HF generate in the driver process."))
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description=(
+        "Fraction of each reserved GPU's memory vLLM may take for weights and KV cache (vLLM's own "
+        "default is 0.92); lower it when the policy shares the GPU with something outside Ray."))
 
 
 class EvalConfig(Section):
@@ -475,7 +494,9 @@ class EvalConfig(Section):
     benchmarks: list[str] = Field(
         default_factory=lambda: ["math500", "gsm8k", "aime24", "amc23", "minerva", "olympiadbench"],
         description="Benchmarks to evaluate, each a file under data_dir.")
-    data_dir: str = Field("../shared/data", description="Folder (or URI) holding the benchmark files.")
+    data_dir: str = Field("${SAERL_DATA}", description=(
+        "Folder (or URI) holding the benchmark files (<name>.jsonl or .jsonl.gz); ${SAERL_DATA}: the repo's "
+        "data/ unless the SAERL_DATA environment variable names another."))
     limit: int | None = Field(None, description="Evaluate at most this many problems per benchmark; null: all.")
     max_new_tokens: int = Field(256, description="Most tokens generated per answer.")
     batch_size: int = Field(8, description="Prompts per generate call.")
@@ -495,8 +516,9 @@ class ValidationConfig(Section):
         "Benchmark-ordering check (difficulty_ood_auroc): the difficulty regression fit on every MATH-500 "
         "level scores the ood_tiers benchmarks, featurised with the run's lens and SAE in "
         "<run_dir>/validate/ood/; pairwise AUROC of each easier/harder pair, SAE vs prompt length."))
-    data_dir: str = Field("../shared/data", description=(
-        "Folder (or URI) holding the benchmark files <name>.jsonl named in ood_tiers."))
+    data_dir: str = Field("${SAERL_DATA}", description=(
+        "Folder (or URI) holding the benchmark files <name>.jsonl (or .jsonl.gz) named in ood_tiers; "
+        "${SAERL_DATA}: the repo's data/ unless the SAERL_DATA environment variable names another."))
     ood_tiers: list[list[str]] = Field(
         default_factory=lambda: [["gsm8k_test"], ["math500"], ["amc23"], ["olympiadbench", "aime24"]],
         description=(

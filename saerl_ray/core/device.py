@@ -13,8 +13,10 @@ ask the process is pure, so it is tested on CPU (tests/test_device_on_cpu.py) wi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,8 +73,82 @@ def held_gpu_ids() -> list:
     return list(range(torch.cuda.device_count()))
 
 
+# --- the NVIDIA driver a CUDA build of torch needs ------------------------------------------------
+# The oldest driver that runs a CUDA major's runtime (NVIDIA's CUDA release notes, "CUDA minor version
+# compatibility"): any 12.x on >= 525.60.13, any 13.x on >= 580. torch's pip wheels bring their CUDA
+# runtime but not a forward-compatibility driver, so the host's driver must be at least this.
+MIN_DRIVER_FOR_CUDA_MAJOR = {11: "450.80.02", 12: "525.60.13", 13: "580"}
+NVIDIA_DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version))
+
+
+def min_driver(cuda: str | None) -> str | None:
+    """The oldest NVIDIA driver for torch's CUDA version ('13.0' -> '580'); None for a CPU build."""
+    if not cuda:
+        return None
+    major = int(cuda.split(".")[0])
+    if major not in MIN_DRIVER_FOR_CUDA_MAJOR:
+        raise ValueError(f"no known minimum NVIDIA driver for CUDA {cuda}; add it to MIN_DRIVER_FOR_CUDA_MAJOR")
+    return MIN_DRIVER_FOR_CUDA_MAJOR[major]
+
+
+def driver_error(driver: str | None, cuda: str | None) -> str | None:
+    """The one-line error for a driver too old for torch's CUDA, or None when it is new enough (or when
+    there is no driver or no CUDA build: then nothing here can use a GPU anyway)."""
+    need = min_driver(cuda)
+    if not driver or need is None or _version_tuple(driver) >= _version_tuple(need):
+        return None
+    return (f"NVIDIA driver {driver} is too old for torch {torch.__version__} (CUDA {cuda}): it needs driver "
+            f">= {need}; run this on nodes with a newer driver (the image declares NVIDIA_REQUIRE_CUDA) or "
+            "install a torch built for an older CUDA")
+
+
+def parse_driver_version(text: str) -> str | None:
+    """The driver version in /proc/driver/nvidia/version ('NVRM version: NVIDIA UNIX x86_64 Kernel
+    Module  580.65.06  ...', or '... Open Kernel Module for x86_64  580.65.06  ...')."""
+    m = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return m.group(1) if m else None
+
+
+def installed_driver() -> str | None:
+    """This host's NVIDIA driver version, or None without one. Read from the kernel module, not through
+    CUDA: on a driver too old for torch's CUDA, torch.cuda reports no GPU at all instead of why."""
+    try:
+        return parse_driver_version(NVIDIA_DRIVER_VERSION_FILE.read_text())
+    except OSError:
+        pass
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:  # no NVIDIA library or driver: nothing to check
+        return None
+    return version.decode() if isinstance(version, bytes) else version
+
+
+def require_driver() -> None:
+    """Stop a GPU stage at once, with one line, when the host's driver cannot run torch's CUDA (it would
+    otherwise see no GPU and fall back to the CPU, or fail later inside a GPU actor)."""
+    problem = driver_error(installed_driver(), torch.version.cuda)
+    if problem:
+        raise RuntimeError(problem)
+
+
 def current_placement() -> Placement:
     ids = held_gpu_ids()
+    # A Ray worker that holds no GPU runs on the CPU whatever the driver; every other caller (a GPU actor,
+    # a driver process that would use every visible GPU) checks the driver first.
+    if ids or not _in_ray_worker():
+        require_driver()
     device = select_device(ids, torch.cuda.is_available())
     return Placement(device, len(ids) if device != "cpu" else 0)
 

@@ -95,8 +95,18 @@ def filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
     if u.scheme in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return _s3(endpoint, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")), inner
+    if u.scheme == "hf":
+        return _hub(), inner
     fs, inner = pafs.FileSystem.from_uri(s)
     return fs, inner
+
+
+def _hub() -> pafs.FileSystem:
+    """hf://datasets/<id>/<path>: the Hugging Face hub through huggingface_hub's fsspec filesystem (read
+    only; HF_TOKEN for gated sets). Offline (HF_HUB_OFFLINE=1) its calls raise, and callers say so."""
+    from huggingface_hub import HfFileSystem
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
 
 
 def _transient(e: BaseException) -> bool:
@@ -282,6 +292,47 @@ def copy_tree(src: str | Path, dst: str | Path) -> int:
     for rel in files:
         write_bytes(join(dst, rel), read_bytes(join(src, rel)))
     return len(files)
+
+
+def sizes(path: str | Path) -> dict[str, int]:
+    """{name relative to `path`: size in bytes} for every file under it; {} when it does not exist."""
+    fs, p = filesystem(path)
+    sel = pafs.FileSelector(p, allow_not_found=True, recursive=True)
+    infos = _retry("list", str(path), lambda: fs.get_file_info(sel))
+    base = p.rstrip("/") + "/"
+    return {i.path[len(base):]: int(i.size or 0) for i in infos
+            if i.type == pafs.FileType.File and i.path.startswith(base)}
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """Stream one file from `src` to `dst` (any mix of local and URI; never whole in memory, for
+    multi-GB checkpoint shards); all-or-nothing like `write_bytes`."""
+    sfs, sp = filesystem(src)
+    dfs, dp = filesystem(dst)
+    if not isinstance(dfs, pafs.LocalFileSystem):
+        _retry("copy to", str(dst), lambda: pafs.copy_files(sp, dp, source_filesystem=sfs, destination_filesystem=dfs))
+        return
+    Path(dp).parent.mkdir(parents=True, exist_ok=True)
+    partial = f"{dp}{PARTIAL_TAG}{uuid.uuid4().hex[:8]}"
+    try:
+        _retry("copy from", str(src), lambda: pafs.copy_files(sp, partial, source_filesystem=sfs, destination_filesystem=dfs))
+        os.replace(partial, dp)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+def sync_tree(src: str | Path, dst: str | Path) -> int:
+    """Copy the files under `src` that `dst` lacks or holds at another size (a re-upload after an
+    interrupted one sends only what is missing); returns how many were copied."""
+    have = sizes(dst)
+    copied = 0
+    for rel, size in sorted(sizes(src).items()):
+        if PARTIAL_TAG in rel or have.get(rel) == size:
+            continue
+        copy_file(join(src, rel), join(dst, rel))
+        copied += 1
+    return copied
 
 
 def cache_root() -> Path:

@@ -8,9 +8,13 @@ Writes `<run_dir>/sae/`: the sae-lens inference folder (`SAE.load_from_disk` rea
 (model, layer, hook_name, d_in, d_sae, k, chat_template, dtype) and `summary.json` (held-out
 explained variance, MSE, L0, dead-latent fraction).
 
-Training runs in the driver process: it is one sequential optimiser loop fed by a generator of
-lens activations, and on CPU one process using every core is the fastest layout (the features
-stage is where Ray's parallelism pays). Token activations are never materialised: prompt batches
+Training is one sequential optimiser loop fed by a generator of lens activations, and on CPU one
+process using every core is the fastest layout (the features stage is where Ray's parallelism pays).
+It runs in the driver process by default; with `sae.num_gpus: N` it runs in a Ray task that reserves
+N GPUs and whose worker process exits when the task ends (`max_calls=1`), so the GPUs, the CUDA
+context and the allocator's cache are all free before the features actors ask for GPUs. In the
+driver, the lens, the SAE and the activation buffers are dropped and the CUDA cache emptied when the
+stage returns (the driver's CUDA context itself stays until it exits). Token activations are never materialised: prompt batches
 stream through the truncated model into sae-lens's shuffle buffer (`mixing_buffer`) and on into
 `SAETrainer`. Activation scale is normalised by sae-lens (`expected_average_only_in`) and folded
 into the saved weights, so the saved SAE takes raw activations.
@@ -19,6 +23,7 @@ into the saved weights, so the saved SAE takes raw activations.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import re
@@ -306,11 +311,55 @@ def check_lens(lens: Lens, sae_dir: Path) -> dict:
             "sae_hook_name": hook}
 
 
-def run(cfg: RunConfig) -> dict:
+def cuda_was_used() -> bool:
+    """Whether this process initialised CUDA (so it may hold cached GPU memory)."""
+    return torch.cuda.is_initialized()
+
+
+def release_gpu_memory() -> None:
+    """Return the caching allocator's blocks to the GPU once the stage's tensors are unreachable. On
+    the normal path reference counting has already freed the lens and the SAEs when `build` returns
+    (tests/test_sae_on_cpu.py); gc first anyway, since a block a reference cycle (a traceback, a
+    suspended generator) still holds cannot be released."""
+    gc.collect()
+    if cuda_was_used():
+        torch.cuda.empty_cache()
+
+
+def gpu_task_options(num_gpus: int) -> dict:
+    """`ray.remote` options of the task that trains the SAE on `num_gpus` GPUs. max_calls=1: the worker
+    process exits after the task, taking its CUDA context and cache with it; it must be given to
+    `ray.remote` itself (Ray drops max_calls from `.options()`, and only sets it for a function
+    declared with num_gpus)."""
+    return {"num_gpus": num_gpus, "num_cpus": 1, "max_calls": 1}
+
+
+def sae_stage(cfg: RunConfig) -> Stage:
     upstream = [marker_of(cfg.run_dir, "ingest")] if cfg.sae.source == "train" else []
-    st = Stage(cfg.run_dir, "sae", fingerprint(cfg.sae, cfg.model, cfg.seed, *upstream))
-    if st.done():
+    return Stage(cfg.run_dir, "sae", fingerprint(cfg.sae, cfg.model, cfg.seed, *upstream))
+
+
+def run(cfg: RunConfig) -> dict:
+    st = sae_stage(cfg)
+    if st.done():  # checked here, so a finished stage never waits for a GPU node
         return st.summary()
+    if cfg.sae.source == "train" and cfg.sae.num_gpus > 0:
+        import ray
+
+        from saerl_ray.core.ray_init import init_ray
+
+        init_ray(cfg.ray)
+        task = ray.remote(**gpu_task_options(cfg.sae.num_gpus))(build)
+        return ray.get(task.remote(cfg))
+    try:
+        return build(cfg)
+    finally:
+        release_gpu_memory()
+
+
+def build(cfg: RunConfig) -> dict:
+    """Train or fetch the SAE and commit the stage (in the driver, or in the GPU task)."""
+    st = sae_stage(cfg)
     out = st.begin(keep_partial=False)
     lens = lens_of(cfg)
     # sae-lens saves to and loads from local folders: build there, then copy to an object store.

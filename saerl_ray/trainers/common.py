@@ -51,9 +51,10 @@ def join_ray(cfg: RunConfig, env: dict[str, str]) -> None:
     init_ray(cfg.ray)
 
 
-def common_train_errors(cfg: RunConfig, backend: str, local_io: str) -> list[str]:
-    """The `train.*` checks every GPU backend shares, each error naming its field; `local_io` says what
-    the backend writes with local file I/O (why an object-store run_dir is refused)."""
+def common_train_errors(cfg: RunConfig, backend: str) -> list[str]:
+    """The `train.*` checks every GPU backend shares, each error naming its field. Any run_dir that
+    `storage` reaches is fine: trainer-side processes fetch their inputs and upload their checkpoints
+    through it (saerl_ray.trainers.run_files)."""
     t, errors = cfg.train, []
     if t.prompts_per_step is not None and t.prompts_per_step < 1:
         errors.append(f"train.prompts_per_step must be >= 1 (or null for plan.batch_size), got {t.prompts_per_step}")
@@ -76,22 +77,19 @@ def common_train_errors(cfg: RunConfig, backend: str, local_io: str) -> list[str
     if t.trainable_layers is not None:
         errors.append(f"train.trainable_layers={t.trainable_layers}: partial updates are a TRL-backend option; "
                       f"{backend} trains every layer (set it to null)")
-    if storage.is_uri(cfg.run_dir):
-        errors.append(f"run_dir={cfg.run_dir!r}: train.backend={t.backend} writes {local_io} with local file I/O; "
-                      "use a filesystem path (a shared volume on a cluster)")
+    if t.node_resource is not None and not t.node_resource.strip():
+        errors.append("train.node_resource is empty: give the custom resource the training node types "
+                      "advertise (e.g. saerl_train_gpu) or null")
     return errors
 
 
 def read_plan_in_order(cfg: RunConfig, columns: list[str]):
-    """The plan with row i = position i (the sampler serves positions, the backend's dataset is indexed by them)."""
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-
-    plan_path = Path(cfg.run_dir) / "plan" / "plan.parquet"
-    if not plan_path.exists():
+    """The plan with row i = position i (the sampler serves positions, the backend's dataset is indexed by
+    them), read through `storage`: a local run_dir or an object store alike."""
+    plan_path = storage.join(storage.resolve(cfg.run_dir), "plan", "plan.parquet")
+    if not storage.exists(plan_path):
         raise FileNotFoundError(f"{plan_path} not found: run `saerl-ray plan` first")
-    plan = pq.read_table(plan_path, columns=["position", *columns])
+    plan = storage.read_parquet(plan_path, columns=["position", *columns])
     pos = plan.column("position").to_pylist()
     if pos != list(range(len(pos))):
         raise ValueError(f"{plan_path}: column 'position' must be 0..{len(pos) - 1} in row order")

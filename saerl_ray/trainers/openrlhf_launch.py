@@ -6,7 +6,8 @@
 What it does, in order:
 1. starts / joins Ray with the env vars OpenRLHF's driver would set, and creates (or restores
    from `<run_dir>/sampler/state.json`) the run's CurriculumSampler actor;
-2. writes `<run_dir>/openrlhf/prompts.parquet` from `plan/plan.parquet`: one row per plan position
+2. writes `<run_dir>/openrlhf/prompts.parquet` (through `storage`: run_dir may be an object store)
+   from `plan/plan.parquet`: one row per plan position
    (row i = position i), columns `prompt`, `datasource` and `label`, a JSON string
    `{"id", "answer", "cluster", "sampler", "n"}`: the reward file runs inside OpenRLHF's vLLM actors,
    whose runtime_env we cannot extend, so the label is how it learns the sampler actor and group size;
@@ -14,6 +15,13 @@ What it does, in order:
    untouched, so they win), replaces `openrlhf.trainer.ppo_trainer.PPOTrainer` with
    `ray.remote(SaerlPPOTrainer)` and runs OpenRLHF's own CLI module (`train_ppo_ray`) as `__main__`;
 4. commits `<run_dir>/openrlhf/` as a stage (`_DONE.json`): a rerun with the same config is a no-op.
+Files on a cluster whose nodes share only the run directory (saerl_ray.trainers.run_files): the trainer
+actor fetches the prompt and held-out files from `<run_dir>/openrlhf/` onto its own node; DeepSpeed
+checkpoints, the final model and TensorBoard logs go to a node-local scratch folder (`--ckpt.path`,
+`--ckpt.output_dir`, `--logger.tensorboard_dir`) and are uploaded to `<run_dir>/openrlhf/{ckpt,model,
+tensorboard}` by one process per node after every save (checkpoints) and at the end (model, logs);
+`train.resume` downloads the last uploaded checkpoint onto every node before DeepSpeed looks for it.
+`train.node_resource` adds that custom resource (1 per GPU) to every GPU bundle OpenRLHF reserves.
 OpenRLHF is imported only inside `run` / `parse_flags`; building flags needs nothing but the config.
 
 How `train.*` reaches OpenRLHF 0.11.2 (`check_config` refuses what has no faithful mapping, naming the field):
@@ -39,13 +47,14 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from unittest import mock
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from saerl_ray.core import storage
 from saerl_ray.core.config import ConfigError, RunConfig
 from saerl_ray.trainers.common import (  # noqa: F401 (stage_fingerprint: part of this module's API)
     backend_stage,
@@ -55,6 +64,7 @@ from saerl_ray.trainers.common import (  # noqa: F401 (stage_fingerprint: part o
     read_plan_in_order,
     stage_fingerprint,
 )
+from saerl_ray.trainers.run_files import node_scratch
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 REWARD_FILE = Path(__file__).with_name("openrlhf_reward.py")
@@ -69,12 +79,17 @@ LR_SCHEDULERS = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
 REPORTS_FILE = "reward_reports.json"
 
 
-def out_dir(cfg: RunConfig) -> Path:
-    # Absolute: OpenRLHF's trainer actor and vLLM engines open these paths from other working dirs.
-    return Path(cfg.run_dir).resolve() / STAGE
+def out_dir(cfg: RunConfig) -> str:
+    """`<run_dir>/openrlhf`: an absolute local path (other processes have other working dirs) or a URI."""
+    return storage.join(storage.resolve(cfg.run_dir), STAGE)
 
 
-def write_prompt_file(cfg: RunConfig, sampler_actor: str, group_size: int) -> Path:
+def scratch_dir(cfg: RunConfig) -> str:
+    """The node-local folder DeepSpeed and OpenRLHF write into (same path string on every node)."""
+    return node_scratch(cfg.run_dir, STAGE)
+
+
+def write_prompt_file(cfg: RunConfig, sampler_actor: str, group_size: int) -> str:
     """Plan -> OpenRLHF prompt dataset, row i = plan position i (the sampler yields positions)."""
     plan = read_plan_in_order(cfg, ["id", "prompt", "answer", "source", "cluster"])
     labels = [
@@ -86,9 +101,8 @@ def write_prompt_file(cfg: RunConfig, sampler_actor: str, group_size: int) -> Pa
         "label": labels,
         "datasource": plan.column("source"),
     })
-    path = out_dir(cfg) / "prompts.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    path = storage.join(out_dir(cfg), "prompts.parquet")
+    storage.write_parquet(table, path)
     return path
 
 
@@ -135,12 +149,12 @@ def check_config(cfg: RunConfig) -> None:
                       "set it to null")
     if t.lr_scheduler not in LR_SCHEDULERS:
         errors.append(f"train.lr_scheduler={t.lr_scheduler!r} has no OpenRLHF mapping ({sorted(LR_SCHEDULERS)})")
-    errors += common_train_errors(cfg, "OpenRLHF", "DeepSpeed checkpoints and the model")
+    errors += common_train_errors(cfg, "OpenRLHF")
     if errors:
         raise ConfigError("; ".join(errors))
 
 
-def write_heldout_file(cfg: RunConfig) -> Path | None:
+def write_heldout_file(cfg: RunConfig) -> str | None:
     """`train.heldout_file` as OpenRLHF's eval dataset: same prompt/label columns as the training file;
     labels carry no sampler, so the reward file scores them without reporting."""
     t = cfg.train
@@ -156,16 +170,16 @@ def write_heldout_file(cfg: RunConfig) -> Path | None:
         "label": [json.dumps({"answer": r["answer"]}) for r in rows],
         "datasource": ["heldout"] * len(rows),
     })
-    path = out_dir(cfg) / "heldout.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    path = storage.join(out_dir(cfg), "heldout.parquet")
+    storage.write_parquet(table, path)
     return path
 
 
-def build_flags(cfg: RunConfig, prompt_file: Path, policy: str) -> list[str]:
-    """RunConfig -> OpenRLHF CLI flags; `train.extra_args` last so any of them can be overridden."""
+def build_flags(cfg: RunConfig, prompt_file: str | Path, policy: str) -> list[str]:
+    """RunConfig -> OpenRLHF CLI flags; `train.extra_args` last so any of them can be overridden.
+    Inputs are `<run_dir>/openrlhf/*` (the trainer actor fetches them); outputs go to node-local scratch."""
     check_config(cfg)
-    t, out = cfg.train, out_dir(cfg)
+    t, out, scratch = cfg.train, out_dir(cfg), Path(scratch_dir(cfg))
     gpus = max(1, t.num_workers)
     rollout = prompts_per_step(cfg)
     flags = [
@@ -194,16 +208,16 @@ def build_flags(cfg: RunConfig, prompt_file: Path, policy: str) -> list[str]:
         "--train.colocate_all", "--vllm.enable_sleep", "--ds.enable_sleep",
         *(["--actor.gradient_checkpointing_enable"] if t.gradient_checkpointing else []),
         "--reward.remote_url", str(REWARD_FILE),
-        "--ckpt.output_dir", str(out / "model"),
-        "--ckpt.path", str(out / "ckpt"),
+        "--ckpt.output_dir", str(scratch / "model"),
+        "--ckpt.path", str(scratch / "ckpt"),
         # OpenRLHF: -1 = never (0 would be a modulo by zero).
         "--ckpt.save_steps", str(t.save_every or -1),
         *(["--ckpt.load_enable"] if t.resume else []),
-        "--logger.tensorboard_dir", str(out / "tensorboard"),
+        "--logger.tensorboard_dir", str(scratch / "tensorboard"),
     ]
     if t.heldout_file and t.heldout_every:
         # Greedy, one sample per prompt: the same held-out accuracy the TRL backend logs.
-        flags += ["--eval.dataset", str(out / "heldout.parquet"), "--eval.steps", str(t.heldout_every),
+        flags += ["--eval.dataset", storage.join(out, "heldout.parquet"), "--eval.steps", str(t.heldout_every),
                   "--eval.temperature", "0", "--eval.n_samples_per_prompt", "1"]
     return flags + algo_flags(t.algo, t.max_new_tokens, t.kl_coef) + list(t.extra_args)
 
@@ -217,12 +231,71 @@ def flag_value(flags: list[str], name: str, default: str) -> str:
     return value
 
 
-def trainer_env(sampler_actor: str, main_prompts: int, reports_file: str | Path | None = None) -> dict[str, str]:
-    """Env vars for the trainer actor (given via `.options(runtime_env=...)` when it is created)."""
+def trainer_env(sampler_actor: str, main_prompts: int, reports_file: str | Path | None = None,
+                stage_dir: str | None = None, scratch: str | None = None) -> dict[str, str]:
+    """Env vars for the trainer actor (given via `.options(runtime_env=...)` when it is created):
+    the sampler, the episode length, where the reward-report counts go, and the stage folder in the run
+    directory / node-local scratch folder its file transfers use (absent: no transfers, local files)."""
     env = {"SAERL_SAMPLER_ACTOR": sampler_actor, "SAERL_NUM_PROMPTS": str(main_prompts)}
     if reports_file is not None:
         env["SAERL_REPORTS_FILE"] = str(reports_file)
+    if stage_dir is not None and scratch is not None:
+        env["SAERL_STAGE_DIR"], env["SAERL_SCRATCH_DIR"] = str(stage_dir), str(scratch)
     return env
+
+
+def with_node_resource(bundles: list[dict], resource: str | None) -> list[dict]:
+    """Placement-group bundles with `resource` added to each GPU bundle, one unit per GPU it holds:
+    only node types advertising that resource can host them (None: unchanged)."""
+    if not resource:
+        return [dict(b) for b in bundles]
+    return [{**b, resource: float(b["GPU"])} if b.get("GPU") else dict(b) for b in bundles]
+
+
+@contextmanager
+def node_typed_placement_groups(resource: str | None) -> Iterator[None]:
+    """While open, every placement group OpenRLHF's CLI, actor groups and vLLM engines create asks for
+    `resource` on its GPU bundles. They import `placement_group` by name, so each module's binding is
+    patched (the CLI module is run afresh by runpy and picks up the patched `ray.util` one)."""
+    if not resource:
+        yield
+        return
+    import importlib
+
+    # `ray.util.placement_group` the attribute is the function; the module is what the CLI imports from.
+    pg_module = importlib.import_module("ray.util.placement_group")
+    original = pg_module.placement_group
+
+    def placement_group(bundles, *args, **kwargs):
+        return original(with_node_resource(list(bundles), resource), *args, **kwargs)
+
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(pg_module, "placement_group", placement_group))
+        for name in ("openrlhf.trainer.ray.launcher", "openrlhf.trainer.ray.vllm_engine"):
+            module = importlib.import_module(name)
+            if hasattr(module, "placement_group"):
+                stack.enter_context(mock.patch.object(module, "placement_group", placement_group))
+        yield
+
+
+@contextmanager
+def model_upload(local_model: str, remote_model: str) -> Iterator[None]:
+    """While open, the CLI's final `actor_model.async_save_model()` (rank 0 writes the HF model into its
+    node-local `--ckpt.output_dir`) is followed by an upload of that folder from rank 0's own process."""
+    import ray
+    from openrlhf.trainer.ray.launcher import RayActorGroup
+
+    from saerl_ray.trainers.run_files import _call
+
+    original = RayActorGroup.async_save_model
+
+    def save_then_upload(group: Any) -> list:
+        ray.get(original(group))
+        rank0 = group._actor_handlers[0]
+        return [rank0.__ray_call__.remote(_call, storage.sync_tree, local_model, remote_model)]
+
+    with mock.patch.object(RayActorGroup, "async_save_model", save_then_upload):
+        yield
 
 
 class _Parsed(Exception):
@@ -278,33 +351,37 @@ def run(cfg: RunConfig) -> dict:
     if done is not None:
         return done
     # An interrupted run with the same config keeps its checkpoints when train.resume is on.
-    out = Path(st.begin(keep_partial=cfg.train.resume))
+    out = st.begin(keep_partial=cfg.train.resume)
     # OpenRLHF's own ray.init (skipped: Ray is up) would set these as a runtime_env. Under a job they come
     # from jobs/runtime_env_gpu.yaml; a runtime_env here would replace the job's, working_dir included,
     # and Ray then garbage-collects the driver's own working dir under it.
     join_ray(cfg, OPENRLHF_ENV)
     sampler = get_or_create_sampler(cfg)
     name = actor_name(cfg.run_dir)
-    flags = build_flags(cfg, out / "prompts.parquet", policy)
+    flags = build_flags(cfg, storage.join(out, "prompts.parquet"), policy)
     group = int(flag_value(flags, "--rollout.n_samples_per_prompt", "1"))
     write_prompt_file(cfg, name, group)
     write_heldout_file(cfg)
     step_prompts = int(flag_value(flags, "--rollout.batch_size", str(prompts_per_step(cfg))))
     main_prompts = cfg.train.steps * step_prompts
-    reports_file = out / REPORTS_FILE
-    reports_file.unlink(missing_ok=True)
-    install_trainer(trainer_env(name, main_prompts, reports_file))
+    reports_file = storage.join(out, REPORTS_FILE)
+    storage.delete(reports_file)
+    scratch = scratch_dir(cfg)
+    install_trainer(trainer_env(name, main_prompts, reports_file, stage_dir=out, scratch=scratch))
     print(f"[saerl-ray] openrlhf: {cfg.train.algo} on {policy}, {main_prompts} prompts, flags: {' '.join(flags)}", flush=True)
-    with mock.patch.object(sys, "argv", [CLI_MODULE, *flags]):
+    local_model = flag_value(flags, "--ckpt.output_dir", str(Path(scratch) / "model"))
+    with mock.patch.object(sys, "argv", [CLI_MODULE, *flags]), \
+         node_typed_placement_groups(cfg.train.node_resource), \
+         model_upload(local_model, storage.join(out, "model")):
         runpy.run_module(CLI_MODULE, run_name="__main__", alter_sys=False)
     stats = ray.get(sampler.stats.remote())
     ray.get(sampler.checkpoint.remote())
-    reports = json.loads(reports_file.read_text()) if reports_file.exists() else None
+    reports = storage.read_json(reports_file) if storage.exists(reports_file) else None
     if reports is None or reports.get("dropped"):
         print(f"[saerl-ray] openrlhf: WARNING reward reports to the sampler incomplete: {reports}", flush=True)
     summary = {"backend": "openrlhf", "algo": cfg.train.algo, "steps": cfg.train.steps,
                "prompts_per_step": step_prompts, "prompts": main_prompts, "policy": policy, "sampler": stats,
-               "reward_reports": reports, "model_dir": str(out / "model"), "flags": flags,
+               "reward_reports": reports, "model_dir": storage.join(out, "model"), "flags": flags,
                "seconds": time.time() - t0}
     st.commit(summary)
     print(f"[saerl-ray] openrlhf: done, model in {summary['model_dir']}", flush=True)

@@ -20,6 +20,17 @@ Reward reports: the reward file batches them inside each vLLM engine; at the end
 trainer runs its final flush in every engine (`__ray_call__`) and waits, so the last groups of the
 run reach the sampler before the launcher reads its stats, and writes the counts to
 SAERL_REPORTS_FILE for the stage summary.
+
+Files (launched with SAERL_STAGE_DIR / SAERL_SCRATCH_DIR; saerl_ray.trainers.run_files): before the
+stock `__init__` builds its datasets, the trainer fetches `--data.prompt_dataset` and `--eval.dataset`
+(files in the run directory) onto its own node. Right after, it resets `--ckpt.path` on every node of
+the policy actors (and its own), then downloads the checkpoint that the run directory's
+`ckpt/_actor/latest` names when `--ckpt.load_enable` is set: `PolicyModelActor.init_model_from_pretrained`
+(which loads it) runs only after this constructor. DeepSpeed writes each rank's shards on its own node
+(`_actor/<tag>/`; rank 0 also the module states, `latest` and the HF copy `<tag>_hf` with
+`--ckpt.save_hf`), so after every save one policy actor per node pushes its node's part of `<tag>`,
+then the trainer publishes `latest` (rank 0 wrote it on its node: pushed from there) and prunes stored
+checkpoints to `--ckpt.max_num`, as DeepSpeed's rotation does locally.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from openrlhf.trainer.ppo_trainer import PPOTrainer
 from torch.utils.data import Sampler
 
 from saerl_ray.sampler.actor import SAMPLER_NAMESPACE
+from saerl_ray.trainers import run_files
 
 # Seconds an engine may spend sending its last reports and retrying refused ones.
 FINAL_FLUSH_SECONDS = 120.0
@@ -189,7 +201,12 @@ class SaerlPPOTrainer(PPOTrainer.__ray_actor_class__):
     """PPOTrainer whose prompts come from the CurriculumSampler actor in curriculum order."""
 
     def __init__(self, pretrain: str, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.files = run_files.OpenRLHFFiles.from_env(strategy.args)
+        if self.files is not None:
+            self.files.fetch_inputs(strategy.args)
         super().__init__(pretrain, strategy, *args, **kwargs)
+        if self.files is not None:
+            self.files.restore(run_files.actor_handles(self.actor_model_group), bool(strategy.args.ckpt.load_enable))
         name = os.environ.get("SAERL_SAMPLER_ACTOR")
         if not name:
             raise RuntimeError("SAERL_SAMPLER_ACTOR is not set: launch through saerl_ray.trainers.openrlhf_launch")
@@ -209,6 +226,18 @@ class SaerlPPOTrainer(PPOTrainer.__ray_actor_class__):
             * args.train.num_episodes * args.train.max_epochs
         )
 
+    def save_logs_and_checkpoints(self, global_step: int, logs_dict: Any = None, client_states: Any = None) -> None:
+        super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
+        if self.files is not None and global_step % self.args.ckpt.save_steps == 0:
+            self.files.upload(run_files.actor_handles(self.actor_model_group), f"global_step{global_step}", self.args.ckpt.max_num)
+            self.files.upload_logs(self.args.logger.tensorboard_dir)
+
+    def save_best_checkpoint(self, eval_metrics: Any, global_step: int, client_states: Any = None) -> None:
+        best = self.best_eval_metric_value
+        super().save_best_checkpoint(eval_metrics, global_step, client_states)
+        if self.files is not None and self.best_eval_metric_value != best:  # a new best was saved
+            self.files.upload(run_files.actor_handles(self.actor_model_group), f"best_global_step{global_step}", None)
+
     def fit(self, *args: Any, **kwargs: Any) -> None:
         try:
             return super().fit(*args, **kwargs)
@@ -219,10 +248,16 @@ class SaerlPPOTrainer(PPOTrainer.__ray_actor_class__):
                 self.reward_reports = flush_engine_reports(self.vllm_engines)
                 path = os.environ.get("SAERL_REPORTS_FILE")
                 if path:
-                    with open(path, "w") as f:
-                        json.dump(self.reward_reports, f)
+                    from saerl_ray.core import storage
+
+                    storage.write_json(path, self.reward_reports)
             except Exception:
                 log.exception("final reward flush failed")
+            try:
+                if self.files is not None:
+                    self.files.upload_logs(self.args.logger.tensorboard_dir)
+            except Exception:
+                log.exception("TensorBoard logs could not be uploaded to the run directory")
 
     def _watch_generator(self, gen: Any) -> None:
         """Mark rounds and remember the last response's label (see the module docstring)."""

@@ -45,7 +45,6 @@ from saerl_ray.core import storage
 from saerl_ray.core.config import RunConfig, fingerprint
 from saerl_ray.core.reward import format_messages, math_reward, prompt_style
 from saerl_ray.core.stage import Stage, marker_of
-from saerl_ray.sampler.actor import SamplerClient
 from saerl_ray.trainers.common import read_heldout
 
 SAMPLER_STATE = "sampler_state.json"
@@ -65,6 +64,16 @@ def algo_settings(algo: str, kl_coef: float) -> dict[str, Any]:
             mask_truncated_completions=True,
         )
     raise ValueError(f"train.algo {algo!r} is not supported by the TRL backend (grpo | dapo)")
+
+
+def train_precision(use_gpu: bool, cpu_dtype: str, bf16_supported: bool) -> tuple[str, bool]:
+    """(dtype the policy is loaded in, GRPOConfig.bf16) for a worker's placement. On a CUDA GPU that
+    has bf16 (Ampere and later): bf16 weights and bf16 training, half the memory and the tensor-core
+    rate of fp32. On the CPU: `model.dtype` (fp32 by default) and no bf16 flag, as before. A GPU
+    without bf16 trains in fp32 (fp16 would need loss scaling GRPO's tiny ratios do not survive)."""
+    if use_gpu and bf16_supported:
+        return "bfloat16", True
+    return (cpu_dtype if not use_gpu else "float32"), False
 
 
 def step_layout(prompts_per_step: int, num_generations: int, num_workers: int) -> int:
@@ -322,6 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
     from trl import GRPOConfig
 
     from saerl_ray.core.models import load_model, load_tokenizer
+    from saerl_ray.sampler.actor import SamplerClient  # imports ray: the module itself must not (gpu_check)
 
     cfg = RunConfig.model_validate(config["cfg"])
     tc = cfg.train
@@ -333,7 +343,9 @@ def train_loop_per_worker(config: dict) -> None:
     policy = config["policy"]
     tok = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
     tok.padding_side = "left"
-    model = load_model(policy, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    bf16_ok = bool(tc.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    dtype, bf16 = train_precision(tc.use_gpu, cfg.model.dtype, bf16_ok)
+    model = load_model(policy, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     freeze_below(model, tc.trainable_layers)
 
     prompts_per_step = config["prompts_per_step"]
@@ -351,7 +363,7 @@ def train_loop_per_worker(config: dict) -> None:
         shuffle_dataset=False,
         ignore_data_skip=True,  # on resume the sampler restores its own position; never replay the stream
         use_cpu=not tc.use_gpu,
-        bf16=False,
+        bf16=bf16,
         save_strategy="steps",
         save_steps=tc.save_every,
         logging_steps=1,
@@ -376,7 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_dataset=placeholder,
         stream=stream,
         callbacks=[
-            callback_cls(reward, config["metrics_path"], rank, read_heldout(tc.heldout_file), tc.heldout_every, style,
+            callback_cls(reward, config["metrics_path"], rank, config["heldout"], tc.heldout_every, style,
                          tc.trainable_layers is not None),
             RayTrainReportCallback(),
         ],
@@ -431,11 +443,10 @@ def fit(cfg: RunConfig, sampler, out_dir: str, policy: str, prompts_per_step: in
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
-    cfg_json = cfg.model_dump(mode="json")
-    if tc.heldout_file:  # workers run in their own working directory: relative paths would not resolve
-        cfg_json["train"]["heldout_file"] = str(Path(tc.heldout_file).resolve())
     config = {
-        "cfg": cfg_json,
+        "cfg": cfg.model_dump(mode="json"),
+        # Read here and shipped with the config: a worker on another node cannot open the driver's file.
+        "heldout": read_heldout(tc.heldout_file),
         "sampler": sampler,
         "run_dir": storage.resolve(cfg.run_dir),  # for a sampler the worker has to bring back (another cwd)
         "policy": policy,

@@ -15,6 +15,11 @@ What it does, in order:
    and then `verl.trainer.main_ppo.run_ppo(config, task_runner_class=ray.remote(SaerlTaskRunner))`
    (`verl_trainer.py`: the curriculum sampler and the reward hook, inside verl's TaskRunner actor);
 4. commits `<run_dir>/verl/` as a stage (`_DONE.json`): a rerun with the same config is a no-op.
+Files on a cluster whose nodes share only the run directory (saerl_ray.trainers.run_files): the dataset
+files are written to `<run_dir>/verl/` through `storage` and fetched by verl's TaskRunner actor onto its
+own node; `trainer.default_local_dir` is a node-local scratch folder whose checkpoints are uploaded to
+`<run_dir>/verl/ckpt/` after every save and downloaded onto every node on resume (`verl_trainer.py`).
+`train.node_resource` becomes every resource pool's `accelerator_type` (verl's own custom-resource hook).
 verl is imported only inside `compose` / `run`; building overrides needs nothing but the config.
 
 How `train.*` reaches verl 0.9.1 (`check_config` refuses what has no faithful mapping, naming the field):
@@ -40,7 +45,7 @@ token-mean loss. DAPO = grpo advantages, clip-higher (clip_ratio_low 0.2 / clip_
 token-mean loss, no KL, the `dapo` reward manager with an overlong buffer of max_new_tokens/4.
 DAPO's dynamic sampling (`algorithm.filter_groups`) exists in verl 0.9.1 only in the V1 trainer's
 replay buffer, not in the legacy trainer this backend drives, so it is off and a `filter_groups`
-override is refused (README, "Training with verl").
+override is refused (docs/trainers.md, "Training with verl").
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from saerl_ray.core import storage
 from saerl_ray.core.config import ConfigError, RunConfig
 from saerl_ray.sampler.actor import SAMPLER_NAMESPACE
 from saerl_ray.trainers.common import (  # noqa: F401 (stage_fingerprint: part of this module's API)
@@ -63,6 +68,7 @@ from saerl_ray.trainers.common import (  # noqa: F401 (stage_fingerprint: part o
     read_plan_in_order,
     stage_fingerprint,
 )
+from saerl_ray.trainers.run_files import node_scratch
 
 STAGE = "verl"
 VERL_VERSION = "0.9.1"
@@ -86,6 +92,7 @@ PROTECTED = {
     "data.filter_overlong_prompts": "dropping rows would break row i = plan position i",
     "data.train_max_samples": "dropping rows would break row i = plan position i",
     "data.saerl": "set by the launcher",
+    "trainer.default_local_dir": "a node-local scratch folder the backend mirrors to <run_dir>/verl/ckpt",
     "trainer.use_v1": "the curriculum plugs into verl's legacy RayPPOTrainer (trainer.use_v1=false)",
     "trainer.v1": "the V1 trainer is not used",
     "trainer.total_epochs": "one loader epoch is the whole run (train.steps)",
@@ -98,9 +105,14 @@ PROTECTED = {
 _OVERRIDE = re.compile(r"^(\+\+|\+|~)?([A-Za-z_][\w.@/-]*)(=.*)?$", re.S)
 
 
-def out_dir(cfg: RunConfig) -> Path:
-    # Absolute: verl's TaskRunner and workers open these paths from other working directories.
-    return Path(cfg.run_dir).resolve() / STAGE
+def out_dir(cfg: RunConfig) -> str:
+    """`<run_dir>/verl`: an absolute local path (other processes have other working dirs) or a URI."""
+    return storage.join(storage.resolve(cfg.run_dir), STAGE)
+
+
+def scratch_dir(cfg: RunConfig) -> str:
+    """The node-local folder verl checkpoints into (same path string on every node)."""
+    return node_scratch(cfg.run_dir, STAGE)
 
 
 
@@ -131,7 +143,7 @@ def check_config(cfg: RunConfig) -> None:
         errors.append(f"train.num_workers must be >= 1 (GPUs), got {t.num_workers}")
     if t.algo == "dapo" and t.max_new_tokens < 2:
         errors.append(f"train.max_new_tokens={t.max_new_tokens} leaves no room for DAPO's overlong buffer")
-    errors += common_train_errors(cfg, "verl", "its dataset and checkpoints (trainer.default_local_dir)")
+    errors += common_train_errors(cfg, "verl")
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -165,7 +177,7 @@ def algo_overrides(algo: str, max_new_tokens: int, kl_coef: float = 0.0) -> list
     raise ConfigError(f"train.algo must be grpo or dapo, got {algo!r}")
 
 
-def build_overrides(cfg: RunConfig, dataset: Path, policy: str, sampler_actor: str) -> list[str]:
+def build_overrides(cfg: RunConfig, dataset: str | Path, policy: str, sampler_actor: str) -> list[str]:
     """RunConfig -> Hydra overrides of verl's ppo_trainer config; `train.extra_args` last (they win)."""
     check_config(cfg)
     t, out = cfg.train, out_dir(cfg)
@@ -175,7 +187,7 @@ def build_overrides(cfg: RunConfig, dataset: Path, policy: str, sampler_actor: s
     overrides = [
         # The curriculum: verl's RLHFDataset over the plan file, in the sampler actor's order.
         f"data.train_files={dataset}",
-        f"data.val_files={out / 'heldout.parquet' if heldout else dataset}",
+        f"data.val_files={storage.join(out, 'heldout.parquet') if heldout else dataset}",
         *([] if heldout else ["data.val_max_samples=1"]),  # verl requires a val set; one row, never run
         "data.prompt_key=prompt", "data.shuffle=false", "data.dataloader_num_workers=0",
         "data.filter_overlong_prompts=false",
@@ -183,6 +195,9 @@ def build_overrides(cfg: RunConfig, dataset: Path, policy: str, sampler_actor: s
         f"data.train_batch_size={step}",
         f"+data.saerl.actor={sampler_actor}", f"+data.saerl.namespace={SAMPLER_NAMESPACE}",
         f"+data.saerl.num_prompts={t.steps * step}",
+        # Where the TaskRunner fetches the dataset from and the checkpoints go (verl_trainer.py).
+        f"+data.saerl.stage_dir={out}", f"+data.saerl.scratch={scratch_dir(cfg)}",
+        *([f"+data.saerl.node_resource={t.node_resource}"] if t.node_resource else []),
         f"actor_rollout_ref.model.path={policy}",
         f"actor_rollout_ref.actor.optim.lr={float(t.learning_rate)!r}",
         f"actor_rollout_ref.actor.optim.lr_scheduler_type={LR_SCHEDULERS[t.lr_scheduler]}",
@@ -203,7 +218,7 @@ def build_overrides(cfg: RunConfig, dataset: Path, policy: str, sampler_actor: s
         "trainer.use_v1=false", "trainer.total_epochs=1", f"trainer.total_training_steps={t.steps}",
         f"trainer.save_freq={t.save_every or -1}",
         f"trainer.resume_mode={'auto' if t.resume else 'disable'}",
-        f"trainer.default_local_dir={out / 'ckpt'}",
+        f"trainer.default_local_dir={Path(scratch_dir(cfg)) / 'ckpt'}",
         "trainer.nnodes=1", f"trainer.n_gpus_per_node={t.num_workers}",
         "trainer.logger=[console]", "trainer.project_name=saerl",
         f"trainer.experiment_name={Path(str(cfg.run_dir)).name or 'run'}-{t.algo}",
@@ -251,7 +266,7 @@ def _chat(prompt: str, cfg: RunConfig) -> list[dict[str, str]]:
     return format_messages(prompt, **prompt_style(cfg.prompt))
 
 
-def write_dataset(cfg: RunConfig) -> Path:
+def write_dataset(cfg: RunConfig) -> str:
     """Plan -> verl RL parquet, row i = plan position i (the sampler yields positions)."""
     plan = read_plan_in_order(cfg, ["id", "prompt", "answer", "source", "cluster"])
     pos = range(plan.num_rows)
@@ -265,13 +280,12 @@ def write_dataset(cfg: RunConfig) -> Path:
         "extra_info": [{"index": p, "id": str(i), "cluster": int(c), "split": "train"}
                        for p, i, c in zip(pos, ids, clusters)],
     })
-    path = out_dir(cfg) / "train.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    path = storage.join(out_dir(cfg), "train.parquet")
+    storage.write_parquet(table, path)
     return path
 
 
-def write_heldout_file(cfg: RunConfig) -> Path | None:
+def write_heldout_file(cfg: RunConfig) -> str | None:
     """`train.heldout_file` as verl's validation set (same columns; ids `heldout-<k>`, never reported)."""
     t = cfg.train
     if not (t.heldout_file and t.heldout_every):
@@ -288,9 +302,8 @@ def write_heldout_file(cfg: RunConfig) -> Path | None:
         "reward_model": [{"style": "rule", "ground_truth": str(r["answer"])} for r in rows],
         "extra_info": [{"index": k, "id": f"heldout-{k}", "cluster": -1, "split": "test"} for k in range(len(rows))],
     })
-    path = out_dir(cfg) / "heldout.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    path = storage.join(out_dir(cfg), "heldout.parquet")
+    storage.write_parquet(table, path)
     return path
 
 
@@ -338,7 +351,7 @@ def run(cfg: RunConfig) -> dict:
     ray.get(sampler.checkpoint.remote())
     summary = {"backend": "verl", "verl": VERL_VERSION, "algo": cfg.train.algo, "steps": cfg.train.steps,
                "prompts_per_step": step, "prompts": cfg.train.steps * step, "policy": policy, "sampler": stats,
-               "checkpoints": str(out_dir(cfg) / "ckpt"), "overrides": overrides, "seconds": time.time() - t0}
+               "checkpoints": storage.join(out_dir(cfg), "ckpt"), "overrides": overrides, "seconds": time.time() - t0}
     st.commit(summary)
     print(f"[saerl-ray] verl: done, checkpoints in {summary['checkpoints']}", flush=True)
     return summary
