@@ -83,3 +83,12 @@ def test_a_hub_path_offline_is_one_line_naming_it(monkeypatch):
         ingest([InputSpec(path="hf://datasets/zwhe99/DeepMath-103K/data", preset="deepmath")])
     msg = str(e.value)
     assert "\n" not in msg and "hf://datasets/zwhe99/DeepMath-103K/data" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_heldout_file_takes_saerl_data(tmp_path, monkeypatch):
+    from saerl_ray.trainers.common import read_heldout
+
+    rows = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "What is 3 + 5?", "answer": "8"}]
+    (tmp_path / "held.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps(r) for r in rows).encode()))
+    monkeypatch.setenv("SAERL_DATA", str(tmp_path))
+    assert read_heldout("${SAERL_DATA}/held.jsonl.gz") == rows

@@ -15,7 +15,7 @@ import torch
 from testkit import tiny_model
 
 from saerl_ray.core import device as D
-from saerl_ray.core.config import ConfigError, load_config
+from saerl_ray.core.config import ConfigError, UserError, load_config
 from saerl_ray.core.lens import (
     Lens,
     encode_prompts,
@@ -67,8 +67,12 @@ def test_a_gpu_stage_on_an_old_driver_stops_before_choosing_a_device(monkeypatch
     # on the CPU (a driver process) or blame the torch build (a GPU actor).
     monkeypatch.setattr(D, "installed_driver", lambda: "570.124.06")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    with pytest.raises(RuntimeError, match=r"NVIDIA driver 570\.124\.06 .* needs driver >= 580"):
-        D.current_placement()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(UserError, match=r"NVIDIA driver 570\.124\.06 .* needs driver >= 580"):
+        D.current_placement()  # a UserError: the CLI prints it as one line, no traceback
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose: CPU work is not blocked
+    assert D.current_placement() == D.Placement("cpu", 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(D, "installed_driver", lambda: "580.65.06")
     assert D.current_placement() == D.Placement("cpu", 0)  # new enough; this machine has no GPU
 

@@ -20,8 +20,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from tests.test_cluster_configs_on_cpu import (
+from test_cluster_configs_on_cpu import (  # tests/ is on sys.path (pytest rootdir conftest)
     DOCKERFILE,
     dockerfile_stages,
     install_steps,

@@ -72,6 +72,7 @@ def test_extra_args_still_win_over_mapped_fields(tmp_path):
     ({"prompt.system": "Be brief."}, "prompt.system"),
     ({"trainable_layers": 4}, "train.trainable_layers"),
     ({"extra_args": ["--train.async_enable"]}, "train.extra_args"),
+    ({"extra_args": ["--ckpt.path", "/nfs/ckpts"]}, "train.extra_args"),  # the trainer empties it per node
     ({"node_resource": " "}, "train.node_resource"),
 ])
 def test_values_openrlhf_cannot_honour_are_refused_by_name(tmp_path, fields, named):
@@ -194,3 +195,17 @@ def test_node_resource_reaches_placement_groups_ray_creates(ray_cluster):
     finally:
         for name in fakes:
             sys.modules.pop(name, None)
+
+
+def test_placement_fields_do_not_change_the_stage_fingerprint(tmp_path, monkeypatch):
+    """A resumed run that adds train.node_resource (as the cluster docs say) must keep its stage: another
+    fingerprint would make Stage.begin delete the stored checkpoints."""
+    from saerl_ray.core import stage
+    from saerl_ray.trainers.common import stage_fingerprint
+
+    monkeypatch.setattr(stage, "marker_of", lambda run_dir, name: f"{name}-marker")
+
+    base = stage_fingerprint(cfg_with(tmp_path), "policy")
+    assert stage_fingerprint(cfg_with(tmp_path, node_resource="saerl_train_gpu"), "policy") == base
+    assert stage_fingerprint(cfg_with(tmp_path, resume=False), "policy") == base
+    assert stage_fingerprint(cfg_with(tmp_path, steps=7), "policy") != base

@@ -14,9 +14,8 @@ import hashlib
 import json
 import os
 import time
-from types import SimpleNamespace
-
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq

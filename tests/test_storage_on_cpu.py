@@ -1,6 +1,7 @@
 """The storage layer and the stage commit protocol, on a local dir and on a real S3 server (moto)."""
 
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -188,3 +189,50 @@ def pq_rows(path: str) -> int:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).num_rows
+
+
+def test_a_killed_upload_is_not_mixed_into_the_next_one(base, tmp_path):
+    """A run killed while uploading step 10 (pointer still at step 5) leaves shards of step 10 in the store;
+    the resumed run's step 10 has shards of the same size, which sync_tree alone would skip."""
+    from saerl_ray.trainers.run_files import OpenRLHFFiles
+
+    files = OpenRLHFFiles(storage.join(base, "stage"), str(tmp_path / "scratch"), str(tmp_path / "ckpt"))
+    remote = storage.join(base, "stage", "ckpt")
+    storage.write_text(storage.join(remote, "_actor/latest"), "global_step5")
+    storage.write_text(storage.join(remote, "_actor/global_step10/rank0.pt"), "OLD-RUN")
+    storage.write_text(storage.join(remote, "_actor/global_step10/rank9.pt"), "orphan")  # no rank 9 now
+    local = tmp_path / "ckpt" / "_actor"
+    (local / "global_step10").mkdir(parents=True)
+    (local / "global_step10" / "rank0.pt").write_text("NEW-RUN")
+    (local / "latest").write_text("global_step10")
+    files.upload([], "global_step10", keep=None)  # no Ray actors: this process is the one node
+    assert storage.read_text(storage.join(remote, "_actor/global_step10/rank0.pt")) == "NEW-RUN"
+    assert not storage.exists(storage.join(remote, "_actor/global_step10/rank9.pt"))
+    assert storage.read_text(storage.join(remote, "_actor/latest")) == "global_step10"
+    # The published tag is never discarded: a second upload of it (another node's part) keeps the first.
+    storage.write_text(storage.join(remote, "_actor/global_step10/rank1.pt"), "node-b")
+    files.upload([], "global_step10", keep=None)
+    assert storage.read_text(storage.join(remote, "_actor/global_step10/rank1.pt")) == "node-b"
+
+
+def test_a_local_run_dir_is_its_own_scratch_and_the_mirror_never_deletes_it(tmp_path, monkeypatch):
+    """With a local run_dir the checkpoints are written in place: pulling must not empty the folder that
+    is also the stored copy, and nothing is copied twice. SAERL_SCRATCH asks for node-local scratch."""
+    from saerl_ray.trainers.run_files import Mirror, node_scratch
+
+    monkeypatch.setenv("SAERL_SCRATCH", str(tmp_path / "node"))
+    assert node_scratch(str(tmp_path / "run"), "openrlhf").startswith(str(tmp_path / "node"))
+    monkeypatch.delenv("SAERL_SCRATCH")
+
+    scratch = node_scratch(str(tmp_path / "run"), "openrlhf")
+    assert scratch == str(tmp_path / "run" / "openrlhf")
+    assert node_scratch("s3://bucket/run", "openrlhf") != scratch  # an object store: node-local scratch
+    ckpt = Path(scratch) / "ckpt"
+    (ckpt / "_actor" / "global_step3").mkdir(parents=True)
+    (ckpt / "_actor" / "global_step3" / "rank0.pt").write_text("weights")
+    (ckpt / "_actor" / "latest").write_text("global_step3")
+    mirror = Mirror(str(ckpt), storage.join(scratch, "ckpt"))
+    assert mirror.same and mirror.push(["_actor/global_step3"]) == 0
+    mirror.discard(["_actor/global_step3"])
+    mirror.pull([], [])  # a fresh start would empty a node-local folder; here it is the run's own copy
+    assert (ckpt / "_actor" / "global_step3" / "rank0.pt").read_text() == "weights"

@@ -280,12 +280,14 @@ def test_group_rewards_read_from_the_batch(run):
     assert all(g == [0.0, 0.0] for i, g in zip(ids, groups) if i != first)
 
 
-def test_resume_after_a_restart_serves_nothing_twice_and_loses_nothing(run, tmp_path):
+def test_resume_after_a_restart_serves_nothing_twice_and_loses_nothing(run, tmp_path, monkeypatch):
     """verl's own checkpoint code: `_save_checkpoint` after step 1 writes data.pt; the trainer then
     fetches step 2's batch and dies; a new trainer (new loader, new sampler client; the actor ran
     ahead) `_load_checkpoint`s and trains steps 2 and 3 on exactly the rest of the epoch."""
     import torch
 
+    # Node-local scratch, as with an object-store run_dir (a local one is written in place otherwise).
+    monkeypatch.setenv("SAERL_SCRATCH", str(tmp_path / "node-scratch"))
     r = run(mode="online", steps=3)
     trainer = build_trainer(r.config)
     it = iter(trainer.train_dataloader)

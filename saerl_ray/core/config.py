@@ -74,7 +74,8 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description=(
         "Allow executing the model repo's Python code (opt-in, never a default)."))
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
-        "Compute dtype on CPU for generation and training; a GPU generates in bfloat16 unless float16 is asked for."))
+        "Compute dtype on CPU for generation and training; a GPU generates in bfloat16 unless float16 is asked "
+        "for, and TRL trains on a GPU with fp32 weights under bf16 autocast."))
     chat_template: bool = Field(False, description=(
         "Feed prompts to the lens through the chat template (as the policy sees them) instead of as raw "
         "problem text."))

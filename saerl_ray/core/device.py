@@ -6,13 +6,15 @@
 
 A Ray worker uses exactly the GPUs Ray assigned it (`ray.get_gpu_ids()`; Ray also narrows
 CUDA_VISIBLE_DEVICES to them, so they are cuda:0..n-1 inside the worker). A worker with none runs on
-the CPU even on a GPU node: the GPU belongs to whichever actor reserved it. A driver process (the sae,
-label and eval stages) uses every CUDA device it can see. Everything here but the two functions that
+the CPU even on a GPU node: the GPU belongs to whichever actor reserved it. A driver process (the sae
+stage with `sae.num_gpus: 0`, HF labelling with `label.num_gpus: 0`, eval) uses every CUDA device it can
+see; `sae.num_gpus` and `label.num_gpus` instead reserve GPUs for a Ray task or actor. Everything here but the two functions that
 ask the process is pure, so it is tested on CPU (tests/test_device_on_cpu.py) without faking CUDA.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from saerl_ray.core.config import UserError
 
 # Padded tokens per lens forward on a GPU when features/sae.max_tokens_per_batch is unset. Estimated,
 # not measured: 16k tokens of SmolLM2 cut at layer 12 is 1.4 TFLOP, ~7 ms at 20% of an H100's bf16
@@ -135,12 +139,19 @@ def installed_driver() -> str | None:
     return version.decode() if isinstance(version, bytes) else version
 
 
+class DriverError(UserError, RuntimeError):
+    """The NVIDIA driver is older than torch's CUDA needs (the CLI prints it as one line)."""
+
+
 def require_driver() -> None:
     """Stop a GPU stage at once, with one line, when the host's driver cannot run torch's CUDA (it would
-    otherwise see no GPU and fall back to the CPU, or fail later inside a GPU actor)."""
+    otherwise see no GPU and fall back to the CPU, or fail later inside a GPU actor). A process whose GPUs
+    are hidden on purpose (CUDA_VISIBLE_DEVICES="") runs on the CPU and is not checked."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return
     problem = driver_error(installed_driver(), torch.version.cuda)
     if problem:
-        raise RuntimeError(problem)
+        raise DriverError(problem)
 
 
 def current_placement() -> Placement:

@@ -9,14 +9,14 @@ Samples k completions per prompt for a seeded random subset of `ingest/prompts.p
 paper avoids doing for the whole set: only this subset is rolled out; the ElasticNet proxy predicts
 the rest.
 
-Generation: with `label.num_gpus` > 0 (by default when the Ray cluster, or this machine, has a GPU)
+Generation: with `label.num_gpus` > 0 (by default when the Ray cluster has a free GPU, or this machine one)
 the sampler runs in a Ray actor that reserves those GPUs, so Ray places no other GPU actor on them;
 inside it vLLM (one `LLM.generate` with `n=k`) in bfloat16 unless model.dtype asks for float16, with
 `label.gpu_memory_utilization` of each GPU, tensor-parallel over the GPUs it holds (HF generate when
 vLLM is not installed). The actor is killed when labelling ends, freeing the GPUs. With 0, batched HF
-`generate` with `num_return_sequences=k` runs in the driver process (its CPU).
-Work is committed per chunk of `label.batch_size`
-prompts into `label/chunks/`, so a killed run resumes where it stopped; each chunk has its own
+`generate` with `num_return_sequences=k` runs in the driver process, on the GPUs it can see, else its
+CPU. Work is committed per chunk of `label.batch_size` prompts into `label/chunks/`, so a killed run
+resumes where it stopped; each chunk has its own
 seed, so a resumed run produces the same labels as an uninterrupted one.
 """
 
@@ -170,14 +170,16 @@ class RemoteSampler:
 
 
 def available_gpus(cfg: RunConfig) -> int:
-    """GPUs the Ray cluster advertises now when one is configured or joined, else this machine's."""
+    """GPUs a label actor could reserve now: the Ray cluster's free ones when one is configured or joined
+    (a driver that holds the only GPU leaves none, so labelling runs here instead of waiting forever),
+    else this machine's."""
     import ray
 
     if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         from saerl_ray.core.ray_init import init_ray
 
         init_ray(cfg.ray)
-        return int(ray.cluster_resources().get("GPU", 0))
+        return int(ray.available_resources().get("GPU", 0))
     return torch.cuda.device_count()  # a local cluster started for the actor will advertise these
 
 
@@ -212,7 +214,7 @@ def run(cfg: RunConfig) -> dict:
     lc = cfg.label
     model_name = lc.model or cfg.train.policy or cfg.model.name
     # Memory headroom changes no label: a run lowered after an out-of-memory error keeps its chunks.
-    fp = fingerprint(lc.model_dump(mode="json", exclude={"gpu_memory_utilization"}), cfg.model, cfg.prompt,
+    fp = fingerprint(lc.model_dump(mode="json", exclude={"gpu_memory_utilization", "num_gpus"}), cfg.model, cfg.prompt,
                      model_name, cfg.seed, marker_of(cfg.run_dir, "ingest"))
     st = Stage(cfg.run_dir, "label", fp)
     if st.done():

@@ -336,7 +336,9 @@ def gpu_task_options(num_gpus: int) -> dict:
 
 def sae_stage(cfg: RunConfig) -> Stage:
     upstream = [marker_of(cfg.run_dir, "ingest")] if cfg.sae.source == "train" else []
-    return Stage(cfg.run_dir, "sae", fingerprint(cfg.sae, cfg.model, cfg.seed, *upstream))
+    # sae.num_gpus says where the SAE trains, not what it is: changing it keeps a finished stage.
+    sae = cfg.sae.model_dump(mode="json", exclude={"num_gpus"})
+    return Stage(cfg.run_dir, "sae", fingerprint(sae, cfg.model, cfg.seed, *upstream))
 
 
 def run(cfg: RunConfig) -> dict:
@@ -350,7 +352,8 @@ def run(cfg: RunConfig) -> dict:
 
         init_ray(cfg.ray)
         task = ray.remote(**gpu_task_options(cfg.sae.num_gpus))(build)
-        return ray.get(task.remote(cfg))
+        # The task's working directory is the raylet's, not ours: it gets the run_dir resolved here.
+        return ray.get(task.remote(cfg.model_copy(update={"run_dir": storage.resolve(cfg.run_dir)})))
     try:
         return build(cfg)
     finally:

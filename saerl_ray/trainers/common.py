@@ -17,13 +17,18 @@ def prompts_per_step(cfg: RunConfig) -> int:
     return cfg.train.prompts_per_step or cfg.plan.batch_size
 
 
+# Fields that say how or where a run goes, not what it trains: changing one must never make a resumed
+# run look like another run (Stage.begin would then delete its checkpoints).
+PLACEMENT_ONLY = {"resume", "node_resource"}
+
+
 def stage_fingerprint(cfg: RunConfig, policy: str) -> str:
     """What decides a rerun: the train section (backend included; not `resume`, which says how, not
     what), the prompt text, the sampler's rules, the policy, the seed, the plan it reads and the
     resolved step size."""
     from saerl_ray.core.stage import marker_of
 
-    train = cfg.train.model_dump(mode="json", exclude={"resume"})
+    train = cfg.train.model_dump(mode="json", exclude=PLACEMENT_ONLY)
     return fingerprint(train, cfg.prompt, cfg.sampler, cfg.seed, policy, prompts_per_step(cfg), marker_of(cfg.run_dir, "plan"))
 
 
@@ -97,9 +102,13 @@ def read_plan_in_order(cfg: RunConfig, columns: list[str]):
 
 
 def read_heldout(path: str | None) -> list[dict]:
-    """Held-out rows {prompt, answer} from a jsonl file; errors name the file and line."""
+    """Held-out rows {prompt, answer} from a jsonl file (${SAERL_DATA} expanded; plain or .gz); errors
+    name the file and line."""
     if not path:
         return []
+    from saerl_ray.core.data import expand
+
+    path = expand(path)
     rows = []
     for i, row in storage.iter_jsonl(path):
         if not isinstance(row, dict) or not row.get("prompt") or not str(row.get("answer", "")).strip():

@@ -71,7 +71,10 @@ REWARD_FILE = Path(__file__).with_name("openrlhf_reward.py")
 # OpenRLHF's driver sets these in its own ray.init, which it skips when Ray is already up (ours).
 OPENRLHF_ENV = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 # The async trainer builds its own loader in another actor; only the sync/hybrid trainer is patched.
-UNSUPPORTED = ("--train.async_enable", "--data.prompt_dataset", "--data.label_key")
+# --ckpt.path / --ckpt.output_dir are the backend's own (node scratch, mirrored to the run dir): the
+# trainer empties --ckpt.path on every node before it restores, which would wipe a user's folder.
+UNSUPPORTED = ("--train.async_enable", "--data.prompt_dataset", "--data.label_key", "--ckpt.path",
+               "--ckpt.output_dir")
 STAGE = "openrlhf"
 # train.lr_scheduler -> the transformers scheduler name OpenRLHF passes to get_scheduler.
 LR_SCHEDULERS = {"constant": "constant", "linear": "linear", "cosine": "cosine"}

@@ -33,8 +33,13 @@ from saerl_ray.core import storage
 
 def node_scratch(run_dir: str, stage: str) -> str:
     """A node-local folder for `stage` of this run: the same absolute path string on every node
-    (`SAERL_SCRATCH`, else the system temp dir), so one flag value serves all of a library's ranks."""
-    base = os.environ.get("SAERL_SCRATCH") or tempfile.gettempdir()
+    (`SAERL_SCRATCH`, else the system temp dir), so one flag value serves all of a library's ranks.
+    A local run_dir is its own scratch (`<run_dir>/<stage>`) unless SAERL_SCRATCH is set: one machine's
+    disk or a shared volume needs no second copy, and the mirror below is then a no-op."""
+    base = os.environ.get("SAERL_SCRATCH")
+    if not storage.is_uri(run_dir) and not base:
+        return storage.join(storage.resolve(run_dir), stage)
+    base = base or tempfile.gettempdir()
     key = hashlib.sha1(storage.resolve(run_dir).encode()).hexdigest()[:12]
     return str(Path(base).resolve() / f"saerl-{stage}-{key}")
 
@@ -90,9 +95,16 @@ class Mirror:
     local: str
     remote: str
 
+    @property
+    def same(self) -> bool:
+        """Local and stored copies are one folder (a local run_dir): nothing to move, nothing to delete."""
+        return not storage.is_uri(self.remote) and Path(self.local).resolve() == Path(self.remote).resolve()
+
     def push(self, subdirs: Iterable[str]) -> int:
         """Upload every file this node has under `subdirs` that the store lacks (or holds at another
         size); returns the number of files sent. Run on every node that wrote a part."""
+        if self.same:
+            return 0
         sent = 0
         for sub in subdirs:
             src = Path(self.local) / sub
@@ -102,6 +114,8 @@ class Mirror:
 
     def publish(self, files: Iterable[str]) -> None:
         """Upload the library's pointer files (e.g. DeepSpeed's `latest`), after every node pushed."""
+        if self.same:
+            return
         for rel in files:
             src = Path(self.local) / rel
             if src.is_file():
@@ -115,6 +129,8 @@ class Mirror:
     def pull(self, subdirs: Iterable[str], files: Iterable[str]) -> int:
         """Make this node's folder hold exactly the stored `subdirs` and pointer `files` (an emptied
         folder when they are `[]`, so a stale local checkpoint is never what the library resumes)."""
+        if self.same:
+            return 0
         shutil.rmtree(self.local, ignore_errors=True)
         Path(self.local).mkdir(parents=True, exist_ok=True)
         got = 0
@@ -127,10 +143,18 @@ class Mirror:
                 got += 1
         return got
 
+    def discard(self, subdirs: Iterable[str]) -> None:
+        """Delete stored `subdirs`: what a killed upload left of a checkpoint it never published, before
+        the same tag is uploaded again (sync_tree would keep the old run's shards where sizes match)."""
+        if self.same:
+            return
+        for sub in subdirs:
+            storage.delete(storage.join(self.remote, sub))
+
     def prune(self, parent: str, prefix: str, keep: int | None) -> list[str]:
         """Delete stored checkpoints `<parent>/<prefix><step>` but the newest `keep` (None: keep all);
-        returns the deleted names."""
-        if keep is None or keep < 1:
+        returns the deleted names. The library prunes its own folder when it is the stored one."""
+        if keep is None or keep < 1 or self.same:
             return []
         base = storage.join(self.remote, parent) if parent else self.remote
         steps = {}
@@ -203,6 +227,8 @@ class OpenRLHFFiles:
         """After a save of `tag`: every node's part, then `latest` from rank 0's node, then pruning to `keep`."""
         import ray
 
+        if self.mirror.read_pointer(self.POINTER) != tag:
+            self.mirror.discard(self.parts(tag))
         run_once_per_node(actors, self.mirror.push, self.parts(tag))
         if actors:
             ray.get(actors[0].__ray_call__.remote(_call, self.mirror.publish, [self.POINTER]))
@@ -254,6 +280,8 @@ class VerlFiles:
             config.data.val_files = fetch(str(config.data.val_files), self.scratch)
 
     def upload(self, workers: list, step: int, keep: int | None) -> None:
+        if self.mirror.read_pointer(self.TRACKER) != str(step):
+            self.mirror.discard([f"global_step_{step}"])
         run_once_per_node(workers, self.mirror.push, [f"global_step_{step}"])
         self.mirror.publish([self.TRACKER])  # this process wrote it, after every rank's save returned
         self.mirror.prune("", "global_step_", keep)
