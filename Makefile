@@ -98,7 +98,7 @@ test-openrlhf: $(OSTAMP)
 	SAERL_REQUIRE_OPENRLHF=1 PYTHONPATH=$(OSTUBS) DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 \
 	  $(OBIN)/python -m pytest -q -rs -m openrlhf
 
-# --- test-verl: optional verl 0.9.1 CPU env (docs/decisions.md 2026-12-02); built by `make test-verl` ---
+# --- test-verl: optional verl 0.9.1 CPU env (docs/trainers.md); built by `make test-verl` ---
 # pyproject's verl extra (verl caps transformers < 5.11, so our package goes in with --no-deps) plus the
 # few core and dev libraries the sampler, launcher and tests import, at pyproject's pins; no vllm, sglang,
 # flash-attn or CUDA wheels. The verl image installs the whole verl set (docker/deps.py SETS).

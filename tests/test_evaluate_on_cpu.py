@@ -57,7 +57,8 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir):
     assert [len(c) for c in sampled] == [3, 3]
 
 
-def test_eval_stage_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, shared_data, capsys):
+def test_eval_stage_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, require_data, capsys):
+    shared_data = require_data(*(b.file for b in BENCHMARKS.values()))  # eval's default: every benchmark
     run_dir = tmp_path / "run"
     args = [
         "eval", "--run-dir", str(run_dir), "--eval.model", str(tiny_model_dir), "--limit", "2",
