@@ -3,6 +3,7 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from saerl_ray.pipeline import run_pipeline
 from saerl_ray.signal_models.corruptions import families_of
@@ -52,6 +53,10 @@ def test_validate_json_is_the_only_stdout(tmp_path, tiny_config, ray_cluster, ca
     assert set(res["quality_auroc_lofo_parts"]) >= {"probe", "novelty", "length", "combined"}
     assert 0 <= res["filter_rate_clean"] <= 1 and res["filter_rate_clean_detail"]["gsm8k_test"]["n"] == 1319
     assert res["filter_rate_clean_detail"]["math500"]["n"] == 100
+    assert {"difficulty_spearman", "topic_nmi", "quality_auroc_lofo_min"} <= set(res["sae_minus_dense"])
+    gap = res["sae_minus_dense"]["topic_nmi"]
+    assert gap["lo"] <= gap["hi"] and gap["diff"] == pytest.approx(
+        res["topic_nmi"]["sae"] - res["topic_nmi"]["dense"])
     assert res["n"] == {"prompts": 100, "negatives": 100 * cfg.signals.quality.negatives_per_prompt}
     # The difficulty row over SAE seeds (one here: validation.sae_seeds=1 in the tiny config) and the
     # benchmark-order check (tests/test_validate_on_cpu.py covers both in depth).

@@ -115,6 +115,12 @@ def test_validate_seeds_and_benchmark_order_on_a_tiny_run(tmp_path, tiny_config,
     cfg = tiny_config(run, **SMALL_GRID, **{"validation.sae_seeds": 2, "validation.ood_max_prompts": 12,
                                             "features.surprisal": True})
     math, X, n_tokens = validate._load(cfg)  # ingest, sae, features of the run
+    # validate's dense control: the lens's hook-layer residual, pooled (max) over the pooled tokens
+    from saerl_ray.stages.features import dense_texts, run_featurizer
+
+    D = dense_texts(math["prompt"].tolist()[:8], cfg.run_dir, cfg)
+    d_model = run_featurizer(cfg.run_dir, cfg).model.config.hidden_size
+    assert D.shape == (8, d_model) and np.isfinite(D).all() and (D < 0).any()  # signed: max is not clamped
     d_cols = code_columns(cfg.run_dir, signal_codes(cfg, "difficulty"))
     y = math["difficulty"].to_numpy(float)
     dc = cfg.signals.difficulty
@@ -160,3 +166,53 @@ def test_validate_without_extras(tmp_path, tiny_config):
     out = difficulty_extras(cfg, None, y, {"sae": y + 0.1, "length": y}, None, None, None)
     assert out["difficulty_spearman_seeds"]["per_seed"] == {"0": pytest.approx(1.0)}
     assert out["difficulty_ood_auroc"] is None and out["difficulty_ood_detail"] is None
+
+
+def test_pool_residuals_keeps_negative_maxima():
+    import torch
+
+    from saerl_ray.stages.features import pool, pool_residuals
+
+    acts = torch.tensor([[[-2.0, 1.0], [-1.0, 3.0], [9.0, 9.0]], [[5.0, 5.0], [0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    assert pool_residuals(acts, mask, "max").tolist() == [[-1.0, 3.0], [0.0, 0.0]]
+    assert pool(acts, mask, "max").tolist() == [[0.0, 3.0], [0.0, 0.0]]  # the codes' pooling clamps
+    assert torch.equal(pool_residuals(acts, mask, "mean"), pool(acts, mask, "mean"))
+
+
+def _held(pred, labels, pos, neg, n):
+    """A representation's fixed out-of-fold outputs as validate keeps them: one negative per prompt."""
+    rows = np.arange(n)
+    fam = {"overall": {"pos_rows": rows, "pos": pos, "neg_rows": rows, "neg": neg}}
+    for f in ("a", "b"):  # two held-out families, each half of the negatives
+        sel = rows[(rows % 2) == (f == "b")]
+        fam[f] = {"pos_rows": rows, "pos": pos, "neg_rows": sel, "neg": neg[sel]}
+    return {"difficulty_oof": pred, "topic_labels": labels, "quality_scores": fam}
+
+
+def test_sae_minus_dense_interval_covers_the_gap_and_zero_for_equals():
+    from saerl_ray.validation.validate_dense import dense_inputs, sae_minus_dense
+
+    assert "dense" in validate.REPS  # the table carries the dense control
+    rng = np.random.default_rng(0)
+    n = 200
+    y = rng.integers(1, 6, n).astype(float)
+    topics = rng.integers(0, 4, n)
+    good = _held(y + rng.normal(scale=0.5, size=n), topics.copy(), rng.normal(2, 1, n), rng.normal(0, 1, n), n)
+    noise = _held(rng.normal(size=n), rng.integers(0, 4, n), rng.normal(size=n), rng.normal(size=n), n)
+    good["difficulty_oof_codes_only"] = good["difficulty_oof"]
+    r = sae_minus_dense(good, noise, y, topics, np.arange(n), resamples=200)
+    rows = {"difficulty_spearman", "difficulty_spearman_codes_only", "topic_nmi", "quality_auroc",
+            "quality_auroc_lofo_mean", "quality_auroc_lofo_min"}
+    assert set(r) == rows | {"bootstrap"} and r["bootstrap"]["resamples"] == 200
+    for k in rows:
+        d = r[k]
+        assert d["diff"] == pytest.approx(d["sae"] - d["dense"]) and 0 < d["lo"] <= d["hi"], k
+    assert r["topic_nmi"]["sae"] == pytest.approx(1.0) and r["quality_auroc"]["sae"] > 0.85
+    same = sae_minus_dense(noise, noise, y, topics, np.arange(n), resamples=50)
+    assert all(same[k]["lo"] == same[k]["hi"] == same[k]["diff"] == 0 for k in set(same) - {"bootstrap"})
+    json.dumps(r)
+    # the probe's dense input: standardised, split into non-negative parts that add back to it
+    Z, P, N = dense_inputs(rng.normal(size=(30, 4)), rng.normal(size=(60, 4)))
+    assert Z.shape == (30, 4) and P.shape == (30, 8) and N.shape == (60, 8) and (P >= 0).all()
+    assert np.allclose(P[:, :4] - P[:, 4:], Z)

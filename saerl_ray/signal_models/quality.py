@@ -344,10 +344,13 @@ def pooled_signal_aurocs(
     splits: list[tuple[str, tuple]], raws: list[tuple[dict, dict]], combos: dict[str, tuple[str, ...]],
     pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None, rule: str = "max",
     pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None,
+    scores_out: dict | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[dict, np.ndarray]]]:
     """Per split name, the AUROC of each signal alone and of each named combination, over the out-of-fold
     rows of all its folds; each signal is standardised against that split's out-of-fold positives (as the
-    stage calibrates on them). Also per name: (pooled raw signals of the positives, their rows)."""
+    stage calibrates on them). Also per name: (pooled raw signals of the positives, their rows).
+    `scores_out` (a dict, filled in place): per name, the `combined` score (higher = cleaner) of each
+    out-of-fold row, {"pos_rows", "pos", "neg_rows", "neg"}, so a caller can resample rows (validate)."""
     out, pos_raw = {}, {}
     for name in dict.fromkeys(n for n, _ in splits):
         idx = [k for k, (n, _) in enumerate(splits) if n == name]
@@ -367,6 +370,9 @@ def pooled_signal_aurocs(
         for label, sig in combos.items():
             if all(s in zp for s in sig):
                 res[label] = auroc(-combine(zp, sig, rule)[0], -combine(zn, sig, rule)[0])
+        if scores_out is not None and all(s in zp for s in combos["combined"]):
+            scores_out[name] = {"pos_rows": te_pos, "pos": -combine(zp, combos["combined"], rule)[0],
+                                "neg_rows": te_neg, "neg": -combine(zn, combos["combined"], rule)[0]}
         out[name] = res
         pos_raw[name] = (rp, te_pos)
     return out, pos_raw
@@ -380,13 +386,14 @@ def fit_quality_probe(
     combine_signals: list[str] | tuple[str, ...] = ("probe", "novelty"), held_out: bool = True,
     max_false_positive_rate: float = 0.01, combine_rule: str = "max", neighbor_band: tuple[int, int] | None = None,
     neighbor_k: int = 10, pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None,
+    scores_out: dict | None = None,
 ) -> tuple[dict, dict]:
     """Out-of-fold AUROCs (overall + leaving one group of negatives out: pass corruption families), per
     signal and combined; then the final probe on all rows, the novelty counts on all positives, each
     signal's reference (location, scale) from the out-of-fold positives, and the `max_false_positive_rate`
     cut on the combined score of those clean held-out positives. `neg_source`: for synthetic negatives,
     the positive row each one was made from (see evaluation_splits). Lengths (n_chars) enable `length`,
-    the features' surprisal column `surprisal`."""
+    the features' surprisal column `surprisal`. `scores_out`: see pooled_signal_aurocs."""
     neg_types = np.asarray(neg_types, dtype=str)
     combine_signals = tuple(combine_signals)
     if neg_X.shape[0] != len(neg_types):
@@ -420,7 +427,7 @@ def fit_quality_probe(
         combos["probe+neighbors+surprisal"] = ("probe", "neighbors", "surprisal")
         combos["probe+novelty+neighbors+surprisal"] = ("probe", "novelty", "neighbors", "surprisal")
     auroc, pos_raw = pooled_signal_aurocs(splits, raws, combos, pos_len, neg_len, combine_rule,
-                                          pos_surprisal, neg_surprisal)
+                                          pos_surprisal, neg_surprisal, scores_out)
     per_group = {k: v for k, v in auroc.items() if k != "overall"}
     metrics: dict[str, Any] = {
         "combine": list(combine_signals), "combine_rule": combine_rule, "auroc_overall": auroc["overall"]["combined"],

@@ -403,16 +403,47 @@ def _featurizer(sae_dir: str, marker: str, pooling: str, top_k: int, max_tokens:
                       surprisal=surprisal)
 
 
+def run_featurizer(run_dir: str, cfg: RunConfig) -> Featurizer:
+    """The in-process Featurizer of the run's committed SAE and features settings (cached)."""
+    f = cfg.features
+    marker = marker_of(run_dir, "sae")
+    sae_dir = storage.local_dir(storage.join(storage.resolve(run_dir), "sae"), version=marker)
+    return _featurizer(str(sae_dir), marker, f.pooling, f.top_k, f.max_tokens, f.batch_size,
+                       tuple(f.codes), f.max_tokens_per_batch, f.surprisal)
+
+
+def pool_residuals(acts: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """`pool` for signed residuals: max without pool's clamp at 0 (SAE codes are >= 0, residuals are
+    not, and the clamp would erase every dimension whose max is negative); a row with no pooled token: 0."""
+    if how != "max":
+        return pool(acts, mask, how)
+    x = _masked_low(acts, mask).amax(1)
+    return torch.where(mask.any(1, keepdim=True), x, x.new_zeros(()))
+
+
+@torch.inference_mode()
+def dense_texts(texts: list[str], run_dir: str, cfg: RunConfig) -> np.ndarray:
+    """(n, d_model) float32: each text's hook-layer residual pooled with features.pooling, over the
+    tokens the features stage pools (the same lens model, tokenisation, template and massive-token
+    exclusion: `iter_residuals`), without the SAE: validate's `dense` control."""
+    fz = run_featurizer(run_dir, cfg)
+    enc = encode_prompts(fz.tok, list(texts), fz.lens.chat_template, fz.max_tokens)
+    out: np.ndarray | None = None
+    for rows, acts, mask in iter_residuals(fz.model, fz.lens.layer, enc, fz.max_rows, fz.tok.pad_token_id,
+                                           fz.max_batch_tokens, fz.device):
+        pooled = pool_residuals(acts.float(), mask, fz.pooling).cpu().numpy()
+        if out is None:
+            out = np.zeros((len(texts), pooled.shape[1]), np.float32)
+        out[rows] = pooled
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
 def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig, with_surprisal: bool = False):
     """In-process SAE codes for new texts: same lens, pooling and top-k as the features stage.
     `with_surprisal` (needs features.surprisal): returns (codes, per-text surprisal) instead."""
-    f = cfg.features
-    if with_surprisal and not f.surprisal:
+    if with_surprisal and not cfg.features.surprisal:
         raise ValueError("surprisal of new texts needs features.surprisal: true (the whole model runs)")
-    marker = marker_of(run_dir, "sae")
-    sae_dir = storage.local_dir(storage.join(storage.resolve(run_dir), "sae"), version=marker)
-    fz = _featurizer(str(sae_dir), marker, f.pooling, f.top_k, f.max_tokens, f.batch_size,
-                     tuple(f.codes), f.max_tokens_per_batch, f.surprisal)
+    fz = run_featurizer(run_dir, cfg)
     c = fz.encode(list(texts))
     indptr = np.concatenate([[0], np.cumsum([len(x) for x in c.idx])]).astype(np.int64)
     cols = np.concatenate(c.idx) if texts else np.zeros(0, np.int32)

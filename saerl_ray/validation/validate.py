@@ -3,7 +3,7 @@
     saerl-ray validate -c configs/gsm8k_math500.yaml           # table
     saerl-ray validate -c configs/gsm8k_math500.yaml --json    # one JSON object
 
-Uses the run's MATH-500 prompts (runs ingest/sae/features first if needed) and scores four
+Uses the run's MATH-500 prompts (runs ingest/sae/features first if needed) and scores five
 representations with one protocol each, so the numbers are comparable:
   difficulty_spearman  5-fold out-of-fold Spearman vs `level` of the estimator the signals stage ships
                        (saerl_ray.signal_models.difficulty via validate_difficulty: its column selection, log1p design
@@ -24,8 +24,15 @@ representations with one protocol each, so the numbers are comparable:
                        filter_rate_clean_detail: per source, the rule, threshold and flags
 Representations: `sae` (the features stage's codes, each metric on the codes its signal reads:
 signals.difficulty/cluster/quality.codes), `length`
-(token count), `tfidf` (word 1-2 grams; SVD-128 for the regression and k-means, the sparse TF-IDF
+(token count), `dense` (the hook layer's residual, pooled with features.pooling over the tokens the codes
+pool: the input the SAE encodes; standardised, split into positive and negative parts for the probe),
+`tfidf` (word 1-2 grams; SVD-128 for the regression and k-means, the sparse TF-IDF
 itself for the probe), `random` (Gaussian features: the control that must score ~0 / ~0.5).
+  sae_minus_dense      {row: {"sae", "dense", "diff", "lo", "hi"}}: the SAE minus dense per row (difficulty,
+                       codes-only difficulty, topic, quality overall and leave-one-family-out mean / min)
+                       with a paired-bootstrap 95% interval over prompts (validate_dense.py). No dense
+                       filter_rate_clean: that row is the run's own filter, trained on the codes of its
+                       whole pool by the signals stage; a dense filter would need the pool's residuals.
 Beyond the table (saerl_ray/validation/validate_difficulty.py; `validation.*` config fields):
   difficulty_spearman_seeds  the SAE difficulty row over `validation.sae_seeds` SAE seeds (the run's SAE
                        and ones trained with seeds seed+1, ... in <run_dir>/validate/seeds/<k>/):
@@ -63,7 +70,7 @@ from saerl_ray.validation.validate_difficulty import (  # noqa: F401
 )
 
 METRICS = ("difficulty_spearman", "topic_nmi", "quality_auroc", "quality_auroc_loto")
-REPS = ("sae", "length", "tfidf", "random")
+REPS = ("sae", "dense", "length", "tfidf", "random")
 
 
 def _dense(X) -> np.ndarray:
@@ -78,23 +85,29 @@ def sae_design(X: sp.csr_matrix) -> np.ndarray:
     return np.log1p(np.maximum(_dense(X[:, keep]), 0))
 
 
-def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> float:
+def topic_labels(X: np.ndarray, k: int = 7, seed: int = 0) -> np.ndarray:
+    """k-means (K=k) cluster of each row, cosine on standardised columns."""
     Z = normalize(StandardScaler().fit_transform(X)) if X.shape[1] > 1 else X
-    labels = KMeans(k, n_init=4, random_state=seed).fit_predict(Z)
-    return float(normalized_mutual_info_score(topics, labels))
+    return KMeans(k, n_init=4, random_state=seed).fit_predict(Z)
+
+
+def topic_nmi(X: np.ndarray, topics: np.ndarray, k: int = 7, seed: int = 0) -> float:
+    return float(normalized_mutual_info_score(topics, topic_labels(X, k, seed)))
 
 
 def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, neg_source: np.ndarray, C: float,
                   seed: int = 0, folds: int = 5, combine: tuple[str, ...] = ("probe",), bands=None,
                   pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None, rule: str = "max",
                   neighbor_band: tuple[int, int] | None = None, neighbor_k: int = 10,
-                  pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None) -> dict:
+                  pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None,
+                  scores_out: dict | None = None) -> dict:
     """The signals stage's own model and splits (quality.fit_quality_probe), `folds`-fold: `overall` tests
     on corruptions of held-out prompts; `lofo` also holds the corruption's family out of training
     (neg_types: corruption kinds, grouped by corruptions.FAMILIES; other labels are their own group).
     `combine` / `rule`: the signals scored and how they add up (the baselines: their probe alone);
     `neighbor_band`: the columns the neighbors signal compares. neg_source[j] = the positive
-    negative j was made from (each pair stays in one fold)."""
+    negative j was made from (each pair stays in one fold). `scores_out`: filled with each split's
+    out-of-fold scores (quality.pooled_signal_aurocs), for the bootstrap."""
     import ray
 
     from saerl_ray.signal_models.corruptions import families_of
@@ -104,7 +117,7 @@ def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, n
                              neg_source=neg_source, folds=folds, use_ray=ray.is_initialized(), bands=bands,
                              pos_len=pos_len, neg_len=neg_len, combine_signals=combine, combine_rule=rule,
                              neighbor_band=neighbor_band, neighbor_k=neighbor_k,
-                             pos_surprisal=pos_surprisal, neg_surprisal=neg_surprisal)
+                             pos_surprisal=pos_surprisal, neg_surprisal=neg_surprisal, scores_out=scores_out)
     lofo = {"mean": m["auroc_lofo_mean"], "min": m["auroc_lofo_min"], "families": m["n_families"]}
     parts = {k: {**v, "overall": m["auroc_overall_by_signal"][k]} for k, v in m["auroc_lofo_by_signal"].items()}
     return {"overall": m["auroc_overall"], "loto": lofo["mean"], "lofo": lofo,
@@ -168,7 +181,8 @@ def validate(cfg: RunConfig) -> dict:
     from saerl_ray.core.config import signal_codes
     from saerl_ray.core.featureio import code_columns, load_surprisal
     from saerl_ray.signal_models.corruptions import make_negatives
-    from saerl_ray.stages.features import featurize_texts
+    from saerl_ray.stages.features import dense_texts, featurize_texts
+    from saerl_ray.validation.validate_dense import dense_inputs, sae_minus_dense
 
     math, X_all, n_tokens = _load(cfg)
     q_cols = code_columns(cfg.run_dir, signal_codes(cfg, "quality"))
@@ -198,6 +212,8 @@ def validate(cfg: RunConfig) -> dict:
         cfg.model.name, cfg.model.trust_remote_code)
     neg_len = np.array([len(tok(t).input_ids) for t in neg_texts], dtype=float)
     rand = rng.normal(size=(len(texts) + len(neg_texts), 128))
+    # The residual the SAE encodes, pooled like its codes: does the SAE add anything, or only names?
+    D_dense, P_dense, N_dense = dense_inputs(dense_texts(texts, cfg.run_dir, cfg), dense_texts(neg_texts, cfg.run_dir, cfg))
     # Per representation: (features for the regression, for k-means, and non-negative features of
     # prompts and negatives for the probe, which applies its own log1p design). The regression applies
     # its own design too: log1p of the SAE codes, the baselines as they are (transform none).
@@ -207,6 +223,7 @@ def validate(cfg: RunConfig) -> dict:
     reps = {
         "sae": (X_all[:, d_cols],
                 sae_design(X_all[:, code_columns(cfg.run_dir, signal_codes(cfg, "cluster"))]), X_all[:, q_cols], X_neg_sae),
+        "dense": (D_dense, D_dense, P_dense, N_dense),
         "length": (D_len, D_len, n_tokens.astype(float)[:, None], neg_len[:, None]),
         "tfidf": (D_tfidf, D_tfidf, tfidf.transform(texts), tfidf.transform(neg_texts)),
         "random": (rand[: len(texts)], rand[: len(texts)], np.abs(rand[: len(texts)]), np.abs(rand[len(texts):])),
@@ -218,13 +235,18 @@ def validate(cfg: RunConfig) -> dict:
     res: dict = {m: {} for m in METRICS}
     per_type: dict = {}
     oof: dict = {}  # out-of-fold difficulty predictions, reused by the seeds / benchmark-order keys
+    held: dict = {}  # sae and dense: every fixed out-of-fold output the bootstrap resamples
     for name, (D, D_topic, Xp, Xn) in reps.items():
         # Only the sae row gets the stage's length term: the baselines are each representation alone.
         oof[name] = difficulty_oof(D, y, cfg.signals.difficulty, cfg.seed, transform="log1p" if name == "sae" else "none",
                                    n_chars=q_len[0] if name == "sae" else None)
         res["difficulty_spearman"][name] = spearman(oof[name], y)
-        res["topic_nmi"][name] = topic_nmi(D_topic, topics, 7, cfg.seed)
-        q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed, **(sae_q if name == "sae" else {}))
+        labels = topic_labels(D_topic, 7, cfg.seed)
+        res["topic_nmi"][name] = float(normalized_mutual_info_score(topics, labels))
+        scores: dict = {}
+        q = quality_auroc(Xp, Xn, neg_types, neg_source, qc.C, cfg.seed, **(sae_q if name == "sae" else {}),
+                          scores_out=scores)
+        held[name] = {"difficulty_oof": oof[name], "topic_labels": labels, "quality_scores": scores}
         res["quality_auroc"][name] = q["overall"]
         res["quality_auroc_loto"][name] = q["loto"]
         res.setdefault("quality_auroc_lofo", {})[name] = q["lofo"]
@@ -233,7 +255,9 @@ def validate(cfg: RunConfig) -> dict:
         per_type[name] = q["by_type"]
     res["quality_auroc_by_type"] = per_type  # per held-out corruption family
     codes_only = cfg.signals.difficulty.model_copy(update={"length_covariate": False})
-    res["difficulty_spearman_codes_only"] = spearman(difficulty_oof(reps["sae"][0], y, codes_only, cfg.seed), y)
+    held["sae"]["difficulty_oof_codes_only"] = difficulty_oof(reps["sae"][0], y, codes_only, cfg.seed)
+    res["difficulty_spearman_codes_only"] = spearman(held["sae"]["difficulty_oof_codes_only"], y)
+    res["sae_minus_dense"] = sae_minus_dense(held["sae"], held["dense"], y, topics, neg_source, cfg.seed)
     fr = filter_rate_clean(cfg, math, X_all)
     res["filter_rate_clean"], res["filter_rate_clean_detail"] = fr["rate"], fr["detail"]
     res["n"] = {"prompts": len(texts), "negatives": len(neg_texts)}
@@ -254,6 +278,9 @@ def _print_table(res: dict) -> None:
     if "quality_auroc_lofo" in res:
         t.add_row("quality_auroc_lofo min", *[f"{res['quality_auroc_lofo'][r]['min']:.3f}" for r in REPS])
     Console().print(t)
+    for row, d in (res.get("sae_minus_dense") or {}).items():
+        if row != "bootstrap":
+            Console().print(f"sae - dense, {row}: {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
     seeds, ood = res.get("difficulty_spearman_seeds"), res.get("difficulty_ood_auroc")
     if seeds:
         Console().print(f"difficulty_spearman over SAE seeds {list(seeds['per_seed'])}: mean {seeds['mean']:.3f}, "
