@@ -17,7 +17,6 @@ import time
 import ray
 
 
-
 @ray.remote(num_cpus=1)
 def forward_shard(model: str, layer: int, prompts: list[str], threads: int, batch: int, max_tokens: int) -> dict:
     import torch

@@ -39,7 +39,6 @@ from saerl_ray.core.stage import Stage
 from saerl_ray.stages import features, sae
 
 
-
 def real_prompts(n: int) -> list[str]:
     from saerl_ray.core.data import rows
 
