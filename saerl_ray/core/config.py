@@ -31,6 +31,11 @@ Code = Literal["pooled", "last", "mean", "halves"]
 Variant = Literal["saerl", "shuffled", "length", "no_mix", "full_mix", "no_filter"]
 
 
+# A field that says where or how a stage runs (GPUs, memory headroom, node type), not what it computes:
+# `content_of` leaves it out of every fingerprint.
+PLACEMENT = {"placement": True}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -148,7 +153,7 @@ class SAEConfig(Section):
     lens_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
         "Compute dtype of the lens (the model cut at `layer`) for SAE activations and features; auto: "
         "bfloat16 on a GPU or a CPU with native bf16 (AVX-512-bf16/AMX), float32 elsewhere."))
-    num_gpus: int = Field(0, ge=0, description=(
+    num_gpus: int = Field(0, ge=0, json_schema_extra=PLACEMENT, description=(
         "GPUs a Ray task reserves to train the SAE in (the lens split over them); the task's process exits "
         "with it, so the GPUs and their memory are free before the features actors start. 0: train in the "
         "driver process, on the GPUs it holds (`ray job submit --entrypoint-num-gpus`), else its CPU."))
@@ -444,7 +449,7 @@ class TrainConfig(Section):
         "Update only the top N decoder layers (and the final norm); embeddings, the (tied) LM head and the "
         "layers below stay frozen, so a CPU step costs a fraction of a full one. null: train everything "
         "(trl only)."))
-    node_resource: str | None = Field(None, description=(
+    node_resource: str | None = Field(None, json_schema_extra=PLACEMENT, description=(
         "Custom Ray resource that only the training node types advertise (the shipped cluster configs: "
         "saerl_train_gpu, one unit per GPU): every GPU bundle OpenRLHF or verl reserves also asks for it, so "
         "the autoscaler places training on those node types and never on the 1-GPU feature nodes "
@@ -479,12 +484,12 @@ class LabelConfig(Section):
     split: str = Field("train", description="Only prompts of this split are labelled.")
     model: str | None = Field(None, description=(
         "Model whose pass rates define difficulty; null: train.policy, else model.name."))
-    num_gpus: int | None = Field(None, ge=0, description=(
+    num_gpus: int | None = Field(None, ge=0, json_schema_extra=PLACEMENT, description=(
         "GPUs the labelling Ray actor reserves (vLLM in bfloat16, tensor-parallel over them; HF generate "
         "when vLLM is absent), so no other Ray GPU actor is placed on them. null: 1 when the Ray cluster "
         "has a GPU now (or, with no cluster configured, this machine has one), else 0; an autoscaling "
         "cluster whose GPU nodes are at zero needs 1 set. 0: HF generate in the driver process."))
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description=(
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, json_schema_extra=PLACEMENT, description=(
         "Fraction of each reserved GPU's memory vLLM may take for weights and KV cache (vLLM's own "
         "default is 0.92); lower it when the policy shares the GPU with something outside Ray."))
 
@@ -640,10 +645,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(_format_errors(e, origin)) from None
 
 
+def content_of(section: BaseModel, exclude: set[str] = frozenset()) -> dict[str, Any]:
+    """A config section as JSON without its PLACEMENT fields (and `exclude`): what a stage's output
+    depends on. Placing work elsewhere must never make a finished stage, or a resumable one, look new."""
+    drop = {name for name, f in type(section).model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("placement")}
+    return section.model_dump(mode="json", exclude=drop | set(exclude))
+
+
 def fingerprint(*parts: Any) -> str:
     """Stable hash of config sections and input markers: what decides whether a stage reruns."""
     blob = json.dumps(
-        [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
+        [content_of(p) if isinstance(p, BaseModel) else p for p in parts],
         sort_keys=True,
         default=str,
     )

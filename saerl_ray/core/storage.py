@@ -150,14 +150,17 @@ def is_dir(path: str | Path) -> bool:
 
 def list_dir(path: str | Path, suffix: str = "", recursive: bool = False) -> list[str]:
     """Names (relative to `path`, sorted) of the files under it; [] when it does not exist."""
+    return sorted(name for name in sizes(path, recursive) if name.endswith(suffix))
+
+
+def sizes(path: str | Path, recursive: bool = True) -> dict[str, int]:
+    """{name relative to `path`: size in bytes} for every file under it; {} when it does not exist."""
     fs, p = filesystem(path)
     sel = pafs.FileSelector(p, allow_not_found=True, recursive=recursive)
     infos = _retry("list", str(path), lambda: fs.get_file_info(sel))
     base = p.rstrip("/") + "/"
-    return sorted(
-        i.path[len(base):] for i in infos
-        if i.type == pafs.FileType.File and i.path.startswith(base) and i.path.endswith(suffix)
-    )
+    return {i.path[len(base):]: int(i.size or 0) for i in infos
+            if i.type == pafs.FileType.File and i.path.startswith(base)}
 
 
 def stat(path: str | Path) -> tuple[int, float]:
@@ -292,16 +295,6 @@ def copy_tree(src: str | Path, dst: str | Path) -> int:
     for rel in files:
         write_bytes(join(dst, rel), read_bytes(join(src, rel)))
     return len(files)
-
-
-def sizes(path: str | Path) -> dict[str, int]:
-    """{name relative to `path`: size in bytes} for every file under it; {} when it does not exist."""
-    fs, p = filesystem(path)
-    sel = pafs.FileSelector(p, allow_not_found=True, recursive=True)
-    infos = _retry("list", str(path), lambda: fs.get_file_info(sel))
-    base = p.rstrip("/") + "/"
-    return {i.path[len(base):]: int(i.size or 0) for i in infos
-            if i.type == pafs.FileType.File and i.path.startswith(base)}
 
 
 def copy_file(src: str | Path, dst: str | Path) -> None:

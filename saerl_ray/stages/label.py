@@ -213,9 +213,9 @@ def run(cfg: RunConfig) -> dict:
 
     lc = cfg.label
     model_name = lc.model or cfg.train.policy or cfg.model.name
-    # Memory headroom changes no label: a run lowered after an out-of-memory error keeps its chunks.
-    fp = fingerprint(lc.model_dump(mode="json", exclude={"gpu_memory_utilization", "num_gpus"}), cfg.model, cfg.prompt,
-                     model_name, cfg.seed, marker_of(cfg.run_dir, "ingest"))
+    # label.num_gpus / gpu_memory_utilization are PLACEMENT fields: a run whose memory headroom was lowered
+    # after an out-of-memory error keeps its chunks.
+    fp = fingerprint(lc, cfg.model, cfg.prompt, model_name, cfg.seed, marker_of(cfg.run_dir, "ingest"))
     st = Stage(cfg.run_dir, "label", fp)
     if st.done():
         return st.summary()

@@ -336,9 +336,7 @@ def gpu_task_options(num_gpus: int) -> dict:
 
 def sae_stage(cfg: RunConfig) -> Stage:
     upstream = [marker_of(cfg.run_dir, "ingest")] if cfg.sae.source == "train" else []
-    # sae.num_gpus says where the SAE trains, not what it is: changing it keeps a finished stage.
-    sae = cfg.sae.model_dump(mode="json", exclude={"num_gpus"})
-    return Stage(cfg.run_dir, "sae", fingerprint(sae, cfg.model, cfg.seed, *upstream))
+    return Stage(cfg.run_dir, "sae", fingerprint(cfg.sae, cfg.model, cfg.seed, *upstream))
 
 
 def run(cfg: RunConfig) -> dict:

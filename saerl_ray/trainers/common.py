@@ -10,16 +10,11 @@ from __future__ import annotations
 import os
 
 from saerl_ray.core import storage
-from saerl_ray.core.config import RunConfig, fingerprint
+from saerl_ray.core.config import RunConfig, content_of, fingerprint
 
 
 def prompts_per_step(cfg: RunConfig) -> int:
     return cfg.train.prompts_per_step or cfg.plan.batch_size
-
-
-# Fields that say how or where a run goes, not what it trains: changing one must never make a resumed
-# run look like another run (Stage.begin would then delete its checkpoints).
-PLACEMENT_ONLY = {"resume", "node_resource"}
 
 
 def stage_fingerprint(cfg: RunConfig, policy: str) -> str:
@@ -28,7 +23,7 @@ def stage_fingerprint(cfg: RunConfig, policy: str) -> str:
     resolved step size."""
     from saerl_ray.core.stage import marker_of
 
-    train = cfg.train.model_dump(mode="json", exclude=PLACEMENT_ONLY)
+    train = content_of(cfg.train, exclude={"resume"})  # and the PLACEMENT fields: a resume keeps its checkpoints
     return fingerprint(train, cfg.prompt, cfg.sampler, cfg.seed, policy, prompts_per_step(cfg), marker_of(cfg.run_dir, "plan"))
 
 

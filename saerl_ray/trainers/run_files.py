@@ -68,9 +68,10 @@ def _call(_actor: Any, fn: Callable, *args: Any) -> Any:
     return fn(*args)
 
 
-def run_once_per_node(handles: Iterable[Any] | None, fn: Callable, *args: Any, here: bool = True) -> list:
+def run_once_per_node(handles: Iterable[Any] | None, fn: Callable, *args: Any, here_args: tuple | None = None) -> list:
     """`fn(*args)` once on every node that hosts one of `handles` (Ray actors), inside one of them;
-    and in this process too when `here` and no handle shares its node. Waits for all; returns results."""
+    and in this process too when no handle shares its node (with `here_args` instead of `args` when
+    given). Waits for all; returns results."""
     import ray
 
     handles = list(handles or [])
@@ -79,8 +80,8 @@ def run_once_per_node(handles: Iterable[Any] | None, fn: Callable, *args: Any, h
     for node, handle in zip(nodes, handles):
         chosen.setdefault(node, handle)
     results = ray.get([h.__ray_call__.remote(_call, fn, *args) for h in chosen.values()])
-    if here and (not ray.is_initialized() or node_id() not in chosen):
-        results.append(fn(*args))
+    if not ray.is_initialized() or node_id() not in chosen:
+        results.append(fn(*(args if here_args is None else here_args)))
     return results
 
 
@@ -174,12 +175,6 @@ def actor_handles(group: Any) -> list:
     return list(getattr(group, "_actor_handlers", None) or [])
 
 
-def nodes_of(handles: list) -> list[str]:
-    import ray
-
-    return ray.get([h.__ray_call__.remote(_call, node_id) for h in handles]) if handles else []
-
-
 # ------------------------------------------------------------------ OpenRLHF 0.11.2
 
 
@@ -218,9 +213,7 @@ class OpenRLHFFiles:
         process's node, when no actor is on it, gets the pointer only (it only checks `_actor` exists)."""
         tag = self.mirror.read_pointer(self.POINTER) if resume else None
         parts, pointer = (self.parts(tag), [self.POINTER]) if tag else ([], [])
-        run_once_per_node(actors, self.mirror.pull, parts, pointer, here=False)
-        if not actors or node_id() not in set(nodes_of(actors)):
-            self.mirror.pull([], pointer)
+        run_once_per_node(actors, self.mirror.pull, parts, pointer, here_args=([], pointer))
         return tag
 
     def upload(self, actors: list, tag: str, keep: int | None) -> None:
@@ -290,7 +283,7 @@ class VerlFiles:
         text = self.mirror.read_pointer(self.TRACKER) if resume else None
         step = int(text) if text and text.isdigit() else None
         parts, pointer = ([f"global_step_{step}"], [self.TRACKER]) if step is not None else ([], [])
-        run_once_per_node(workers, self.mirror.pull, parts, pointer, here=False)
-        if not workers or node_id() not in set(nodes_of(workers)):
-            self.mirror.pull([], pointer + ([f"global_step_{step}/data.pt"] if step is not None else []))
+        # This process (verl's trainer) reads the pointer and the step's data.pt, never the shards.
+        here = ([], pointer + ([f"global_step_{step}/data.pt"] if step is not None else []))
+        run_once_per_node(workers, self.mirror.pull, parts, pointer, here_args=here)
         return step

@@ -487,7 +487,7 @@ def run(cfg: RunConfig) -> dict:
 
     tc = cfg.train
     policy = resolve(tc.policy or cfg.model.name)
-    fp = fingerprint(tc.model_dump(mode="json", exclude={"node_resource"}), cfg.sampler, cfg.model, cfg.prompt, cfg.seed, policy, marker_of(cfg.run_dir, "plan"))
+    fp = fingerprint(tc, cfg.sampler, cfg.model, cfg.prompt, cfg.seed, policy, marker_of(cfg.run_dir, "plan"))
     st = Stage(cfg.run_dir, "train", fp)
     if st.done():
         return st.summary()
