@@ -119,12 +119,16 @@ def drill(
     pending: list[tuple[int, str]] = []
     acknowledged = 0
     step = done_kills = resumed_different = 0
+    timers: list[threading.Timer] = []
     expect: list[tuple[int, str]] = []  # what a resumed trainer must be served first: what its predecessor lost
     while True:
         step += 1
         killing = step in kill_at
         if killing and kill == "actor":  # lands between calls or inside one of this step's calls
-            threading.Timer(rng.uniform(0, max_kill_delay_s), kill_fn, args=(name,)).start()
+            timer = threading.Timer(rng.uniform(0, max_kill_delay_s), kill_fn, args=(name,))
+            timer.start()
+            timers.append(timer)
+            done_kills += 1
         rows = client.next_batch(b)
         if not rows:
             break  # everything retired
@@ -142,7 +146,7 @@ def drill(
             pending = []
         if max(e for e, _ in committed + pending) >= epochs:
             break
-        if killing:
+        if killing and kill != "actor":
             done_kills += 1
             if kill == "both":
                 kill_fn(name)
@@ -152,6 +156,8 @@ def drill(
                 expect, pending = pending + expect, []  # the trainer's uncommitted steps die with it
                 client = SamplerClient(cfg)
                 client.resume(ckpt)
+    for timer in timers:  # a kill from the last step lands in this trial, not in the next one's start
+        timer.join()
     committed += pending
     stats = client.stats()
     state = client.state_dict()

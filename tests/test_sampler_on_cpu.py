@@ -430,6 +430,30 @@ def test_client_fails_fast_when_the_actor_cannot_be_built(ray_cluster, tmp_path,
     assert len(waits) == 1  # one retry (a restart could have been transient), then the error
 
 
+def test_a_resume_whose_reply_was_lost_is_retried_as_itself(ray_cluster, tmp_path):
+    """The actor dies after a resume to an earlier state took effect but before its reply reached the
+    client: the retry resumes that blob again. Putting the new actor back at the client's own old
+    cursor first fails, because the restored history no longer has the calls that cursor names."""
+    from saerl_ray.sampler.actor import SamplerClient
+
+    run_dir = tmp_path / "run"
+    commit_plan(run_dir, plan_table(n_clusters=3, per_cluster=8))
+    cfg = load_config(None, {"run_dir": str(run_dir), "plan.batch_size": B})
+    client = SamplerClient(cfg)
+    start = client.checkpoint_blob()
+    first = ids_of(client.next_batch(B))
+    for _ in range(2):
+        client.next_batch(B)
+    assert client.cursor()["seq"] > start["cursor"]["seq"]
+    SamplerClient(cfg).resume(start)  # takes effect and is written; then the actor dies
+    ray.kill(client.actor)
+    wait_until_gone(actor_name(cfg.run_dir))
+    out = client.resume(start)
+    assert out["cursor"]["seq"] == start["cursor"]["seq"]
+    assert ids_of(client.next_batch(B)) == first  # served again from the resumed position
+    ray.kill(client.actor)
+
+
 def test_actor_kill_and_restore_serves_each_prompt_once(ray_cluster, tmp_path):
     table = plan_table(n_clusters=3, per_cluster=16, ratio=0.25)
     run_dir = tmp_path / "run"

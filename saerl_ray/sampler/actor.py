@@ -116,13 +116,16 @@ class SamplerClient:
         self._cursor: dict[str, Any] = self._call("cursor")
 
     def _call(self, method: str, *args: Any) -> Any:
+        # A retried `resume` sets the position itself: putting the new actor back at this client's old
+        # cursor first would fail when the blob being resumed replaced the history that cursor belongs to.
+        rewind = method != "resume"
         deadline = time.monotonic() + self.retry_s
         delay = 0.05
         init_failed = False
         while True:
             try:
                 if self._stale:
-                    self._reconnect()
+                    self._reconnect(rewind)
                 return ray.get(getattr(self.actor, method).remote(*args))
             except (ray.exceptions.RayActorError, storage.StorageError) as e:
                 # A constructor that raised twice in a row (state for another plan, a bad config) will
@@ -137,10 +140,10 @@ class SamplerClient:
                 time.sleep(delay)
                 delay = min(2 * delay, 1.0)
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, rewind: bool = True) -> None:
         if self.cfg is not None:
             self.actor = get_or_create_sampler(self.cfg, run_dir=self.run_dir)
-        if getattr(self, "_cursor", None) is not None:
+        if rewind and getattr(self, "_cursor", None) is not None:
             ray.get(self.actor.resume.remote({"cursor": self._cursor}))
         self._stale = False
 

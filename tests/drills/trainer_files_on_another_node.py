@@ -23,7 +23,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 # torch before pyarrow's AWS SDK starts (saerl_ray.core.storage._s3 explains the crash otherwise).
-import torch  # noqa: E402, F401
+import torch  # noqa: E402, F401, I001
 import ray  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
