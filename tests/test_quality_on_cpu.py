@@ -295,7 +295,7 @@ def test_fpr_cut_drops_at_most_the_rate_of_clean_held_out_prompts():
 
 
 def test_polluted_pool_loses_its_pollution_and_almost_nothing_else(tmp_path):
-    """run_quality on a pool with 5% garbage it was not told about: the garbage is dropped (by novelty:
+    """run_quality in-pool (`reference: []`, the positives a sample of the pool) on a pool with 5% garbage it was not told about: the garbage is dropped (by novelty:
     the probe never saw that kind), the clean prompts almost all kept, and every drop carries its flag."""
     n, bad = 600, 30
     pos, neg, types = fpr_planted(n=n, seed=3, pollution=bad)
@@ -306,7 +306,7 @@ def test_polluted_pool_loses_its_pollution_and_almost_nothing_else(tmp_path):
         rows = [neg_by_text.setdefault(t, len(neg_by_text)) % neg.shape[0] for t in texts]
         return neg[rows]
 
-    cfg = QualityConfig(n_train=n, C=0.1, max_false_positive_rate=0.01, negatives_per_prompt=1)
+    cfg = QualityConfig(n_train=n, C=0.1, max_false_positive_rate=0.01, negatives_per_prompt=1, reference=[])  # in-pool
     score, keep, flags, m = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / "q.json"), use_ray=False)
     assert not keep[:bad].any()  # all the pollution dropped
     assert (~keep[bad:]).mean() <= 0.03  # clean rows: the rate + a little
@@ -323,7 +323,7 @@ def test_polluted_pool_loses_its_pollution_and_almost_nothing_else(tmp_path):
     assert keep_nb[:bad].mean() > 0.5
     # the legacy quota and the explicit threshold still work
     _, keep_q, _, mq = run_quality(prompts, pos, QualityConfig(n_train=n, C=0.1, negatives_per_prompt=1,
-                                   keep_fraction=0.5), 0, featurize, str(tmp_path / "q2.json"), use_ray=False)
+                                   keep_fraction=0.5, reference=[]), 0, featurize, str(tmp_path / "q2.json"), use_ray=False)
     assert keep_q.sum() == n // 2 and mq["rule"] == "keep_fraction"
 
 
@@ -353,7 +353,7 @@ def test_minority_source_is_not_read_as_pollution(tmp_path):
     dropped = {}
     for balance in (False, True):
         cfg = QualityConfig(n_train=300, C=0.1, max_false_positive_rate=0.01, negatives_per_prompt=1,
-                            balance_sources=balance)
+                            balance_sources=balance, reference=[])
         _, keep, _, _ = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / f"q{balance}.json"), use_ray=False)
         dropped[balance] = ((~keep[:small]).mean(), (~keep[small:]).mean())
     assert dropped[False][0] > 0.1  # uniform: a share of the minority source dropped (20% when written)
@@ -455,7 +455,7 @@ def test_surprisal_signal_sees_a_family_the_codes_cannot(tmp_path):
         rows = [dealt.setdefault(t, len(dealt)) % neg.shape[0] for t in texts]
         return neg[rows], neg_s[rows]
 
-    cfg = QualityConfig(n_train=n, C=0.1, negatives_per_prompt=1, combine=list(signals))
+    cfg = QualityConfig(n_train=n, C=0.1, negatives_per_prompt=1, combine=list(signals), reference=[])
     score, keep, flags, _ = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / "q.json"), use_ray=False,
                                         surprisal=pool_s)
     assert not keep[:10].any() and (flags[:10] == "surprisal").all() and (~keep[10:]).mean() <= 0.03

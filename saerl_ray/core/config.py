@@ -310,6 +310,19 @@ class QualityConfig(Section):
         "uniform sample of the pool."))
     negatives_per_prompt: int = Field(3, description=(
         "Synthetic negatives per positive, types taken round-robin (a prompt's negatives differ in type)."))
+    reference: list[InputSpec] = Field(
+        default_factory=lambda: [InputSpec(path="${SAERL_DATA}/gsm8k_train.jsonl.gz", preset="gsm8k"),
+                                 InputSpec(path="${SAERL_DATA}/math500.jsonl.gz", preset="math")],
+        description=(
+            "Trusted clean prompts (curated files, each entry read like an ingest input) that define clean: the "
+            "`n_train` positives (sampled from them, evenly over their files with balance_sources), their "
+            "corruptions, the novelty counts, the neighbors' references and the max_false_positive_rate cut all "
+            "come from them, and the pool is only scored. A pool that is a third low-quality then cannot teach "
+            "the filter that bad is normal (benchmarks/pollution.py, docs/decisions.md). A "
+            "reference prompt also in the pool reuses its codes; the others are featurised. The default is the "
+            "math sets that ship in data/ (GSM8K-train, MATH-500); a pool from another domain should name its "
+            "own curated set. [] or null: the pool's own prompts are the positives (in-pool; a labelled "
+            "`label_column` overrides both)."))
     codes: list[str] | None = Field(None, description=(
         "Codes the probe reads (a subset of features.codes); null: all of features.codes."))
     eval_folds: int = Field(2, ge=2, description=(
@@ -343,6 +356,11 @@ class QualityConfig(Section):
     min_support: float = Field(0.01, description=(
         "Latents active in fewer than this fraction of the training rows get no weight."))
     max_features: int = Field(4096, description="Most latents in the probe (most frequent first).")
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _no_reference(cls, v: Any) -> Any:
+        return [] if v is None else v
 
 
 class SignalsConfig(Section):
@@ -669,7 +687,10 @@ DEFAULTS_COMMAND = "python -m saerl_ray.core.config --write-defaults"
 
 
 def yaml_value(value: Any) -> str:
-    """A value as one line of YAML (flow style): how a config file or a dotted flag spells it."""
+    """A value as one line of YAML (flow style): how a config file or a dotted flag spells it (a section
+    in a list, e.g. signals.quality.reference, as its non-default keys)."""
+    if isinstance(value, list):
+        value = [v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value]
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).removesuffix("\n...\n").strip()
 
 

@@ -1,8 +1,11 @@
 """Quality: which prompts are bad? A linear probe on SAE codes (supervised, learned from synthetic
 corruptions of real prompts), two unsupervised scores that need no negatives (neighbors: how far a
-prompt's code is from its nearest clean prompts; novelty: how rare its latents are in the pool's own
+prompt's code is from its nearest clean prompts; novelty: how rare its latents are among clean prompts'
 codes) and, optionally, prompt length and the whole model's surprisal at its tokens, each compared with clean held-out prompts; a prompt is dropped only
 when the evidence says it is bad (a threshold at a stated false-positive rate), not by quota.
+The clean prompts (the positives) come from a trusted reference (signals.quality.reference: curated files,
+by default the math sets in data/), so the pool is only scored and its pollution teaches the filter
+nothing; with `reference: []` they are a sample of the pool itself (benchmarks/pollution.py compares both).
 
     from saerl_ray.signal_models.corruptions import make_negatives
     from saerl_ray.signal_models.quality import fit_quality_probe, score_from_json
@@ -510,25 +513,89 @@ def labelled_rows(prompts: pd.DataFrame, column: str | None) -> np.ndarray | Non
 
 @dataclass
 class QualitySetup:
-    """Which prompt rows the probe trains on, decided before any code is read."""
-    pos: np.ndarray  # prompt rows used as positives
+    """Which rows the probe trains on, decided before any code is read."""
+    pos: np.ndarray  # prompt rows whose codes the positives take (with a reference: the sampled ones in the pool)
     neg: np.ndarray | None  # labelled-bad prompt rows; None = synthetic negatives of the positives
     label_source: str
+    # With a trusted reference (signals.quality.reference): the sampled reference rows (id, prompt, answer,
+    # source, n_chars), the positives in this order, and each one's prompt row (-1: not in the pool).
+    ref: pd.DataFrame | None = None
+    ref_rows: np.ndarray | None = None
+    ref_counts: dict | None = None
+
+
+def read_reference(specs: list) -> tuple[pd.DataFrame, dict]:
+    """Every usable row of the reference files (read like ingest inputs, deduplicated; ids as ingest makes
+    them, so a reference prompt also in the pool has the pool's id), and per file its rows / accepted /
+    rejected. A file that is missing, unreadable or holds no usable prompt is an error naming it."""
+    from saerl_ray.stages.ingest import IngestError, ingest
+
+    try:
+        rows, _, counts = ingest(list(specs), dedup=True, require_answer=False)
+    except IngestError as e:
+        raise IngestError(f"signals.quality.reference: {e}") from None
+    for path, c in counts.items():
+        if c["accepted"] == 0:
+            raise IngestError(f"signals.quality.reference: {path} holds no usable prompt ({c['rows']} rows, "
+                              f"rejected: {c['by_reason'] or 'none'}); name a curated file, or set "
+                              f"signals.quality.reference: [] to take the positives from the pool")
+    cols = ["id", "prompt", "answer", "source", "n_chars"]
+    return pd.DataFrame(rows, columns=cols), {p: {k: c[k] for k in ("rows", "accepted", "rejected")} for p, c in counts.items()}
 
 
 def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int) -> QualitySetup:
-    """Labelled rows when the quality column has both classes, else a seeded sample of `n_train` positives."""
+    """Labelled rows when the quality column has both classes; else a seeded sample of `n_train` positives
+    from the trusted reference files (cfg.reference) or, with none, from the pool itself."""
     rng = np.random.default_rng(seed)
     y = labelled_rows(prompts, cfg.label_column)
     if y is not None:
         good = np.flatnonzero(np.isfinite(y) & (y >= 0.5))
         bad = np.flatnonzero(np.isfinite(y) & (y < 0.5))
         return QualitySetup(good, bad, f"prompts.{cfg.label_column}")
+    synthetic = "synthetic corruptions: " + ",".join(cfg.corruptions)
+    if cfg.reference:
+        ref, counts = read_reference(cfg.reference)
+        sources = ref["source"].to_numpy() if cfg.balance_sources else np.zeros(len(ref))
+        ref = ref.iloc[balanced_sample(sources, cfg.n_train, rng)].reset_index(drop=True)
+        ids = prompts["id"].astype(str) if "id" in prompts.columns else pd.Series([], dtype=str)
+        row_of = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
+        row_of = row_of[~row_of.index.duplicated()]
+        rows = row_of.reindex(ref["id"].to_numpy()).fillna(-1).to_numpy(np.int64)
+        files = ",".join(s.path for s in cfg.reference)
+        return QualitySetup(np.sort(rows[rows >= 0]), None, f"reference {files}; {synthetic}", ref, rows, counts)
     # One source for all rows = a uniform sample of the pool.
     balance = cfg.balance_sources and "source" in prompts
     sources = prompts["source"].to_numpy() if balance else np.zeros(len(prompts))
     pick = balanced_sample(sources, cfg.n_train, rng)
-    return QualitySetup(pick, None, "synthetic corruptions: " + ",".join(cfg.corruptions))
+    return QualitySetup(pick, None, synthetic)
+
+
+def reference_positives(setup: QualitySetup, pool_codes: Callable[[np.ndarray], sp.csr_matrix],
+                        featurize: Featurizer | None, pool_surprisal: np.ndarray | None = None,
+                        ) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    """(codes, surprisal or None) of the sampled reference rows, in setup.ref order: a row in the pool takes
+    the pool's codes (pool_codes(prompt rows)) and surprisal, the others are featurised here. Surprisal is
+    None unless every row has one (the pool's, where given, or the featurizer's)."""
+    rows = setup.ref_rows
+    inside = rows >= 0
+    X_in = sp.csr_matrix(pool_codes(rows[inside]))
+    s = np.full(len(rows), np.nan)
+    if pool_surprisal is not None:
+        s[inside] = np.asarray(pool_surprisal, float)[rows[inside]]
+    X_out = sp.csr_matrix((0, X_in.shape[1]), dtype=np.float32)
+    if (~inside).any():
+        if featurize is None:
+            raise ValueError("reference prompts outside the pool need a featurizer (saerl_ray.stages.features.featurize_texts)")
+        out = featurize(setup.ref["prompt"].to_numpy()[~inside].tolist())
+        X_out, s_out = out if isinstance(out, tuple) else (out, None)
+        X_out = sp.csr_matrix(X_out)
+        if X_out.shape != ((~inside).sum(), X_in.shape[1]):
+            raise ValueError(f"featurizer returned shape {X_out.shape}, expected {((~inside).sum(), X_in.shape[1])}")
+        if s_out is not None:
+            s[~inside] = np.asarray(s_out, float)
+    order = np.argsort(np.r_[np.flatnonzero(inside), np.flatnonzero(~inside)], kind="stable")
+    X = sp.vstack([X_in, X_out]).tocsr()[order]
+    return X, (s if np.isfinite(s).all() else None)
 
 
 def balanced_sample(sources: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -592,6 +659,10 @@ def finish_quality(setup: QualitySetup, model: dict, metrics: dict, scores: np.n
     by_flag = {s: int((flags == s).sum()) for s in model["combine"]}
     metrics.update(label_source=setup.label_source, rule=rule, threshold=cut, kept=int(keep.sum()),
                    dropped=int((~keep).sum()), dropped_by_signal=by_flag)
+    if setup.ref is not None:
+        metrics["reference"] = {"files": setup.ref_counts, "sampled": int(len(setup.ref)),
+                                "in_pool": int((setup.ref_rows >= 0).sum()),
+                                "featurised": int((setup.ref_rows < 0).sum())}
     storage.write_json(out_path, {**model, "threshold": cut, "metrics": metrics})
     return keep, flags, metrics
 
@@ -599,7 +670,7 @@ def finish_quality(setup: QualitySetup, model: dict, metrics: dict, scores: np.n
 def run_quality(
     prompts: pd.DataFrame, X: sp.csr_matrix, cfg: QualityConfig, seed: int, featurize: Featurizer | None,
     out_path: str, use_ray: bool = True, bands: list[tuple[int, int]] | None = None,
-    surprisal: np.ndarray | None = None,
+    surprisal: np.ndarray | None = None, neighbor_band: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Stage body on codes in memory: labels or synthetic negatives -> probe + novelty -> score every
     prompt -> keep flags. (The signals stage runs the same steps with the codes left in their part files.)
@@ -608,13 +679,18 @@ def run_quality(
     n_chars = (prompts["n_chars"].to_numpy(float) if "n_chars" in prompts.columns
                else prompts["prompt"].str.len().to_numpy(float))
     texts = answers = None
-    if setup.neg is None:
+    pos_X, pos_len = X[setup.pos], n_chars[setup.pos]
+    pos_s = None if surprisal is None else surprisal[setup.pos]
+    if setup.ref is not None:
+        pos_X, pos_s = reference_positives(setup, lambda r: X[r], featurize, surprisal)
+        pos_len = setup.ref["n_chars"].to_numpy(float)
+        texts, answers = setup.ref["prompt"].tolist(), setup.ref["answer"].fillna("").tolist()
+    elif setup.neg is None:
         sub = prompts.iloc[setup.pos]
         texts, answers = sub["prompt"].tolist(), sub["answer"].fillna("").tolist()
-    model, metrics = fit_setup(setup, X[setup.pos], None if setup.neg is None else X[setup.neg], texts, answers,
-                               featurize, cfg, seed, use_ray, bands, n_chars[setup.pos],
-                               None if setup.neg is None else n_chars[setup.neg],
-                               pos_surprisal=None if surprisal is None else surprisal[setup.pos],
+    model, metrics = fit_setup(setup, pos_X, None if setup.neg is None else X[setup.neg], texts, answers,
+                               featurize, cfg, seed, use_ray, bands, pos_len,
+                               None if setup.neg is None else n_chars[setup.neg], neighbor_band=neighbor_band, pos_surprisal=pos_s,
                                neg_surprisal=None if surprisal is None or setup.neg is None else surprisal[setup.neg])
     scores, flag_idx = quality_scores(model, X, n_chars, surprisal)
     keep, flags, metrics = finish_quality(setup, model, metrics, scores, flag_idx, cfg, out_path)

@@ -73,6 +73,20 @@ def _file_digest(path: str | None) -> str | None:
     return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16] if storage.exists(path) else f"missing:{path}"
 
 
+def _reference_versions(specs) -> list:
+    """The quality reference's files enter the fingerprint by path + content (as ingest inputs do): an
+    edited or swapped reference refits the filter; a missing one is named when the stage reads it."""
+    from saerl_ray.core.data import expand
+
+    out = []
+    for spec in specs:
+        try:
+            out.append([spec.path, *storage.version_of(expand(spec.path))])
+        except (FileNotFoundError, IsADirectoryError, OSError):
+            out.append([spec.path])
+    return out
+
+
 def default_featurizer(cfg: RunConfig) -> Featurizer:
     """SAE codes for new texts (quality negatives), same lens/pooling/top-k as the features stage; with
     their surprisal too when the quality signal combines it."""
@@ -129,7 +143,7 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     codes = {name: signal_codes(cfg, name) for name in ("cluster", "difficulty", "quality")}
     fp = fingerprint(
         sc, codes, cfg.seed, marker_of(cfg.run_dir, "ingest"), marker_of(cfg.run_dir, "features"),
-        _file_digest(sc.difficulty.label_file),
+        _file_digest(sc.difficulty.label_file), _reference_versions(sc.quality.reference),
     )
     st = Stage(cfg.run_dir, "signals", fp)
     if st.done():
@@ -192,26 +206,34 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     if d_setup.train is not None:
         d_model, d_metrics = dif.fit_setup(d_setup, keep_columns(rows_of(d_setup.train), d_cols), sc.difficulty, cfg.seed)
     q_cols = code_columns(cfg.run_dir, codes["quality"])
-    texts = answers = None
-    if q_setup.neg is None:
-        text = storage.read_parquet(prompts_path, columns=["prompt", "answer"]).take(pa.array(q_setup.pos, pa.int64()))
-        texts = text["prompt"].to_pylist()
-        answers = [a or "" for a in text["answer"].to_pylist()]
-        del text
     featurize = featurize or default_featurizer(cfg)
+    q_featurize = lambda t: _quality_columns(featurize(t), q_cols)  # noqa: E731
     # Prompt lengths (the `length` signal); the novelty counts read each quality code as its own band.
     n_chars = (prompts["n_chars"].fillna(0).to_numpy(float) if "n_chars" in prompts.columns
                else pac.utf8_length(storage.read_parquet(prompts_path, columns=["prompt"])["prompt"]).to_numpy().astype(float))
+    texts = answers = None
+    pos_len, pos_sur = n_chars[q_setup.pos], surprisal[q_setup.pos]
+    if q_setup.ref is not None:  # trusted reference: its prompts in the pool reuse their codes, the rest are featurised
+        pos_X, pos_sur = qual.reference_positives(q_setup, lambda r: keep_columns(rows_of(r), q_cols), q_featurize,
+                                                  surprisal)
+        pos_len = q_setup.ref["n_chars"].to_numpy(float)
+        texts, answers = q_setup.ref["prompt"].tolist(), q_setup.ref["answer"].fillna("").tolist()
+    else:
+        pos_X = keep_columns(rows_of(q_setup.pos), q_cols)
+        if q_setup.neg is None:
+            text = storage.read_parquet(prompts_path, columns=["prompt", "answer"]).take(pa.array(q_setup.pos, pa.int64()))
+            texts = text["prompt"].to_pylist()
+            answers = [a or "" for a in text["answer"].to_pylist()]
+            del text
     d_sae = stored_codes(cfg.run_dir)[1]
     q_bands = [(int(code_columns(cfg.run_dir, [c])[0]), int(code_columns(cfg.run_dir, [c])[0]) + d_sae)
                for c in codes["quality"]]
     q_model, q_metrics = qual.fit_setup(
-        q_setup, keep_columns(rows_of(q_setup.pos), q_cols),
-        None if q_setup.neg is None else keep_columns(rows_of(q_setup.neg), q_cols), texts, answers,
-        lambda t: _quality_columns(featurize(t), q_cols), sc.quality, cfg.seed, bands=q_bands,
-        pos_len=n_chars[q_setup.pos], neg_len=None if q_setup.neg is None else n_chars[q_setup.neg],
+        q_setup, pos_X, None if q_setup.neg is None else keep_columns(rows_of(q_setup.neg), q_cols), texts, answers,
+        q_featurize, sc.quality, cfg.seed, bands=q_bands,
+        pos_len=pos_len, neg_len=None if q_setup.neg is None else n_chars[q_setup.neg],
         neighbor_band=q_bands[codes["quality"].index(sc.quality.neighbors_code)],  # RunConfig checked it is one
-        pos_surprisal=surprisal[q_setup.pos], neg_surprisal=None if q_setup.neg is None else surprisal[q_setup.neg],
+        pos_surprisal=pos_sur, neg_surprisal=None if q_setup.neg is None else surprisal[q_setup.neg],
     )
     phase["fit"] = time.time()
 
