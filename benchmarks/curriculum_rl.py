@@ -1,5 +1,5 @@
-"""Curriculum ablation with error bars: GRPO on CPU with SmolLM2, the SaeRL plan against a shuffled plan
-(and optionally length / no-mix), several seeds per arm.
+"""Curriculum ablation with error bars: GRPO on CPU with SmolLM2, the SaeRL plan against a shuffled plan and
+the same plan ordered by length, several seeds per arm.
 
     # the recorded run (resumable: rerun the same command to continue after an interruption):
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/curriculum_rl.py --out runs/bench_rl
@@ -10,22 +10,34 @@
 
 Task (`--task`). `arithmetic` (default): the single calculations inside GSM8K-train's reference
 solutions ("What is 48 / 2?", operands <= --max-operand), the real subset a 135M model partly solves on
-CPU (whole GSM8K problems: 0-3%, so GRPO groups are all-wrong and nothing is learned). Its difficulty
-labels are the policy's own pass rates on `--n-labelled` prompts (the `label` stage, k=8), as in the
-paper. `gsm8k`: short whole problems with a small integer answer; labels = the reference solution's
-step count on the labelled subset. The rows are split once (`--split-seed`) into a training pool and a
-held-out set; the upstream stages (ingest -> [label] -> sae -> features -> signals) run once in
-`<out>/base`. Every (arm, seed) run copies them into `<out>/<arm>-s<seed>`, builds its own plan
+CPU (whole GSM8K problems: 0-3%, so GRPO groups are all-wrong and nothing is learned). `gsm8k`: short
+whole problems with a small integer answer; labels = the reference solution's step count.
+
+Labels (`--labels`, arithmetic). The difficulty proxy is the signals stage's regression from SAE codes, fit
+on `--n-labelled` training prompts. `likelihood` (default): each label is -log p(gold answer | prompt) under
+the policy (answer_nll): exact, dense, one forward pass a prompt. `rollouts`: the label stage's k-sample
+pass rates, as in the paper; at this policy's ~6% sampled pass rate most prompts are 0 of k and the proxy
+kept no feature (k=8, 128 prompts), so the plan fell back to length and the saerl arm tested no SAE at all.
+Either way the label stage also rolls out `--label-check` prompts (k=`--label-k`), and the JSON reports how
+the likelihood and the proxy's out-of-fold predictions track those sampled pass rates (`difficulty_proxy`);
+the run stops if the proxy keeps no SAE feature.
+
+Arms (`--arms`): `saerl` (the plan: clusters, easy->hard by the SAE proxy, moderate mixing), `shuffled`
+(the baseline), `length_difficulty` (the saerl plan with prompt length as difficulty: saerl minus it is the
+proxy's own share), and the ablations `length`, `no_mix`. The rows are split once (`--split-seed`) into a
+training pool and a held-out set; the upstream stages (ingest -> label -> sae -> features -> signals) run
+once in `<out>/base`. Every (arm, seed) run copies them into `<out>/<arm>-s<seed>`, builds its own plan
 (`plan.variant`, plan seed = seed) and trains with that seed (`saerl-ray train`, TRL backend, online
 sampler); the stages' own markers make a finished run a no-op and an interrupted one resume from its
-last checkpoint. Held-out greedy accuracy every `--eval-every` steps.
+last checkpoint. Held-out greedy accuracy every `--eval-every` steps. Each finished (arm, seed) is kept
+as JSON under --results with the protocol's hash: a later run of the same protocol reuses it.
 
 What is reported, per arm over seeds (mean and 95% t-interval): final held-out accuracy, area under the
 learning curve (mean accuracy over steps 0..steps, trapezoid), steps-to-target (target = the shuffled
 arm's mean final accuracy; a run that never reaches it counts as steps + eval_every, and `reached`
-says how many did); and the paired difference saerl - shuffled (same seed) of final accuracy and AUC.
-Also the median seconds per GRPO step. Last stdout line: one JSON object; curves (mean and band per
-arm, thin lines per seed) in `<out>/curves.png`.
+says how many did); and the paired differences (same seed) saerl - shuffled, length_difficulty - shuffled
+and saerl - length_difficulty of final accuracy and AUC. Also the median seconds per GRPO step. Last
+stdout line: one JSON object; curves (mean and band per arm, thin lines per seed) in `<out>/curves.png`.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ["saerl", "shuffled", "length", "no_mix"]
+ARMS = ["saerl", "shuffled", "length_difficulty", "length", "no_mix"]
 UPSTREAM = ["ingest", "sae", "features", "signals"]
 
 
@@ -80,6 +92,30 @@ def solution_steps(answer: str) -> int:
     return max(1, answer.count("<<"))
 
 
+def answer_nll(pairs: list[tuple[str, str]], args) -> list[float]:
+    """Each problem's difficulty for the policy: -log p(gold answer | prompt), the answer's tokens as the
+    first tokens of the policy's reply to the prompt it is trained on. Exact and dense where sampled pass
+    rates of a policy that solves ~6% are mostly 0 of k; one forward pass per prompt (a rollout label
+    costs k generations). How well it tracks sampled pass rates is measured (`--label-check`)."""
+    import torch
+
+    from saerl_ray.core.models import load_for_generation, load_tokenizer
+    from saerl_ray.stages.evaluate import render_prompts
+
+    tok = load_tokenizer(args.model)
+    model = load_for_generation(args.model, dtype="float32").eval()
+    out = []
+    for question, gold in pairs:
+        prompt = render_prompts(tok, [question], instruction=args.instruction, system=args.system)[0]
+        p = tok(prompt, return_tensors="pt")["input_ids"]
+        a = tok(gold, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        x = torch.cat([p, a], 1)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x).logits[0, p.shape[1] - 1 : -1].float(), -1)
+        out.append(round(-float(logp.gather(1, a[0][:, None]).sum()), 5))
+    return out
+
+
 def write_if_changed(path: Path, text: str) -> None:
     """A rerun must not touch an identical task file: ingest keys on its mtime, and a new mtime
     would redo every upstream stage (the labels alone take minutes)."""
@@ -97,9 +133,14 @@ def write_task(out: Path, args) -> tuple[Path, Path]:
         sys.exit(f"only {len(rows)} GSM8K rows match; lower --n-train/--n-heldout or loosen the task filter")
     random.Random(args.split_seed).shuffle(rows)
     train, heldout = rows[:n_train], rows[n_train : n_train + n_heldout]
-    if args.task == "gsm8k":  # arithmetic: labels are the policy's pass rates (the label stage)
-        for r in train[: args.n_labelled]:  # the small labelled subset the difficulty proxy learns from
+    labelled = train[: args.n_labelled]  # the labelled subset the difficulty proxy learns from
+    if args.task == "gsm8k":
+        for r in labelled:
             r["difficulty"] = solution_steps(r["answer"])
+    elif args.labels == "likelihood":
+        pairs = [(r["question"], r["answer"].rsplit("####", 1)[1].strip()) for r in labelled]
+        for r, nll in zip(labelled, answer_nll(pairs, args)):
+            r["difficulty"] = nll
     out.mkdir(parents=True, exist_ok=True)
     train_file, heldout_file = out / "task_train.jsonl", out / "task_heldout.jsonl"
     write_if_changed(train_file, "".join(json.dumps(r) + "\n" for r in train))
@@ -109,11 +150,14 @@ def write_task(out: Path, args) -> tuple[Path, Path]:
 
 
 def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dict:
+    rollouts = args.task == "arithmetic" and args.labels == "rollouts"
     labels = {
-        "label.n_prompts": args.n_labelled, "label.k": 8,
-        "label.max_new_tokens": args.label_new_tokens, "label.batch_size": 8,
-        "signals.difficulty.label_file": str(out / "base" / "label" / "pass_rates.parquet"),
+        "label.n_prompts": args.n_labelled if rollouts else args.label_check, "label.k": args.label_k,
+        "label.temperature": args.label_temperature, "label.max_new_tokens": args.label_new_tokens,
+        "label.batch_size": 8,
     } if args.task == "arithmetic" else {}
+    if rollouts:
+        labels["signals.difficulty.label_file"] = str(out / "base" / "label" / "pass_rates.parquet")
     return {
         **labels,
         "run_dir": str(out / "base"),
@@ -126,6 +170,9 @@ def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dic
         "signals.cluster.k": args.clusters,
         "signals.difficulty.label_column": "difficulty",  # solution steps on the labelled subset
         "signals.difficulty.n_labelled": None,
+        # The pool is GSM8K's own calculations, curated: it is its own clean reference (the default, whole
+        # GSM8K/MATH problems, would read one-line sums as off-distribution).
+        "signals.quality.reference": [],
         "plan.batch_size": args.prompts_per_step,
         "train.steps": args.steps,
         "train.prompts_per_step": args.prompts_per_step,
@@ -145,9 +192,10 @@ def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dic
 
 
 # Bump when code outside the arguments changes what a run measures (constants below, the train stage).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 PROTOCOL_ARGS = ["cpus", "task", "max_operand", "max_answer", "max_chars", "model", "split_seed", "steps", "eval_every",
-                 "prompts_per_step", "num_generations", "max_new_tokens", "label_new_tokens", "trainable_layers",
+                 "prompts_per_step", "num_generations", "max_new_tokens", "labels", "label_check", "label_new_tokens",
+                 "label_k", "label_temperature", "trainable_layers",
                  "gradient_checkpointing", "lr", "n_train", "n_heldout", "n_labelled", "sae_layer", "sae_tokens",
                  "clusters", "system", "instruction"]
 
@@ -260,12 +308,25 @@ def summarise(runs: dict[str, dict[int, dict]], steps: int, eval_every: int) -> 
         }
     line = {"seeds": len(seeds), "seed_list": seeds, "baseline": "shuffled", "target_accuracy": target,
             "steps_to_target_censored_at": censor, "arms": arms}
-    if "saerl" in runs:
-        for key, fn in (("final_accuracy", lambda c: c[-1][1]), ("auc", auc)):
-            diffs = [fn(runs["saerl"][s]["curve"]) - fn(runs["shuffled"][s]["curve"]) for s in seeds]
-            m, ci = mean_ci95(diffs)
-            line.setdefault("paired_diff_saerl_vs_shuffled", {})[key] = {"mean": m, "ci95": ci, "per_seed": diffs}
+    for a, b in PAIRS:
+        if a in runs and b in runs:
+            line.setdefault("paired", {})[f"{a} - {b}"] = paired(runs[a], runs[b], seeds)
     return line
+
+
+# What the paired differences separate: the method against no order; ordering by length alone against no
+# order; and the SAE proxy's own share (the same plan, its difficulty from the proxy or from length).
+PAIRS = [("saerl", "shuffled"), ("length_difficulty", "shuffled"), ("saerl", "length_difficulty")]
+
+
+def paired(a: dict[int, dict], b: dict[int, dict], seeds: list[int]) -> dict:
+    """a - b per seed (same seed: same plan seed and training seed) of final accuracy and AUC, with the t-interval."""
+    out = {}
+    for key, fn in (("final_accuracy", lambda c: c[-1][1]), ("auc", auc)):
+        diffs = [fn(a[s]["curve"]) - fn(b[s]["curve"]) for s in seeds]
+        m, ci = mean_ci95(diffs)
+        out[key] = {"mean": m, "ci95": ci, "per_seed": diffs}
+    return out
 
 
 def plot(runs: dict[str, dict[int, dict]], path: Path, target: float | None) -> None:
@@ -298,6 +359,91 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, target: float | None) -> 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def bootstrap_spearman(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Spearman of a and b with a 95% percentile interval over prompts (resampled with replacement)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:  # a constant side: no rank correlation exists
+        return {"spearman": None, "ci95": None, "n": len(a)}
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(a), len(a))
+        if np.ptp(a[i]) > 0 and np.ptp(b[i]) > 0:
+            boots.append(spearmanr(a[i], b[i]).statistic)
+    return {"spearman": float(spearmanr(a, b).statistic), "ci95": [float(np.percentile(boots, 2.5)),
+                                                                    float(np.percentile(boots, 97.5))], "n": len(a)}
+
+
+def fmt(r: dict) -> str:
+    """A bootstrap_spearman result as `0.412 [0.301, 0.515]`."""
+    return "n/a" if r["spearman"] is None else f"{r['spearman']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+
+def proxy_quality(out: Path, overrides: dict, args, strict: bool = True) -> dict:
+    """What ordered the saerl arm: the signals stage's difficulty fit in `<out>/base` (features kept, its
+    holdout Spearman), and every labelled prompt's out-of-fold prediction by the same estimator (5 folds)
+    against its label, with a bootstrap interval, prompt length alone beside it; with likelihood labels,
+    the label and the out-of-fold prediction against the label stage's sampled pass rates too.
+    Exits (`strict`) when the fit kept no feature: the saerl arm would then not test the SAE proxy."""
+    import numpy as np
+    import pandas as pd
+
+    from saerl_ray.core import storage
+    from saerl_ray.core.config import load_config, signal_codes
+    from saerl_ray.core.featureio import code_columns, keep_columns, load_features
+    from saerl_ray.signal_models import difficulty as dif
+
+    base = out / "base"
+    fit = json.loads((base / "signals" / "difficulty.json").read_text())
+    kept = 0 if fit.get("fallback") else fit["metrics"].get("nonzero_coef", 0)
+    if not kept:
+        why = (f"the difficulty proxy kept no SAE feature ({fit.get('reason') or 'length term only'}): the saerl arm "
+               "would not test the SAE proxy; label more prompts (--n-labelled), more samples (--label-k) or tokens")
+        if strict:
+            sys.exit(why)
+        print(f"[bench] WARNING {why}", flush=True)
+        return {"features_kept": 0, "reason": why}
+    cfg = load_config(None, overrides)
+    prompts = storage.read_parquet(str(base / "ingest" / "prompts.parquet"),
+                                   columns=["id", "prompt", "answer", "n_chars", "difficulty"]).to_pandas().set_index("id")
+    rollouts = dif.read_pass_rates(base / "label" / "pass_rates.parquet").set_index("id")["pass_rate"]
+    if cfg.signals.difficulty.label_file:  # the proxy learnt 1 - pass rate
+        y = 1.0 - rollouts
+    else:  # the proxy learnt the likelihood label (answer_nll)
+        y = prompts["difficulty"].dropna().astype(float)
+    ids = y.index.tolist()
+    n_chars = prompts["n_chars"].loc[ids].to_numpy(float)
+    _, X, _ = load_features(base, order=ids)
+    X = keep_columns(X, code_columns(base, signal_codes(cfg, "difficulty")))
+    dc = cfg.signals.difficulty
+    oof = dif.out_of_fold(X, y.to_numpy(), dc, seed=args.split_seed, use_ray=False,
+                          n_chars=n_chars if dc.length_covariate else None)
+    m = fit["metrics"]
+    line = {
+        "label_source": "pass rate" if cfg.signals.difficulty.label_file else "answer nll", "labelled": len(ids),
+        "features_kept": kept, "length_term": bool(fit.get("length")), "estimator": dc.estimator,
+        "signals_holdout": m.get("holdout"),
+        "oof": bootstrap_spearman(oof, y.to_numpy()), "length_only": bootstrap_spearman(np.log(n_chars), y.to_numpy()),
+        "rollouts": {"prompts": len(rollouts), "k": cfg.label.k, "mean_pass_rate": float(rollouts.mean()),
+                     "all_wrong": int((rollouts == 0).sum())},
+    }
+    if not cfg.signals.difficulty.label_file:  # both against the sampled pass rates of the checked prompts
+        checked = rollouts.index.tolist()
+        hard = 1.0 - rollouts.to_numpy()
+        nll = answer_nll([(prompts.at[i, "prompt"], str(prompts.at[i, "answer"])) for i in checked], args)
+        # the proxy's prediction for a prompt it never fit on: out-of-fold if labelled, else the shipped one
+        shipped = storage.read_parquet(str(base / "signals" / "assignments.parquet"),
+                                       columns=["id", "difficulty_pred"]).to_pandas().set_index("id")["difficulty_pred"]
+        unseen = pd.Series(oof, index=ids).reindex(checked).fillna(shipped.loc[checked])
+        line["rollouts"] |= {"label_vs_pass_rate": bootstrap_spearman(nll, hard),
+                             "proxy_vs_pass_rate": bootstrap_spearman(unseen.to_numpy(), hard),
+                             "length_vs_pass_rate": bootstrap_spearman(prompts["n_chars"].loc[checked], hard)}
+    return line
 
 
 def upstream_of(out: Path, upstream: list[str]) -> dict[str, str] | None:
@@ -334,8 +480,9 @@ def print_table(line: dict) -> None:
         print(f"{arm:>9}: start {a['start_accuracy']:.3f}  final {a['final_accuracy_mean']:.3f} {ci(a['final_accuracy_ci95'])}  "
               f"AUC {a['auc_mean']:.3f} {ci(a['auc_ci95'])}  steps-to-target {a['steps_to_target_mean']:.1f} "
               f"{ci(a['steps_to_target_ci95'])} (reached {a['reached']}/{line['seeds']})")
-    for key, d in line.get("paired_diff_saerl_vs_shuffled", {}).items():
-        print(f"saerl - shuffled, {key}: {d['mean']:+.3f} {ci(d['ci95'])}")
+    for pair, by_key in line.get("paired", {}).items():
+        for key, d in by_key.items():
+            print(f"{pair}, {key}: {d['mean']:+.3f} {ci(d['ci95'])}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -345,24 +492,34 @@ def main(argv: list[str] | None = None) -> dict:
                    help="arithmetic: GSM8K's own calculations (learnable by 135M on CPU); gsm8k: whole problems")
     p.add_argument("--max-operand", type=int, default=100, help="arithmetic task: largest operand")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--arms", nargs="+", default=["saerl", "shuffled"], choices=ARMS)
+    p.add_argument("--arms", nargs="+", default=["saerl", "shuffled", "length_difficulty"], choices=ARMS,
+                   help="length_difficulty: the saerl plan with length as difficulty (what the SAE proxy adds)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--split-seed", type=int, default=0, help="train/held-out split and upstream stages (shared by all runs)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=50,
+                   help="50 x 8 prompts = one epoch of the 400-prompt pool: a curriculum is only tested if it is traversed")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=10, help="checkpoint cadence: what an interrupted run resumes from")
-    p.add_argument("--prompts-per-step", type=int, default=4)
-    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--label-new-tokens", type=int, default=48,
-                   help="label stage budget: at 16 tokens 93/128 prompts were all-wrong and the proxy kept no feature")
+    p.add_argument("--labels", choices=["likelihood", "rollouts"], default="likelihood",
+                   help="arithmetic task: the proxy's labels. likelihood: -log p(gold answer) under the policy on "
+                        "every --n-labelled prompt (answer_nll); rollouts: the label stage's k-sample pass rates "
+                        "(at k=8 on 128 prompts, 87 all-wrong: the proxy kept no feature)")
+    p.add_argument("--label-check", type=int, default=32,
+                   help="likelihood labels: prompts also labelled by rollouts (label stage, --label-k) to measure "
+                        "how well the likelihood tracks sampled pass rates")
+    p.add_argument("--label-new-tokens", type=int, default=16, help="label stage budget (the answers are one number)")
+    p.add_argument("--label-k", type=int, default=16, help="label stage samples per prompt")
+    p.add_argument("--label-temperature", type=float, default=1.0, help="label.temperature (the trainer's own)")
     p.add_argument("--trainable-layers", type=int, default=4, help="train.trainable_layers (0: all layers)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="TRL's default; off here: a 135M policy on CPU has memory to spare and it costs compute")
     p.add_argument("--lr", type=float, default=5e-5, help="Adam on the top --trainable-layers blocks only")
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-heldout", type=int, default=256)
-    p.add_argument("--n-labelled", type=int, default=128,
+    p.add_argument("--n-labelled", type=int, default=200,
                    help="training prompts whose pass rate (arithmetic) or step count (gsm8k) labels the proxy")
     p.add_argument("--max-answer", type=int, default=20)
     p.add_argument("--max-chars", type=int, default=220)
@@ -383,9 +540,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.results = str(Path(args.out) / "results")  # a smoke run never lands in the recorded results
         args.steps, args.eval_every, args.save_every, args.n_train, args.n_heldout = 4, 2, 2, 48, 8
         args.max_new_tokens, args.sae_tokens, args.prompts_per_step, args.n_labelled = 12, 50_000, 2, 24
-        args.label_new_tokens = 12
+        args.label_new_tokens, args.label_check = 12, 8
         args.num_generations, args.seeds = 4, args.seeds[:2]
     args.trainable_layers = args.trainable_layers or None
+    if args.task == "arithmetic" and args.labels == "likelihood" and args.label_check < 1:
+        sys.exit("--label-check must be >= 1: the likelihood labels are checked against sampled pass rates")
     if "shuffled" not in args.arms:
         sys.exit("the shuffled arm is the baseline: keep it in --arms")
     if args.eval_every < 1 or args.steps % args.eval_every:
@@ -404,6 +563,13 @@ def main(argv: list[str] | None = None) -> dict:
         train_file, heldout_file = write_task(out, args)
         overrides = base_overrides(args, out, train_file, heldout_file)
         run_pipeline(load_config(None, overrides), upstream)
+        if args.task == "arithmetic":
+            proxy = proxy_quality(out, overrides, args, strict=not args.quick)
+            (results / f"proxy-{tag}.json").write_text(json.dumps(proxy, indent=1) + "\n")
+            if proxy["features_kept"]:
+                print(f"[bench] difficulty proxy: {proxy['features_kept']} features kept, out-of-fold Spearman "
+                      f"{fmt(proxy['oof'])} on {proxy['labelled']} labelled prompts (length alone "
+                      f"{fmt(proxy['length_only'])})", flush=True)
         for seed in args.seeds:  # seed-major: the arms of one seed finish together (the paired difference)
             for arm in args.arms:
                 path = result_path(results, arm, seed, tag)
@@ -415,6 +581,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[bench] {arm} seed {seed}: curve {r['curve']}  step {r['step_seconds']}s -> {path}", flush=True)
     runs = collect(results, args.arms, args.seeds, tag, upstream_of(out, upstream))
     line = summarise(runs, args.steps, args.eval_every)
+    if (results / f"proxy-{tag}.json").exists():
+        line["difficulty_proxy"] = json.loads((results / f"proxy-{tag}.json").read_text())
     if line["seeds"]:
         plot({a: {s: runs[a][s] for s in line["seed_list"]} for a in runs}, out / "curves.png", line["target_accuracy"])
         line["png"] = str(out / "curves.png")

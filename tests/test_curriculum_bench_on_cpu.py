@@ -34,7 +34,7 @@ def test_arms_are_compared_on_the_seeds_both_finished_and_paired_by_seed():
     line = bench.summarise(runs, steps=20, eval_every=10)
     assert line["seeds"] == 2 and line["seed_list"] == [0, 1]
     assert line["target_accuracy"] == pytest.approx(0.2)  # shuffled's mean final over seeds 0 and 1
-    diff = line["paired_diff_saerl_vs_shuffled"]["final_accuracy"]
+    diff = line["paired"]["saerl - shuffled"]["final_accuracy"]
     assert diff["per_seed"] == pytest.approx([0.1, 0.1]) and diff["mean"] == pytest.approx(0.1)
     s = line["arms"]["saerl"]
     assert s["steps_to_target"] == [10, 10] and s["reached"] == 2
@@ -43,5 +43,50 @@ def test_arms_are_compared_on_the_seeds_both_finished_and_paired_by_seed():
     assert line["arms"]["shuffled"]["steps_to_target_mean"] == pytest.approx(20.0)
 
 
+def test_the_proxy_share_is_saerl_minus_the_same_plan_ordered_by_length():
+    runs = {
+        "shuffled": {0: run(0.1, 0.2), 1: run(0.1, 0.2)},
+        "saerl": {0: run(0.1, 0.5), 1: run(0.1, 0.3)},
+        "length_difficulty": {0: run(0.1, 0.4), 1: run(0.1, 0.4)},
+    }
+    line = bench.summarise(runs, steps=10, eval_every=10)
+    assert set(line["paired"]) == {"saerl - shuffled", "length_difficulty - shuffled", "saerl - length_difficulty"}
+    share = line["paired"]["saerl - length_difficulty"]["final_accuracy"]
+    assert share["per_seed"] == pytest.approx([0.1, -0.1]) and share["mean"] == pytest.approx(0.0)
+
+
 def test_without_a_finished_baseline_nothing_is_claimed():
     assert bench.summarise({"saerl": {0: run(0.1, 0.2)}}, steps=10, eval_every=10) == {"seeds": 0}
+
+
+def test_bootstrap_spearman_brackets_the_estimate_and_refuses_a_constant_side():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=200)
+    r = bench.bootstrap_spearman(a, a + rng.normal(scale=1.0, size=200), n_boot=300)
+    assert 0.5 < r["spearman"] < 0.9 and r["ci95"][0] < r["spearman"] < r["ci95"][1] and r["n"] == 200
+    assert bench.bootstrap_spearman(a, np.zeros(200)) == {"spearman": None, "ci95": None, "n": 200}
+
+
+def test_answer_nll_is_the_answer_tokens_cross_entropy_after_the_rendered_prompt(tiny_model_dir):
+    """The likelihood label against HF's own loss on the same tokens (prompt positions masked out)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from saerl_ray.core.models import load_for_generation, load_tokenizer
+    from saerl_ray.stages.evaluate import render_prompts
+
+    args = SimpleNamespace(model=str(tiny_model_dir), instruction="", system=None)
+    pairs = [("What is 48 / 2?", "24"), ("What is 7 + 5?", "12")]
+    got = bench.answer_nll(pairs, args)
+    tok, model = load_tokenizer(args.model), load_for_generation(args.model, dtype="float32").eval()
+    for (question, gold), nll in zip(pairs, got):
+        prompt = tok(render_prompts(tok, [question], instruction="", system=None)[0])["input_ids"]
+        answer = tok(gold, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([prompt + answer])
+        labels = torch.tensor([[-100] * len(prompt) + answer])
+        with torch.no_grad():
+            loss = model(x, labels=labels).loss.item()
+        assert nll == pytest.approx(loss * len(answer), rel=1e-4) and nll > 0

@@ -128,6 +128,16 @@ def test_variant_length_orders_globally_by_length():
     assert (np.diff(lengths[plan["row"]]) >= 0).all() and not plan["mixed"].any()
 
 
+def test_variant_length_difficulty_is_the_saerl_plan_with_length_as_difficulty():
+    plan, (ids, clusters, _, keep, lengths) = plan_of("length_difficulty")
+    twin = build_plan(ids, clusters, lengths.astype(np.float64), keep, lengths, B, 0.25, "saerl", 0)
+    for k in plan:
+        assert np.array_equal(plan[k], twin[k]), k
+    saerl, _ = plan_of("saerl")
+    assert not np.array_equal(plan["id"], saerl["id"])  # the proxy's order is not length's here
+    assert plan["mixed"].any()  # clusters and mixing kept, unlike the global length order
+
+
 def test_variants_no_mix_and_full_mix_set_the_mixing():
     no_mix, _ = plan_of("no_mix", ratio=0.25)
     full, _ = plan_of("full_mix", ratio=0.25)

@@ -28,7 +28,7 @@ from pydantic import (
 
 # One source for these names: the stages take their tuples from here (typing.get_args).
 Code = Literal["pooled", "last", "mean", "halves"]
-Variant = Literal["saerl", "shuffled", "length", "no_mix", "full_mix", "no_filter"]
+Variant = Literal["saerl", "shuffled", "length", "length_difficulty", "no_mix", "full_mix", "no_filter"]
 
 
 # A field that says where or how a stage runs (GPUs, memory headroom, node type), not what it computes:
@@ -378,7 +378,10 @@ class PlanConfig(Section):
     mixing_ratio: float = Field(0.125, description=(
         "Fraction of each batch's tail swapped with the next batch (\"moderate batch mixing\"); in [0, 0.5]."))
     variant: Variant = Field(
-        "saerl", description="saerl: the full method; the others are ablations built by the same code.")
+        "saerl", description=(
+            "saerl: the full method; the others are ablations built by the same code. length: one global "
+            "short->long order; length_difficulty: the saerl plan (clusters, mixing) with prompt length in place "
+            "of the difficulty proxy, which isolates what the proxy adds to easy->hard ordering in general."))
     split: str = Field("train", description="Only prompts of this split are planned.")
 
     @field_validator("mixing_ratio")

@@ -140,6 +140,8 @@ def build_plan(
     if not np.isfinite(np.asarray(difficulty, dtype=np.float64)).all():
         bad = int(np.flatnonzero(~np.isfinite(np.asarray(difficulty, dtype=np.float64)))[0])
         raise ValueError(f"build_plan: difficulty_pred is not finite for id {ids[bad]!r}")
+    if variant == "length_difficulty":  # the same plan, ordered by length instead of the proxy
+        difficulty = np.asarray(lengths, dtype=np.float64)
     rng = np.random.default_rng(seed)
     clusters = np.asarray(clusters, dtype=np.int64)
     rows = np.arange(n) if variant == "no_filter" else np.flatnonzero(np.asarray(keep, dtype=bool))
