@@ -20,7 +20,9 @@ outside HELD_OUT:
   reference  the default reference: 1,200 positives sampled evenly from GSM8K-train and MATH-500 (codes
              taken from --src's features, as the stage reuses a pool's codes), their corruptions
 Per rate and filter: AUROC of quality_score (clean rows vs bad rows), share of bad rows dropped, share of
-clean rows dropped, per held-out family the share dropped; the reference's differences / ratios vs
+clean rows dropped, per held-out family the share dropped, the AUROC of each signal alone (and of probe +
+neighbors, which a trusted reference makes a candidate: no pool cluster among the references) under the
+filter's own model; the reference's differences / ratios vs
 in-pool; each fit's own leave-one-family-out AUROC (2 folds over its positives and the 8 named families:
 `lofo_mean` / `lofo_min`, the stage's `auroc_lofo_*`). Every new text is featurised once (a cache by text).
 
@@ -49,7 +51,13 @@ from saerl_ray.signal_models.corruptions import (
     FAMILY_OF,
     make_negatives,
 )
-from saerl_ray.signal_models.quality import auroc, run_quality
+from saerl_ray.signal_models.quality import (
+    auroc,
+    combine,
+    raw_signals,
+    run_quality,
+    zscores,
+)
 from saerl_ray.stages.features import featurize_texts
 from saerl_ray.stages.ingest import prompt_id
 
@@ -95,6 +103,13 @@ def pools(seed: int, n_pool: int):
     kinds = [k for f in HELD_OUT for k in FAMILIES[f]]
     bad, bad_kinds, _ = make_negatives(texts[src], answers[src], seed=seed, types=kinds)
     return texts[:n_clean], answers[:n_clean], bad, answers[src], [FAMILY_OF[k] for k in bad_kinds], n_bad
+
+
+def signal_aurocs(model: dict, X: sp.csr_matrix, is_bad: np.ndarray) -> dict:
+    """AUROC of each signal's z-score alone and of the probe + neighbors sum, under the filter's own model."""
+    z = zscores(raw_signals(model, X), model["reference"])
+    z["probe+neighbors"] = combine(z, ["probe", "neighbors"], "sum")[0]
+    return {s: auroc(-v[~is_bad], -v[is_bad]) for s, v in z.items()}
 
 
 def measure(score: np.ndarray, keep: np.ndarray, is_bad: np.ndarray, fams: np.ndarray, m: dict) -> dict:
@@ -157,11 +172,14 @@ def main() -> None:
             t0 = time.time()
             score, keep, _, m = run_quality(prompts, X, fq, args.seed, featurize, str(out / "quality" / f"{name}_{rate}.json"),
                                             use_ray=False, bands=bands, neighbor_band=nb_band)
-            row[name] = {**measure(score, keep, is_bad, fams[: nb], m), "seconds": round(time.time() - t0, 1)}
+            row[name] = {**measure(score, keep, is_bad, fams[: nb], m), "seconds": round(time.time() - t0, 1),
+                         "auroc_by_signal": signal_aurocs(storage.read_json(str(out / "quality" / f"{name}_{rate}.json")),
+                                                          X, is_bad)}
             r = row[name]
             print(f"rate {rate:.2f} {name:9s}: AUROC {r['auroc']:.3f}, bad dropped {r['n_bad_dropped']}/{r['n_bad']} "
                   f"({r['bad_dropped']:.3f}), clean dropped {r['n_clean_dropped']}/{r['n_clean']} "
-                  f"({r['clean_dropped']:.4f}), lofo {r['lofo_mean']:.3f} / {r['lofo_min']:.3f}, {r['seconds']} s", flush=True)
+                  f"({r['clean_dropped']:.4f}), lofo {r['lofo_mean']:.3f} / {r['lofo_min']:.3f}, {r['seconds']} s; by signal "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["auroc_by_signal"].items()), flush=True)
         old, new = row["in_pool"], row["reference"]
         row["reference_vs_in_pool"] = {
             "auroc_diff": new["auroc"] - old["auroc"], "bad_dropped_diff": new["bad_dropped"] - old["bad_dropped"],

@@ -65,8 +65,8 @@ RULES = ("sum", "max")
 NEIGHBOR_REFS = 4096
 NEIGHBOR_EPS = 1e-3  # the neighbors signal is log(distance + this): near-duplicates stay finite
 # Reference positives whose combined badness is beyond this many robust SDs of the reference's own
-# combined badness are presumed pollution of the pool (the positives are a sample of it) and left out of
-# the threshold's quantile (docs/decisions.md).
+# combined badness are presumed pollution (of the pool, when the positives are sampled from it with
+# `reference: []`; of a reference file otherwise) and left out of the threshold's quantile (docs/decisions.md).
 TRIM_Z = 8.0
 Featurizer = Callable[[list[str]], sp.csr_matrix]
 

@@ -125,8 +125,9 @@ def quality_auroc(X_pos: np.ndarray, X_neg: np.ndarray, neg_types: np.ndarray, n
 
 
 def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
-    """The run's own filter (signals/quality.json: trained on the run's pool the way the signals stage
-    does; the stage runs here if it has not) applied to curated prompts: MATH-500 (the run's codes) and
+    """The run's own filter (signals/quality.json: trained the way the signals stage does, on
+    signals.quality.reference or, with `reference: []`, on the run's pool; the stage runs here if it has
+    not) applied to curated prompts: MATH-500 (the run's codes) and
     GSM8K-test (gsm8k_test.jsonl or .jsonl.gz beside an ingest input; all rows, featurised here). Their share dropped."""
     from pathlib import Path
 
