@@ -291,7 +291,8 @@ def run_ours(run_dir: str, seed: int) -> dict:
     from saerl_ray.sampler.state import CurriculumState
     from saerl_ray.stages import plan, signals
 
-    cfg = load_config(None, {"run_dir": run_dir, "seed": seed})
+    # synthetic prompts: the quality positives come from the pool (`reference: []`), as the baseline reimplements
+    cfg = load_config(None, {"run_dir": run_dir, "seed": seed, "signals.quality.reference": []})
     for stage in ("signals", "plan"):
         storage.delete(storage.join(run_dir, stage))
     featurize = SyntheticFeaturizer(seed)
@@ -351,7 +352,8 @@ def run_baseline(run_dir: str, seed: int, out_dir: str) -> dict:
     from saerl_ray.signal_models import difficulty as dif
     from saerl_ray.signal_models import quality as qual
 
-    cfg = load_config(None, {"run_dir": run_dir, "seed": seed})
+    # synthetic prompts: the quality positives come from the pool (`reference: []`), as the baseline reimplements
+    cfg = load_config(None, {"run_dir": run_dir, "seed": seed, "signals.quality.reference": []})
     sc = cfg.signals
     secs = {}
     with Monitor() as mon:

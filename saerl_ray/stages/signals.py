@@ -10,7 +10,8 @@ The codes never gather on the driver (a million prompts carry ~4 GB of them; ben
   1. one Ray task per group of part files (~GROUP_ROWS rows) reads its parts from storage and returns
      the ids + token counts (small, to the driver), its rows in the clustering space (left in the
      object store for the k-means rounds), and the few rows the models train on (the difficulty
-     labelled subset and the probe's positives, chosen from `prompts` alone before any code is read);
+     labelled subset and the probe's positives, chosen from `prompts` and the quality reference's files
+     before any code is read; reference prompts not in the pool are featurised, like the negatives);
   2. k-means rounds map over the blocks left in the object store (saerl_ray.signal_models.kmeans.BlockSet);
   3. the regression and the probe are fit on the gathered rows, as before;
   4. one task per group reads its parts again and scores every row with both models.
