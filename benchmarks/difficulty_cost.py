@@ -1,6 +1,7 @@
 """The difficulty-cost benchmark: an SAE difficulty proxy against rollout pass rates, cost and ordering quality.
 
-    # the recorded run (~30 min on a 2-core CPU; reads runs/gsm8k_math500 from `make run`, never writes it):
+    # the recorded run (~45 min on a 2-core CPU shared with two other jobs; reads runs/gsm8k_math500 from
+    # `make run`, never writes it; rollouts cached in runs/bench_difficulty_cost/cache, so a rerun resumes):
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/difficulty_cost.py
     # smoke version (minutes):
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/difficulty_cost.py --quick
@@ -312,11 +313,11 @@ def benchmark(*, prompts: pd.DataFrame, codes_of: Callable[[list[str]], sp.csr_m
     math_part = {
         "reference": "MATH-500 level (1-5)", "n_labelled_levels": len(lab_m), "n_heldout": len(held_m),
         "n_rolled_out": int(in_roll.sum()),
-        "sae_proxy_all_heldout": spearman_ci(pred_held, level_held, seed=args.seed),
-        "length_all_heldout": spearman_ci(log_len(held_m["n_chars"].to_numpy(float)), level_held, seed=args.seed),
-        "sae_proxy_rolled_out": spearman_ci(pred_roll, level_roll, seed=args.seed),
-        "rollout_rolled_out": spearman_ci(fail_m, level_roll, seed=args.seed),
-        "sae_minus_rollout_rolled_out": paired_diff_ci(pred_roll, fail_m, level_roll, seed=args.seed),
+        "sae_proxy_all_heldout": spearman_ci(pred_held, level_held, n_boot=args.n_boot, seed=args.seed),
+        "length_all_heldout": spearman_ci(log_len(held_m["n_chars"].to_numpy(float)), level_held, n_boot=args.n_boot, seed=args.seed),
+        "sae_proxy_rolled_out": spearman_ci(pred_roll, level_roll, n_boot=args.n_boot, seed=args.seed),
+        "rollout_rolled_out": spearman_ci(fail_m, level_roll, n_boot=args.n_boot, seed=args.seed),
+        "sae_minus_rollout_rolled_out": paired_diff_ci(pred_roll, fail_m, level_roll, n_boot=args.n_boot, seed=args.seed),
         "rollout_mean_pass_rate": float(1 - fail_m.mean()) if len(fail_m) else None,
         "rollout_all_wrong": int((fail_m == 1).sum()),
         "fit": {"nonzero_coef": metrics_m.get("nonzero_coef"), "alpha": metrics_m.get("alpha"),
@@ -350,10 +351,10 @@ def benchmark(*, prompts: pd.DataFrame, codes_of: Callable[[list[str]], sp.csr_m
         "n_labelled": len(t_lab), "n_heldout": len(t_held), "max_new_tokens": tmnt,
         "labelled_mean_pass_rate": float(1 - y_lab.mean()), "labelled_all_wrong": int((y_lab == 1).sum()),
         "reference_mean_pass_rate": float(1 - ref_t.mean()), "reference_all_wrong": int((ref_t == 1).sum()),
-        "sae_proxy": spearman_ci(pred_t, ref_t, seed=args.seed),
-        "rollout": spearman_ci(route_t, ref_t, seed=args.seed),
-        "length": spearman_ci(log_len(n_chars(t_held)), ref_t, seed=args.seed),
-        "sae_minus_rollout": paired_diff_ci(pred_t, route_t, ref_t, seed=args.seed),
+        "sae_proxy": spearman_ci(pred_t, ref_t, n_boot=args.n_boot, seed=args.seed),
+        "rollout": spearman_ci(route_t, ref_t, n_boot=args.n_boot, seed=args.seed),
+        "length": spearman_ci(log_len(n_chars(t_held)), ref_t, n_boot=args.n_boot, seed=args.seed),
+        "sae_minus_rollout": paired_diff_ci(pred_t, route_t, ref_t, n_boot=args.n_boot, seed=args.seed),
         "fit": {"nonzero_coef": metrics_t.get("nonzero_coef"), "alpha": metrics_t.get("alpha"),
                 "holdout": metrics_t.get("holdout")},
     }
@@ -399,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help=(
         "torch threads; 1: on a 2-core box shared with other jobs, 2 threads ran generate 3x and the encoder 2x slower"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of each interval")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the wiring, not the claim")
     args = p.parse_args(argv)
     if args.quick:

@@ -85,7 +85,7 @@ def test_benchmark_record_has_its_fields_and_ratios_from_the_measured_seconds(tm
     by_id = dict(zip(prompts["id"], prompts["prompt"]))
     args = Namespace(n_cost_gsm8k=4, n_cost_math=5, n_features=20, feature_block=8, n_labelled=None,
                      max_new_tokens=None, max_operand=20, task_labelled=24, task_heldout=6, task_new_tokens=3,
-                     task_batch=6, ref_k=3, seed=0)
+                     task_batch=6, ref_k=3, seed=0, n_boot=200)
     call = dict(prompts=prompts, cfg=cfg, args=args, out=tmp_path, featurize=_fake_codes,
                 codes_of=lambda ids: _fake_codes([by_id[i] for i in ids]))
     res = bench.benchmark(sampler=sampler, **call)
