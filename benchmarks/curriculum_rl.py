@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmarks: difficulty_cost's statistics
 ARMS = ["saerl", "shuffled", "length_difficulty", "length", "no_mix"]
 UPSTREAM = ["ingest", "sae", "features", "signals"]
 
@@ -361,26 +362,8 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, target: float | None) -> 
     fig.savefig(path, dpi=120)
 
 
-def bootstrap_spearman(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Spearman of a and b with a 95% percentile interval over prompts (resampled with replacement)."""
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:  # a constant side: no rank correlation exists
-        return {"spearman": None, "ci95": None, "n": len(a)}
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(a), len(a))
-        if np.ptp(a[i]) > 0 and np.ptp(b[i]) > 0:
-            boots.append(spearmanr(a[i], b[i]).statistic)
-    return {"spearman": float(spearmanr(a, b).statistic), "ci95": [float(np.percentile(boots, 2.5)),
-                                                                    float(np.percentile(boots, 97.5))], "n": len(a)}
-
-
 def fmt(r: dict) -> str:
-    """A bootstrap_spearman result as `0.412 [0.301, 0.515]`."""
+    """A spearman_ci result as `0.412 [0.301, 0.515]`."""
     return "n/a" if r["spearman"] is None else f"{r['spearman']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
 
@@ -392,6 +375,7 @@ def proxy_quality(out: Path, overrides: dict, args, strict: bool = True) -> dict
     Exits (`strict`) when the fit kept no feature: the saerl arm would then not test the SAE proxy."""
     import numpy as np
     import pandas as pd
+    from difficulty_cost import spearman_ci
 
     from saerl_ray.core import storage
     from saerl_ray.core.config import load_config, signal_codes
@@ -428,7 +412,7 @@ def proxy_quality(out: Path, overrides: dict, args, strict: bool = True) -> dict
         "label_source": "pass rate" if cfg.signals.difficulty.label_file else "answer nll", "labelled": len(ids),
         "features_kept": kept, "length_term": bool(fit.get("length")), "estimator": dc.estimator,
         "signals_holdout": m.get("holdout"),
-        "oof": bootstrap_spearman(oof, y.to_numpy()), "length_only": bootstrap_spearman(np.log(n_chars), y.to_numpy()),
+        "oof": spearman_ci(oof, y.to_numpy()), "length_only": spearman_ci(np.log(n_chars), y.to_numpy()),
         "rollouts": {"prompts": len(rollouts), "k": cfg.label.k, "mean_pass_rate": float(rollouts.mean()),
                      "all_wrong": int((rollouts == 0).sum())},
     }
@@ -440,9 +424,9 @@ def proxy_quality(out: Path, overrides: dict, args, strict: bool = True) -> dict
         shipped = storage.read_parquet(str(base / "signals" / "assignments.parquet"),
                                        columns=["id", "difficulty_pred"]).to_pandas().set_index("id")["difficulty_pred"]
         unseen = pd.Series(oof, index=ids).reindex(checked).fillna(shipped.loc[checked])
-        line["rollouts"] |= {"label_vs_pass_rate": bootstrap_spearman(nll, hard),
-                             "proxy_vs_pass_rate": bootstrap_spearman(unseen.to_numpy(), hard),
-                             "length_vs_pass_rate": bootstrap_spearman(prompts["n_chars"].loc[checked], hard)}
+        line["rollouts"] |= {"label_vs_pass_rate": spearman_ci(nll, hard),
+                             "proxy_vs_pass_rate": spearman_ci(unseen.to_numpy(), hard),
+                             "length_vs_pass_rate": spearman_ci(prompts["n_chars"].loc[checked], hard)}
     return line
 
 

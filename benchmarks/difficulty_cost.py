@@ -47,7 +47,7 @@ import hashlib
 import json
 import os
 import random
-import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -62,6 +62,7 @@ import scipy.sparse as sp
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmarks: curriculum_rl's task
 DEEPMATH_PROMPTS = 103_000
 PAPER = {"sae_minutes": 30, "rollout_h100_hours": 17, "ratio": 17 * 60 / 30}  # "more than 17 H100-hours"
 
@@ -132,21 +133,16 @@ def paired_diff_ci(a: np.ndarray, b: np.ndarray, ref: np.ndarray, n_boot: int = 
 
 
 # ---------------------------------------------------------------- data
-CALC = re.compile(r"<<(\d+)\s*([-+*/])\s*(\d+)=(\d+)>>")
-
-
 def gsm8k_calculations(max_operand: int) -> list[dict]:
-    """GSM8K-train's single calculations (`<<48/2=24>>` -> "What is 48 / 2?"), operands <= max_operand,
-    deduplicated (the task of benchmarks/curriculum_rl.py)."""
-    from saerl_ray.core.data import rows as data_rows
+    """The task of benchmarks/curriculum_rl.py (GSM8K-train's single calculations, "What is 48 / 2?",
+    operands <= max_operand) as rows with an id, the prompt and the bare answer."""
+    from curriculum_rl import gsm8k_arithmetic
 
-    out, seen = [], set()
-    for r in data_rows("gsm8k_train"):
-        for a, op, b, c in CALC.findall(r["answer"]):
-            if (a, op, b) not in seen and max(int(a), int(b)) <= max_operand:
-                seen.add((a, op, b))
-                prompt = f"What is {a} {op} {b}?"
-                out.append({"id": hashlib.sha1(prompt.encode()).hexdigest()[:16], "prompt": prompt, "answer": c})
+    out = []
+    for r in gsm8k_arithmetic(max_operand):
+        prompt = r["question"]
+        out.append({"id": hashlib.sha1(prompt.encode()).hexdigest()[:16], "prompt": prompt,
+                    "answer": r["answer"].rsplit("####", 1)[1].strip()})
     return out
 
 
