@@ -60,6 +60,7 @@ from saerl_ray.signal_models.quality import (
 )
 from saerl_ray.stages.features import featurize_texts
 from saerl_ray.stages.ingest import prompt_id
+from saerl_ray.stages.signals import read_reference
 
 HELD_OUT = ("truncated", "markup", "missing_values", "multi_problem", "repetition")  # scraping-like damage
 RATES = (0.05, 0.20, 0.33)
@@ -171,7 +172,8 @@ def main() -> None:
         for name, fq in filters.items():
             t0 = time.time()
             score, keep, _, m = run_quality(prompts, X, fq, args.seed, featurize, str(out / "quality" / f"{name}_{rate}.json"),
-                                            use_ray=False, bands=bands, neighbor_band=nb_band)
+                                            use_ray=False, bands=bands, neighbor_band=nb_band,
+                                            reference=read_reference(fq.reference) if fq.reference else None)
             row[name] = {**measure(score, keep, is_bad, fams[: nb], m), "seconds": round(time.time() - t0, 1),
                          "auroc_by_signal": signal_aurocs(storage.read_json(str(out / "quality" / f"{name}_{rate}.json")),
                                                           X, is_bad)}

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from saerl_ray.core.config import QualityConfig, load_config
 from saerl_ray.signal_models.quality import run_quality
 from saerl_ray.stages.ingest import IngestError, prompt_id
+from saerl_ray.stages.signals import read_reference
 
 D = 60
 
@@ -72,18 +73,21 @@ class Planted:
         return QualityConfig(n_train=600, C=0.1, negatives_per_prompt=1, max_false_positive_rate=0.01,
                              reference=spec, **kw)
 
+    def run(self, cfg, path):
+        """run_quality on this pool, the reference's rows read as the signals stage reads them."""
+        ref = read_reference(cfg.reference) if cfg.reference else None
+        return run_quality(self.prompts, self.X, cfg, 0, self.featurize, str(path), use_ray=False, reference=ref)
+
 
 def test_a_third_of_the_pool_bad_in_pool_lets_it_through_a_trusted_reference_drops_it(tmp_path):
     p = Planted(tmp_path, bad=200)  # 33% of 600
-    _, keep_pool, _, m_pool = run_quality(p.prompts, p.X, p.cfg([]), 0, p.featurize, str(tmp_path / "pool.json"),
-                                          use_ray=False)
+    _, keep_pool, _, m_pool = p.run(p.cfg([]), str(tmp_path / "pool.json"))
     # In-pool: the bad kind is a third of the "clean" sample; its latent is common, its rows have bad
     # neighbours, and the threshold is set on them: most of it is kept.
     assert keep_pool[:200].mean() > 0.5
     assert m_pool["label_source"].startswith("synthetic") and "reference" not in m_pool
     p.featurised.clear()
-    score, keep, flags, m = run_quality(p.prompts, p.X, p.cfg(True), 0, p.featurize, str(tmp_path / "ref.json"),
-                                        use_ray=False)
+    score, keep, flags, m = p.run(p.cfg(True), str(tmp_path / "ref.json"))
     assert (~keep[:200]).mean() >= 0.95  # the bad rows dropped
     assert (~keep[200:]).mean() <= 0.03  # the clean rows kept (the 1% rate + sampling noise)
     assert (flags[:200][~keep[:200]] != "").all()
@@ -99,19 +103,18 @@ def test_a_third_of_the_pool_bad_in_pool_lets_it_through_a_trusted_reference_dro
 def test_the_trusted_reference_does_not_depend_on_how_polluted_the_pool_is(tmp_path, bad):
     """5% and 20% bad: the reference's model is fit without the pool, so the same rows get the same scores."""
     p = Planted(tmp_path, bad=bad)
-    score, keep, _, _ = run_quality(p.prompts, p.X, p.cfg(True), 0, p.featurize, str(tmp_path / "r.json"), use_ray=False)
+    score, keep, _, _ = p.run(p.cfg(True), str(tmp_path / "r.json"))
     assert (~keep[:bad]).mean() >= 0.95 and (~keep[bad:]).mean() <= 0.03
     clean = Planted(tmp_path, bad=bad)
     clean.X = clean.X[bad:]  # the same clean rows without the pollution: scored the same
     clean.prompts = clean.prompts.iloc[bad:].reset_index(drop=True)
-    score_clean, _, _, _ = run_quality(clean.prompts, clean.X, clean.cfg(True), 0, clean.featurize,
-                                       str(tmp_path / "c.json"), use_ray=False)
+    score_clean, _, _, _ = clean.run(clean.cfg(True), str(tmp_path / "c.json"))
     np.testing.assert_allclose(score[bad:], score_clean, atol=1e-5)
 
 
 def test_reference_prompts_in_the_pool_reuse_the_pool_codes(tmp_path):
     p = Planted(tmp_path, bad=60, shared=50)
-    _, _, _, m = run_quality(p.prompts, p.X, p.cfg(True), 0, p.featurize, str(tmp_path / "r.json"), use_ray=False)
+    _, _, _, m = p.run(p.cfg(True), str(tmp_path / "r.json"))
     assert m["reference"]["in_pool"] == 50 and m["reference"]["featurised"] == 550
     shared = set(p.prompts["prompt"][60:110])
     assert not shared & set(p.featurised)  # never featurised again
@@ -121,17 +124,14 @@ def test_a_missing_or_empty_reference_file_is_an_error_naming_it(tmp_path):
     p = Planted(tmp_path, n=60, bad=10, n_ref=20)
     missing = str(tmp_path / "no_such_reference.jsonl")
     with pytest.raises(IngestError, match="signals.quality.reference.*no_such_reference.jsonl"):
-        run_quality(p.prompts, p.X, p.cfg([{"path": missing, "preset": "gsm8k"}]), 0, p.featurize,
-                    str(tmp_path / "q.json"), use_ray=False)
+        read_reference(p.cfg([{"path": missing, "preset": "gsm8k"}]).reference)
     empty = write_jsonl(tmp_path / "empty_reference.jsonl.gz", [])
     with pytest.raises(IngestError, match="signals.quality.reference: .*empty_reference.jsonl.gz holds no usable prompt"):
-        run_quality(p.prompts, p.X, p.cfg([{"path": empty, "preset": "gsm8k"}]), 0, p.featurize,
-                    str(tmp_path / "q.json"), use_ray=False)
+        read_reference(p.cfg([{"path": empty, "preset": "gsm8k"}]).reference)
     no_prompt = tmp_path / "wrong_columns.jsonl"  # rows, but none with the preset's prompt column
     no_prompt.write_text('{"problem": "x"}\n')
     with pytest.raises(IngestError, match="wrong_columns.jsonl holds no usable prompt.*missing_prompt"):
-        run_quality(p.prompts, p.X, p.cfg([{"path": str(no_prompt), "preset": "gsm8k"}]), 0, p.featurize,
-                    str(tmp_path / "q.json"), use_ray=False)
+        read_reference(p.cfg([{"path": str(no_prompt), "preset": "gsm8k"}]).reference)
 
 
 def test_default_reference_is_the_shipped_curated_sets_and_null_is_in_pool():

@@ -524,28 +524,11 @@ class QualitySetup:
     ref_counts: dict | None = None
 
 
-def read_reference(specs: list) -> tuple[pd.DataFrame, dict]:
-    """Every usable row of the reference files (read like ingest inputs, deduplicated; ids as ingest makes
-    them, so a reference prompt also in the pool has the pool's id), and per file its rows / accepted /
-    rejected. A file that is missing, unreadable or holds no usable prompt is an error naming it."""
-    from saerl_ray.stages.ingest import IngestError, ingest
-
-    try:
-        rows, _, counts = ingest(list(specs), dedup=True, require_answer=False)
-    except IngestError as e:
-        raise IngestError(f"signals.quality.reference: {e}") from None
-    for path, c in counts.items():
-        if c["accepted"] == 0:
-            raise IngestError(f"signals.quality.reference: {path} holds no usable prompt ({c['rows']} rows, "
-                              f"rejected: {c['by_reason'] or 'none'}); name a curated file, or set "
-                              f"signals.quality.reference: [] to take the positives from the pool")
-    cols = ["id", "prompt", "answer", "source", "n_chars"]
-    return pd.DataFrame(rows, columns=cols), {p: {k: c[k] for k in ("rows", "accepted", "rejected")} for p, c in counts.items()}
-
-
-def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int) -> QualitySetup:
+def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int,
+                  reference: tuple[pd.DataFrame, dict] | None = None) -> QualitySetup:
     """Labelled rows when the quality column has both classes; else a seeded sample of `n_train` positives
-    from the trusted reference files (cfg.reference) or, with none, from the pool itself."""
+    from the trusted reference files (cfg.reference; `reference` = their rows and per-file counts, as
+    saerl_ray.stages.signals.read_reference reads them) or, with none, from the pool itself."""
     rng = np.random.default_rng(seed)
     y = labelled_rows(prompts, cfg.label_column)
     if y is not None:
@@ -554,7 +537,10 @@ def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int) -> Quali
         return QualitySetup(good, bad, f"prompts.{cfg.label_column}")
     synthetic = "synthetic corruptions: " + ",".join(cfg.corruptions)
     if cfg.reference:
-        ref, counts = read_reference(cfg.reference)
+        if reference is None:
+            raise ValueError("quality_setup: signals.quality.reference is set; pass its rows "
+                             "(saerl_ray.stages.signals.read_reference(cfg.reference))")
+        ref, counts = reference
         sources = ref["source"].to_numpy() if cfg.balance_sources else np.zeros(len(ref))
         ref = ref.iloc[balanced_sample(sources, cfg.n_train, rng)].reset_index(drop=True)
         ids = prompts["id"].astype(str) if "id" in prompts.columns else pd.Series([], dtype=str)
@@ -671,11 +657,13 @@ def run_quality(
     prompts: pd.DataFrame, X: sp.csr_matrix, cfg: QualityConfig, seed: int, featurize: Featurizer | None,
     out_path: str, use_ray: bool = True, bands: list[tuple[int, int]] | None = None,
     surprisal: np.ndarray | None = None, neighbor_band: tuple[int, int] | None = None,
+    reference: tuple[pd.DataFrame, dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Stage body on codes in memory: labels or synthetic negatives -> probe + novelty -> score every
     prompt -> keep flags. (The signals stage runs the same steps with the codes left in their part files.)
-    `surprisal`: every prompt's (the features' column), when combined. Returns (quality_score, keep, flag, metrics)."""
-    setup = quality_setup(prompts, cfg, seed)
+    `surprisal`: every prompt's (the features' column), when combined; `reference`: as quality_setup.
+    Returns (quality_score, keep, flag, metrics)."""
+    setup = quality_setup(prompts, cfg, seed, reference)
     n_chars = (prompts["n_chars"].to_numpy(float) if "n_chars" in prompts.columns
                else prompts["prompt"].str.len().to_numpy(float))
     texts = answers = None

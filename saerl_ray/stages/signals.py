@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pac
 import scipy.sparse as sp
@@ -54,6 +55,7 @@ from saerl_ray.signal_models.kmeans import (
     project_blocks,
 )
 from saerl_ray.signal_models.quality import Featurizer
+from saerl_ray.stages.ingest import IngestError, ingest
 
 # Rows per Ray task: bounds a task's memory (its parts' table + codes, ~0.5 GB at the main run's
 # ~500 entries per prompt) while keeping the per-round k-means partials the driver sums few (one
@@ -72,6 +74,23 @@ def _file_digest(path: str | None) -> str | None:
     if not path:
         return None
     return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16] if storage.exists(path) else f"missing:{path}"
+
+
+def read_reference(specs: list) -> tuple[pd.DataFrame, dict]:
+    """Every usable row of the reference files (read like ingest inputs, deduplicated; ids as ingest makes
+    them, so a reference prompt also in the pool has the pool's id), and per file its rows / accepted /
+    rejected. A file that is missing, unreadable or holds no usable prompt is an error naming it."""
+    try:
+        rows, _, counts = ingest(list(specs), dedup=True, require_answer=False)
+    except IngestError as e:
+        raise IngestError(f"signals.quality.reference: {e}") from None
+    for path, c in counts.items():
+        if c["accepted"] == 0:
+            raise IngestError(f"signals.quality.reference: {path} holds no usable prompt ({c['rows']} rows, "
+                              f"rejected: {c['by_reason'] or 'none'}); name a curated file, or set "
+                              f"signals.quality.reference: [] to take the positives from the pool")
+    cols = ["id", "prompt", "answer", "source", "n_chars"]
+    return pd.DataFrame(rows, columns=cols), {p: {k: c[k] for k in ("rows", "accepted", "rejected")} for p, c in counts.items()}
 
 
 def _reference_versions(specs) -> list:
@@ -162,7 +181,8 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
 
     # Which rows the models train on depends on `prompts` alone: decided first, fetched in the same pass.
     d_setup = dif.difficulty_setup(prompts, sc.difficulty, cfg.seed)
-    q_setup = qual.quality_setup(prompts, sc.quality, cfg.seed)
+    q_setup = qual.quality_setup(prompts, sc.quality, cfg.seed,
+                                 read_reference(sc.quality.reference) if sc.quality.reference else None)
     fit_rows = np.unique(np.concatenate([a for a in (d_setup.train, q_setup.pos, q_setup.neg) if a is not None]))
 
     c = sc.cluster
