@@ -142,16 +142,16 @@ def test_default_reference_is_the_shipped_curated_sets_and_null_is_in_pool():
 
 
 def test_the_reference_content_enters_the_signals_fingerprint(tmp_path):
-    from saerl_ray.stages.signals import _reference_versions
+    from saerl_ray.stages.ingest import input_versions
 
     f = tmp_path / "ref.jsonl"
     f.write_text('{"question": "What is 1 + 1?"}\n')
     spec = QualityConfig(reference=[{"path": str(f)}]).reference
-    before = _reference_versions(spec)
+    before = input_versions(spec)
     copy = tmp_path / "copy.jsonl"
     copy.write_bytes(f.read_bytes())
-    assert _reference_versions(QualityConfig(reference=[{"path": str(copy)}]).reference)[0][1:] == before[0][1:]
+    assert input_versions(QualityConfig(reference=[{"path": str(copy)}]).reference)[0][1:] == before[0][1:]
     f.write_text('{"question": "What is 2 + 2?"}\n')
-    assert _reference_versions(spec) != before  # an edited reference refits the filter
-    assert _reference_versions(QualityConfig(reference=[{"path": str(tmp_path / "gone.jsonl")}]).reference) == [
+    assert input_versions(spec) != before  # an edited reference refits the filter
+    assert input_versions(QualityConfig(reference=[{"path": str(tmp_path / "gone.jsonl")}]).reference) == [
         [str(tmp_path / "gone.jsonl")]]

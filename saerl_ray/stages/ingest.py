@@ -305,6 +305,19 @@ def input_path(spec: InputSpec) -> str:
         raise IngestError(f"ingest input {spec.path}: {e}") from None
 
 
+def input_versions(inputs: list[InputSpec]) -> list[list]:
+    """Inputs as a fingerprint sees them: path + content (storage.version_of), so an edited file counts as
+    new data and a re-mounted copy of the same data does not redo every stage. A folder or a missing file
+    is recorded by path alone (reading it says which)."""
+    out = []
+    for spec in inputs:
+        try:
+            out.append([spec.path, *storage.version_of(input_path(spec))])
+        except (FileNotFoundError, IsADirectoryError, OSError):
+            out.append([spec.path])
+    return out
+
+
 def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000, require_answer: bool = False):
     """Pure core: returns (accepted rows, rejected rows, per-input counts)."""
     accepted: list[dict] = []
@@ -348,15 +361,7 @@ def ingest(inputs: list[InputSpec], dedup: bool = True, max_chars: int = 8000, r
 def run(cfg: RunConfig) -> dict:
     if not cfg.ingest.inputs:
         raise IngestError("no inputs: set ingest.inputs in the config or pass --input FILE --preset NAME")
-    # Inputs enter the fingerprint by path + content (storage.version_of), so an edited file re-ingests
-    # and a re-mounted copy of the same data does not redo every stage.
-    stats = []
-    for spec in cfg.ingest.inputs:
-        try:
-            stats.append([spec.path, *storage.version_of(input_path(spec))])
-        except (FileNotFoundError, IsADirectoryError, OSError):  # a folder, or missing: read_rows says which
-            stats.append([spec.path])
-    st = Stage(cfg.run_dir, "ingest", fingerprint(cfg.ingest, stats))
+    st = Stage(cfg.run_dir, "ingest", fingerprint(cfg.ingest, input_versions(cfg.ingest.inputs)))
     if st.done():
         return st.summary()
     tmp = st.begin(keep_partial=False)

@@ -55,7 +55,7 @@ from saerl_ray.signal_models.kmeans import (
     project_blocks,
 )
 from saerl_ray.signal_models.quality import Featurizer
-from saerl_ray.stages.ingest import IngestError, ingest
+from saerl_ray.stages.ingest import IngestError, ingest, input_versions
 
 # Rows per Ray task: bounds a task's memory (its parts' table + codes, ~0.5 GB at the main run's
 # ~500 entries per prompt) while keeping the per-round k-means partials the driver sums few (one
@@ -91,20 +91,6 @@ def read_reference(specs: list) -> tuple[pd.DataFrame, dict]:
                               f"signals.quality.reference: [] to take the positives from the pool")
     cols = ["id", "prompt", "answer", "source", "n_chars"]
     return pd.DataFrame(rows, columns=cols), {p: {k: c[k] for k in ("rows", "accepted", "rejected")} for p, c in counts.items()}
-
-
-def _reference_versions(specs) -> list:
-    """The quality reference's files enter the fingerprint by path + content (as ingest inputs do): an
-    edited or swapped reference refits the filter; a missing one is named when the stage reads it."""
-    from saerl_ray.core.data import expand
-
-    out = []
-    for spec in specs:
-        try:
-            out.append([spec.path, *storage.version_of(expand(spec.path))])
-        except (FileNotFoundError, IsADirectoryError, OSError):
-            out.append([spec.path])
-    return out
 
 
 def default_featurizer(cfg: RunConfig) -> Featurizer:
@@ -163,7 +149,7 @@ def run(cfg: RunConfig, featurize: Featurizer | None = None) -> dict[str, Any]:
     codes = {name: signal_codes(cfg, name) for name in ("cluster", "difficulty", "quality")}
     fp = fingerprint(
         sc, codes, cfg.seed, marker_of(cfg.run_dir, "ingest"), marker_of(cfg.run_dir, "features"),
-        _file_digest(sc.difficulty.label_file), _reference_versions(sc.quality.reference),
+        _file_digest(sc.difficulty.label_file), input_versions(sc.quality.reference),
     )
     st = Stage(cfg.run_dir, "signals", fp)
     if st.done():
