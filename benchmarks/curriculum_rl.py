@@ -117,6 +117,21 @@ def answer_nll(pairs: list[tuple[str, str]], args) -> list[float]:
     return out
 
 
+def cached_answer_nll(out: Path, rows: list[dict], args) -> list[float]:
+    """answer_nll of the rows, kept in `<out>/answer_nll.json` per (model, prompt style): a resumed run
+    loads no model and runs no forward pass for labels it already has."""
+    path = out / "answer_nll.json"
+    key = {"model": args.model, "system": args.system, "instruction": args.instruction}
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    known = cache.get("labels", {}) if cache.get("key") == key else {}
+    pairs = [(r["question"], r["answer"].rsplit("####", 1)[1].strip()) for r in rows]
+    missing = [p for p in pairs if p[0] not in known]
+    if missing:
+        known |= dict(zip((q for q, _ in missing), answer_nll(missing, args)))
+        path.write_text(json.dumps({"key": key, "labels": known}) + "\n")
+    return [known[q] for q, _ in pairs]
+
+
 def write_if_changed(path: Path, text: str) -> None:
     """A rerun must not touch an identical task file: ingest keys on its mtime, and a new mtime
     would redo every upstream stage (the labels alone take minutes)."""
@@ -138,11 +153,10 @@ def write_task(out: Path, args) -> tuple[Path, Path]:
     if args.task == "gsm8k":
         for r in labelled:
             r["difficulty"] = solution_steps(r["answer"])
-    elif args.labels == "likelihood":
-        pairs = [(r["question"], r["answer"].rsplit("####", 1)[1].strip()) for r in labelled]
-        for r, nll in zip(labelled, answer_nll(pairs, args)):
-            r["difficulty"] = nll
     out.mkdir(parents=True, exist_ok=True)
+    if args.task == "arithmetic" and args.labels == "likelihood":
+        for r, nll in zip(labelled, cached_answer_nll(out, labelled, args)):
+            r["difficulty"] = nll
     train_file, heldout_file = out / "task_train.jsonl", out / "task_heldout.jsonl"
     write_if_changed(train_file, "".join(json.dumps(r) + "\n" for r in train))
     write_if_changed(heldout_file, "".join(
@@ -367,6 +381,17 @@ def fmt(r: dict) -> str:
     return "n/a" if r["spearman"] is None else f"{r['spearman']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
 
+def reused_proxy(path: Path, upstream: dict | None, quick: bool) -> dict | None:
+    """The recorded proxy_quality of the same base stages (None: compute it); one that kept no feature
+    stops the run as a fresh one would."""
+    if not path.exists() or json.loads(path.read_text()).get("upstream") != upstream:
+        return None
+    proxy = json.loads(path.read_text())
+    if not proxy["features_kept"] and not quick:
+        sys.exit(proxy["reason"])
+    return proxy
+
+
 def proxy_quality(out: Path, overrides: dict, args, strict: bool = True) -> dict:
     """What ordered the saerl arm: the signals stage's difficulty fit in `<out>/base` (features kept, its
     holdout Spearman), and every labelled prompt's out-of-fold prediction by the same estimator (5 folds)
@@ -548,8 +573,11 @@ def main(argv: list[str] | None = None) -> dict:
         overrides = base_overrides(args, out, train_file, heldout_file)
         run_pipeline(load_config(None, overrides), upstream)
         if args.task == "arithmetic":
-            proxy = proxy_quality(out, overrides, args, strict=not args.quick)
-            (results / f"proxy-{tag}.json").write_text(json.dumps(proxy, indent=1) + "\n")
+            proxy = reused_proxy(results / f"proxy-{tag}.json", upstream_of(out, upstream), args.quick)
+            if proxy is None:
+                proxy = proxy_quality(out, overrides, args, strict=not args.quick)
+                proxy["upstream"] = upstream_of(out, upstream)
+                (results / f"proxy-{tag}.json").write_text(json.dumps(proxy, indent=1) + "\n")
             if proxy["features_kept"]:
                 print(f"[bench] difficulty proxy: {proxy['features_kept']} features kept, out-of-fold Spearman "
                       f"{fmt(proxy['oof'])} on {proxy['labelled']} labelled prompts (length alone "

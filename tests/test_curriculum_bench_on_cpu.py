@@ -80,3 +80,18 @@ def test_answer_nll_is_the_answer_tokens_cross_entropy_after_the_rendered_prompt
         with torch.no_grad():
             loss = model(x, labels=labels).loss.item()
         assert nll == pytest.approx(loss * len(answer), rel=1e-4) and nll > 0
+
+
+def test_likelihood_labels_are_computed_once_per_model_and_prompt_style(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(bench, "answer_nll", lambda pairs, args: calls.append(list(pairs)) or [float(len(q)) for q, _ in pairs])
+    args = SimpleNamespace(model="m", instruction="", system=None)
+    rows = [{"question": "What is 1 + 2?", "answer": "#### 3"}, {"question": "What is 10 * 2?", "answer": "#### 20"}]
+    first = bench.cached_answer_nll(tmp_path, rows, args)
+    more = rows + [{"question": "What is 9 - 4?", "answer": "#### 5"}]
+    assert bench.cached_answer_nll(tmp_path, more, args)[:2] == first
+    assert calls == [[("What is 1 + 2?", "3"), ("What is 10 * 2?", "20")], [("What is 9 - 4?", "5")]]
+    bench.cached_answer_nll(tmp_path, rows, SimpleNamespace(model="other", instruction="", system=None))
+    assert len(calls) == 3 and len(calls[-1]) == 2  # another policy: its own labels
