@@ -1,28 +1,33 @@
 """Benchmark: the quality filter on a polluted pool, clean references from the pool itself (the old
 default, `signals.quality.reference: []`) vs from a trusted curated set (the default, the shipped
-GSM8K-train + MATH-500), in the same run.
+GSM8K-train + MATH-500), with novelty counted per reference source (the default) or once over both, in
+the same run.
 
-    RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pollution.py                           # ~30 min, 2 cores
+    RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pollution.py                           # ~40 min, 2 cores
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pollution.py --pool 60 --n-train 100  # smoke
 
 Needs a finished `make run` in --src (runs/gsm8k_math500: its SAE and features are read, never written);
-the SAE is copied into --out, where the new texts are featurised with the run's lens, pooling and codes.
+the SAE is copied into --out, where the new texts are featurised with the run's lens, pooling and codes
+(kept in --out/text_codes.*: a rerun on the same SAE featurises nothing).
 
 Pools: `--pool` prompts (300: 15, 60 and 100 bad rows; a bigger pool costs 3 more featurised negatives per
 prompt and rate for the in-pool filter), clean rows
 from GSM8K-test (in neither the run's pool nor the reference), bad rows at 5%, 20% and 33%: corruptions of
-other GSM8K-test prompts by the families in HELD_OUT, which both filters' probes are trained without, so
+other GSM8K-test prompts by the families in HELD_OUT, which every filter's probe is trained without, so
 the bad kinds are unnamed to the filter (a scraped pool's would be). A lower rate's pool is a prefix of
-the larger one's clean and bad rows. Both filters run the signals stage's quality body (quality.run_quality:
+the larger one's clean and bad rows. Every filter runs the signals stage's quality body (quality.run_quality:
 same signals, bands, `last`-code neighbors, threshold rule and defaults), `corruptions` = every kind
 outside HELD_OUT:
-  in-pool    reference []: positives = the pool itself (n_train 1200 > pool: all of it), their corruptions
-  reference  the default reference: 1,200 positives sampled evenly from GSM8K-train and MATH-500 (codes
-             taken from --src's features, as the stage reuses a pool's codes), their corruptions
+  in_pool                    reference []: positives = the pool itself (n_train 1200 > pool: all of it),
+                             their corruptions
+  reference_one_count        the default reference (1,200 positives sampled evenly from GSM8K-train and
+                             MATH-500, codes taken from --src's features as the stage reuses a pool's
+                             codes, their corruptions), novelty_by_source false: one count over both files
+  reference                  the default: the same, novelty counted per file
+  reference_probe_neighbors  the default without novelty in the sum (combine [probe, neighbors])
 Per rate and filter: AUROC of quality_score (clean rows vs bad rows), share of bad rows dropped, share of
 clean rows dropped, per held-out family the share dropped, the AUROC of each signal alone (and of probe +
-neighbors, which a trusted reference makes a candidate: no pool cluster among the references) under the
-filter's own model; the reference's differences / ratios vs
+neighbors) under the filter's own model; the reference's differences / ratios vs
 in-pool; each fit's own leave-one-family-out AUROC (2 folds over its positives and the 8 named families:
 `lofo_mean` / `lofo_min`, the stage's `auroc_lofo_*`). Every new text is featurised once (a cache by text).
 
@@ -68,7 +73,8 @@ RATES = (0.05, 0.20, 0.33)
 
 class CachedFeaturizer:
     """featurize_texts with a cache by text, pre-filled with --src's stored codes (a reference prompt that
-    the run already featurised is not featurised again, as in the stage)."""
+    the run already featurised is not featurised again, as in the stage). New texts' codes are kept in
+    <run_dir>/text_codes.{json,npz} under the SAE's fingerprint, so a rerun featurises nothing."""
 
     def __init__(self, run_dir: str, cfg, src: str):
         self.run_dir, self.cfg, self.cache, self.calls, self.new = run_dir, cfg, {}, 0, 0
@@ -76,6 +82,20 @@ class CachedFeaturizer:
         ids, X, _ = load_features(src, order=list(prompts["id"]))
         self.seed = dict(zip(prompts["prompt"], range(len(prompts))))
         self.X_src = X.tocsr()
+        self.sae = json.loads((Path(run_dir) / "sae" / "_DONE.json").read_text())["fingerprint"]
+        self.file = Path(run_dir) / "text_codes"
+        meta = self.file.with_suffix(".json")
+        if meta.exists() and json.loads(meta.read_text())["sae"] == self.sae:
+            with np.load(self.file.with_suffix(".npz"), allow_pickle=False) as z:
+                M = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+            self.cache = {t: M[i] for i, t in enumerate(json.loads(meta.read_text())["texts"])}
+            print(f"  {len(self.cache)} texts' codes reused from {meta}", flush=True)
+
+    def save(self) -> None:
+        texts = list(self.cache)
+        M = sp.vstack([self.cache[t] for t in texts]).tocsr()
+        np.savez(self.file.with_suffix(".npz"), data=M.data, indices=M.indices, indptr=M.indptr, shape=np.array(M.shape))
+        self.file.with_suffix(".json").write_text(json.dumps({"sae": self.sae, "texts": texts}))
 
     def __call__(self, texts: list[str]) -> sp.csr_matrix:
         texts = list(texts)
@@ -86,6 +106,7 @@ class CachedFeaturizer:
             self.cache.update({t: X[i] for i, t in enumerate(todo)})
             self.new += len(todo)
             print(f"  featurised {len(todo)} texts in {time.time() - t0:.0f} s ({self.new} new so far)", flush=True)
+            self.save()
         self.calls += 1
         rows = [self.cache[t] if t in self.cache else self.X_src[self.seed[t]] for t in texts]
         return sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, self.X_src.shape[1]), dtype=np.float32)
@@ -154,8 +175,12 @@ def main() -> None:
     d_sae = stored_codes(str(out))[1]
     bands = [(int(code_columns(str(out), [c])[0]), int(code_columns(str(out), [c])[0]) + d_sae) for c in codes]
     nb_band = bands[codes.index(qc.neighbors_code)]
+    # Baselines: the pool's own positives (in_pool) and the reference with one novelty count over its two
+    # files (reference_one_count); candidate: the reference without novelty (reference_probe_neighbors).
     filters = {"in_pool": qc.model_copy(update={"reference": [], "corruptions": named}),
-               "reference": qc.model_copy(update={"corruptions": named})}
+               "reference_one_count": qc.model_copy(update={"novelty_by_source": False, "corruptions": named}),
+               "reference": qc.model_copy(update={"corruptions": named}),
+               "reference_probe_neighbors": qc.model_copy(update={"combine": ["probe", "neighbors"], "corruptions": named})}
     res: dict = {"held_out_families": list(HELD_OUT), "named_kinds": named, "pool": args.pool,
                  "reference": [s.path for s in qc.reference], "rates": {}}
     for rate in RATES:
@@ -174,11 +199,12 @@ def main() -> None:
             score, keep, _, m = run_quality(prompts, X, fq, args.seed, featurize, str(out / "quality" / f"{name}_{rate}.json"),
                                             use_ray=False, bands=bands, neighbor_band=nb_band,
                                             reference=read_reference(fq.reference) if fq.reference else None)
-            row[name] = {**measure(score, keep, is_bad, fams[: nb], m), "seconds": round(time.time() - t0, 1),
+            row[name] = {**measure(score, keep, is_bad, fams[: nb], m), "combine": fq.combine,
+                         "seconds": round(time.time() - t0, 1),
                          "auroc_by_signal": signal_aurocs(storage.read_json(str(out / "quality" / f"{name}_{rate}.json")),
                                                           X, is_bad)}
             r = row[name]
-            print(f"rate {rate:.2f} {name:9s}: AUROC {r['auroc']:.3f}, bad dropped {r['n_bad_dropped']}/{r['n_bad']} "
+            print(f"rate {rate:.2f} {name:25s}: AUROC {r['auroc']:.3f}, bad dropped {r['n_bad_dropped']}/{r['n_bad']} "
                   f"({r['bad_dropped']:.3f}), clean dropped {r['n_clean_dropped']}/{r['n_clean']} "
                   f"({r['clean_dropped']:.4f}), lofo {r['lofo_mean']:.3f} / {r['lofo_min']:.3f}, {r['seconds']} s; by signal "
                   + ", ".join(f"{k} {v:.3f}" for k, v in r["auroc_by_signal"].items()), flush=True)

@@ -34,8 +34,10 @@ from saerl_ray.signal_models.difficulty import design
 from saerl_ray.signal_models.quality import (
     balanced_sample,
     evaluation_splits,
+    fit_novelty,
     fit_quality_probe,
     keep_mask,
+    novelty_raw,
     pooled_aurocs,
     probe_scores,
     quality_scores,
@@ -339,8 +341,9 @@ def test_balanced_sample_gives_each_source_an_equal_share():
 
 def test_minority_source_is_not_read_as_pollution(tmp_path):
     """A clean pool where 5% of the prompts come from a second source with codes of their own (MATH-500's
-    LaTeX beside GSM8K's prose): sampled uniformly, the positives hold ~15 of them, novelty calls the whole
-    source unusual and the filter drops it; sampled evenly by source, the filter keeps it."""
+    LaTeX beside GSM8K's prose): sampled uniformly with one novelty count over all positives, the positives
+    hold ~15 of them, novelty calls the whole source unusual and the filter drops it. Sampled evenly by
+    source, or with novelty counted per source (the default), the filter keeps it."""
     n, small = 1200, 60
     pos, neg, types = fpr_planted(n=n, seed=4, pollution=small)  # the "pollution" rows: a clean second source
     prompts = pd.DataFrame({"prompt": [f"problem {i} " + "x" * (40 + i % 7) for i in range(n)], "answer": "1",
@@ -351,13 +354,15 @@ def test_minority_source_is_not_read_as_pollution(tmp_path):
         return neg[[neg_by_text.setdefault(t, len(neg_by_text)) % neg.shape[0] for t in texts]]
 
     dropped = {}
-    for balance in (False, True):
+    for balance, by_source in ((False, False), (True, False), (False, True)):
         cfg = QualityConfig(n_train=300, C=0.1, max_false_positive_rate=0.01, negatives_per_prompt=1,
-                            balance_sources=balance, reference=[])
-        _, keep, _, _ = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / f"q{balance}.json"), use_ray=False)
-        dropped[balance] = ((~keep[:small]).mean(), (~keep[small:]).mean())
-    assert dropped[False][0] > 0.1  # uniform: a share of the minority source dropped (20% when written)
-    assert dropped[True][0] <= 0.05 and dropped[True][1] <= 0.03  # balanced: neither source loses more than noise
+                            balance_sources=balance, novelty_by_source=by_source, reference=[])
+        _, keep, _, _ = run_quality(prompts, pos, cfg, 0, featurize, str(tmp_path / f"q{balance}{by_source}.json"),
+                                    use_ray=False)
+        dropped[balance, by_source] = ((~keep[:small]).mean(), (~keep[small:]).mean())
+    assert dropped[False, False][0] > 0.1  # uniform, one count: a share of the minority source dropped (20% when written)
+    for arm in ((True, False), (False, True)):  # neither source loses more than noise
+        assert dropped[arm][0] <= 0.05 and dropped[arm][1] <= 0.03, (arm, dropped[arm])
 
 
 def test_report_lists_every_filtered_prompt_with_score_and_flag():
@@ -469,3 +474,42 @@ def test_config_refuses_a_surprisal_signal_without_surprisal_features():
         load_config(None, {"signals.quality.combine": ["probe", "surprisal"]})
     cfg = load_config(None, {"signals.quality.combine": ["probe", "surprisal"], "features.surprisal": True})
     assert cfg.features.surprisal and "surprisal" in cfg.signals.quality.combine
+
+
+def test_novelty_per_source_sees_a_latent_common_only_in_another_source():
+    """Two clean sources: "prose" on latents 0..19 and "latex" on 20..39, every latex prompt also firing
+    latent 50 (LaTeX markup). A prose prompt with latent 50 (markup where prose has none) looks ordinary to
+    one count over both sources (half the positives fire 50) but novel to counts per source; clean prompts
+    of either source stay ordinary, and the model reloads from JSON."""
+    rng = np.random.default_rng(0)
+
+    def rows(m, lo, hi, extra=None):
+        X = np.zeros((m, 60), np.float32)
+        for r in range(m):
+            X[r, lo + rng.choice(hi - lo, 5, replace=False)] = 1.0
+        if extra is not None:
+            X[:, extra] = 1.0
+        return X
+
+    pos = sp.csr_matrix(np.r_[rows(300, 0, 20), rows(300, 20, 40, extra=50)])
+    groups = np.array(["prose"] * 300 + ["latex"] * 300)
+    clean = sp.csr_matrix(np.r_[rows(100, 0, 20), rows(100, 20, 40, extra=50)])
+    marked = sp.csr_matrix(rows(100, 0, 20, extra=50))
+
+    def z(model, X):  # mean band rarity in robust SDs of the positives (each scored without its own counts)
+        ref = novelty_raw(model, pos, loo=True, groups=groups if "groups" in model else None).mean(axis=1)
+        med, mad = np.median(ref), 1.4826 * np.median(np.abs(ref - np.median(ref)))
+        return (novelty_raw(model, X).mean(axis=1) - med) / mad
+
+    one, per = fit_novelty(pos, [(0, 60)]), fit_novelty(pos, [(0, 60)], groups)
+    assert "groups" not in one and [g["name"] for g in per["groups"]] == ["latex", "prose"]
+    assert np.median(z(per, marked)) > np.median(z(one, marked)) + 1.0
+    assert roc_auc_score(np.r_[np.zeros(200), np.ones(100)], np.r_[z(per, clean), z(per, marked)]) > 0.95
+    assert roc_auc_score(np.r_[np.zeros(200), np.ones(100)], np.r_[z(one, clean), z(one, marked)]) < 0.8
+    zc = z(per, clean)  # neither clean source is read as unusual against its own counts
+    assert abs(np.median(zc[:100])) < 1.0 and abs(np.median(zc[100:])) < 1.0
+    assert np.allclose(novelty_raw(json.loads(json.dumps(per)), marked), novelty_raw(per, marked))
+    with pytest.raises(ValueError, match="needs each row's group"):
+        novelty_raw(per, pos, loo=True)
+    # one source: no groups, the one count
+    assert "groups" not in fit_novelty(pos, [(0, 60)], np.array(["prose"] * 600))

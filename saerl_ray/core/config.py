@@ -330,10 +330,15 @@ class QualityConfig(Section):
     combine: list[str] = Field(default_factory=lambda: ["probe", "novelty", "neighbors"], description=(
         "Signals whose z-scores (each against clean held-out prompts) make a prompt's badness (combine_rule): "
         "probe (the supervised probe), neighbors (how far its code is from its nearest clean prompts), novelty "
-        "(how rare its latents are in the pool's own codes), length (how unusual its length is, either way), "
+        "(how rare its latents are in the clean prompts' codes), length (how unusual its length is, either way), "
         "surprisal (its most surprising tokens under the whole model; needs features.surprisal)."))
     combine_rule: Literal["sum", "max"] = Field("sum", description=(
         "sum: the signals' z-scores add up (weak evidence from two signals counts); max: the largest one."))
+    novelty_by_source: bool = Field(True, description=(
+        "Count the novelty signal's latents per source of the positives (`prompts.source`, a reference file's "
+        "source) and read each prompt against the source it looks least novel in: a latent common in one "
+        "source (LaTeX in MATH) stays rare for a prompt of another (markup in a GSM8K problem). false: one "
+        "count over all positives. One source: the same either way."))
     neighbors_code: Code = Field("last", description=(
         "The code the neighbors signal compares (must be among the probe's codes): last = the model's state "
         "after reading the whole prompt."))

@@ -90,8 +90,7 @@ def default_bands(width: int) -> list[tuple[int, int]]:
     return [(0, int(width))]
 
 
-def fit_novelty(X_pos: sp.csr_matrix, bands: list[tuple[int, int]]) -> dict:
-    """Document frequency of every latent among the positives (a sample of the pool), per code band."""
+def _counts(X_pos: sp.csr_matrix, bands: list[tuple[int, int]]) -> dict:
     A = sp.csr_matrix(X_pos)
     df = np.bincount(A.indices[A.data > 0], minlength=A.shape[1])
     out = {"n": int(A.shape[0]), "bands": []}
@@ -101,10 +100,28 @@ def fit_novelty(X_pos: sp.csr_matrix, bands: list[tuple[int, int]]) -> dict:
     return out
 
 
-def novelty_raw(model: dict, X: sp.csr_matrix, loo: bool = False) -> np.ndarray:
+def fit_novelty(X_pos: sp.csr_matrix, bands: list[tuple[int, int]], groups: np.ndarray | None = None) -> dict:
+    """Document frequency of every latent among the positives, per code band. With `groups` (each
+    positive's source) of two or more names, also per group, with the location and scale of the group's
+    own positives (each without its own counts) per band: novelty_raw then reads a prompt against the
+    group it looks least novel in, so a latent common in one source (LaTeX in MATH) still counts as rare
+    in a prompt of another (markup in a GSM8K problem; benchmarks/pollution.py)."""
+    out = _counts(X_pos, bands)
+    names = [] if groups is None else np.unique(np.asarray(groups, str))
+    if len(names) > 1:
+        groups = np.asarray(groups, str)
+        out["groups"] = []
+        for g in names:
+            sub = _counts(X_pos[groups == g], bands)
+            R = _band_raw(sub, X_pos[groups == g], loo=True)
+            sub.update(name=str(g), location=[_robust(R[:, k]) for k in range(R.shape[1])])
+            out["groups"].append(sub)
+    return out
+
+
+def _band_raw(model: dict, X: sp.csr_matrix, loo: bool) -> np.ndarray:
     """(rows, bands): per code band, the mean -log p(latent active) over the row's active latents,
-    p = (df + 1) / (n + 2); a band with no active latent gets the weight of an unseen latent. `loo`: the
-    rows are the positives the model counted; each is scored without its own counts (df - 1, n - 1)."""
+    p = (df + 1) / (n + 2); a band with no active latent gets the weight of an unseen latent."""
     A = sp.csr_matrix(X, dtype=np.float64, copy=True)
     A.data = (A.data > 0).astype(np.float64)
     A.eliminate_zeros()
@@ -121,6 +138,27 @@ def novelty_raw(model: dict, X: sp.csr_matrix, loo: bool = False) -> np.ndarray:
         total = np.asarray(sub @ w).ravel()
         out[:, k] = np.where(count > 0, total / np.maximum(count, 1), unseen)
     return out
+
+
+def novelty_raw(model: dict, X: sp.csr_matrix, loo: bool = False, groups: np.ndarray | None = None) -> np.ndarray:
+    """(rows, bands) of rarity (_band_raw). `loo`: the rows are the positives the model counted; each is
+    scored without its own counts (df - 1, n - 1). A model with groups (fit_novelty): per group, each band
+    in robust SDs of that group's own positives; a row takes the group where its band mean is lowest.
+    `loo` then needs each row's group (`groups`)."""
+    if not model.get("groups"):
+        return _band_raw(model, X, loo)
+    if loo and groups is None:
+        raise ValueError("novelty_raw: leave-one-out on a model with source groups needs each row's group")
+    Z = []
+    for g in model["groups"]:
+        R = _band_raw(g, X, False)
+        own = np.flatnonzero(np.asarray(groups, str) == g["name"]) if loo else []
+        if len(own):
+            R[own] = _band_raw(g, X[own], True)
+        Z.append(np.stack([_z(R[:, k], r) for k, r in enumerate(g["location"])], axis=1))
+    Z = np.stack(Z)  # (groups, rows, bands)
+    pick = Z.mean(axis=2).argmin(axis=0)
+    return Z[pick, np.arange(Z.shape[1])]
 
 
 def _unit_rows(M: sp.csr_matrix) -> sp.csr_matrix:
@@ -164,10 +202,11 @@ def neighbors_raw(model: dict, X: sp.csr_matrix, chunk: int = 4096) -> np.ndarra
 
 # ---------------------------------------------------------------- signals, references, combination
 def raw_signals(model: dict, X: sp.csr_matrix, n_chars: np.ndarray | None = None, loo: bool = False,
-                surprisal: np.ndarray | None = None) -> dict:
+                surprisal: np.ndarray | None = None, groups: np.ndarray | None = None) -> dict:
     """Per signal, its raw badness of each row (higher = worse): probe -logit, novelty per band, neighbors
-    (when the model has references), log length, surprisal (given: it comes with the codes, not from them)."""
-    raw = {"probe": -linear_score(model, X), "novelty": novelty_raw(model["novelty"], X, loo)}
+    (when the model has references), log length, surprisal (given: it comes with the codes, not from them).
+    `loo` / `groups`: the rows are the model's positives (novelty_raw)."""
+    raw = {"probe": -linear_score(model, X), "novelty": novelty_raw(model["novelty"], X, loo, groups)}
     if "neighbors" in model:
         # log: the distances are heavy-tailed (main run: median 0.012, 99th percentile 0.08, max 1), and on
         # the raw scale one unusual ending outweighed every other signal in the sum (docs/decisions.md)
@@ -286,13 +325,16 @@ def heldout_scores(
     pos_X: sp.csr_matrix, neg_X: sp.csr_matrix, train_pos: np.ndarray, test_pos: np.ndarray,
     train_neg: np.ndarray, test_neg: np.ndarray, C: float, min_support: float, max_features: int, seed: int,
     bands: list[tuple[int, int]] | None = None, neighbor_band: tuple[int, int] | None = None, neighbor_k: int = 10,
+    pos_groups: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
-    """Fit the probe on (train_pos, train_neg) rows, the novelty counts and the neighbors' references on
-    train_pos (negatives are never either); raw signals (probe, novelty, neighbors) of the test rows."""
+    """Fit the probe on (train_pos, train_neg) rows, the novelty counts (per source group, with
+    `pos_groups`) and the neighbors' references on train_pos (negatives are never either); raw signals
+    (probe, novelty, neighbors) of the test rows."""
     Xtr = sp.vstack([pos_X[train_pos], neg_X[train_neg]]).tocsr()
     ytr = np.r_[np.ones(len(train_pos)), np.zeros(len(train_neg))]
     model = fit_linear_probe(Xtr, ytr, C, min_support, max_features, seed)
-    model["novelty"] = fit_novelty(pos_X[train_pos], bands or default_bands(pos_X.shape[1]))
+    model["novelty"] = fit_novelty(pos_X[train_pos], bands or default_bands(pos_X.shape[1]),
+                                   None if pos_groups is None else np.asarray(pos_groups)[train_pos])
     model["neighbors"] = fit_neighbors(pos_X[train_pos], neighbor_band or (0, pos_X.shape[1]), neighbor_k, seed)
     return raw_signals(model, pos_X[test_pos]), raw_signals(model, neg_X[test_neg])
 
@@ -389,14 +431,15 @@ def fit_quality_probe(
     combine_signals: list[str] | tuple[str, ...] = ("probe", "novelty"), held_out: bool = True,
     max_false_positive_rate: float = 0.01, combine_rule: str = "max", neighbor_band: tuple[int, int] | None = None,
     neighbor_k: int = 10, pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None,
-    scores_out: dict | None = None,
+    scores_out: dict | None = None, pos_groups: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
     """Out-of-fold AUROCs (overall + leaving one group of negatives out: pass corruption families), per
     signal and combined; then the final probe on all rows, the novelty counts on all positives, each
     signal's reference (location, scale) from the out-of-fold positives, and the `max_false_positive_rate`
     cut on the combined score of those clean held-out positives. `neg_source`: for synthetic negatives,
     the positive row each one was made from (see evaluation_splits). Lengths (n_chars) enable `length`,
-    the features' surprisal column `surprisal`. `scores_out`: see pooled_signal_aurocs."""
+    the features' surprisal column `surprisal`. `scores_out`: see pooled_signal_aurocs. `pos_groups`: each
+    positive's source, for novelty per source (fit_novelty)."""
     neg_types = np.asarray(neg_types, dtype=str)
     combine_signals = tuple(combine_signals)
     if neg_X.shape[0] != len(neg_types):
@@ -413,7 +456,9 @@ def fit_quality_probe(
     bands = bands or default_bands(pos_X.shape[1])
     neighbor_band = tuple(neighbor_band or (0, pos_X.shape[1]))
     splits = evaluation_splits(neg_types, pos_X.shape[0], seed, neg_source, folds, held_out)
-    args = (C, min_support, max_features, seed, bands, neighbor_band, neighbor_k)
+    if pos_groups is not None and len(pos_groups) != pos_X.shape[0]:
+        raise ValueError(f"{pos_X.shape[0]} positive rows but {len(pos_groups)} positive groups")
+    args = (C, min_support, max_features, seed, bands, neighbor_band, neighbor_k, pos_groups)
     if use_ray:
         import ray
 
@@ -449,13 +494,14 @@ def fit_quality_probe(
     X = sp.vstack([pos_X, neg_X]).tocsr()
     y = np.r_[np.ones(pos_X.shape[0]), np.zeros(neg_X.shape[0])]
     model = fit_linear_probe(X, y, C, min_support, max_features, seed)
-    model["novelty"] = fit_novelty(pos_X, bands)
+    model["novelty"] = fit_novelty(pos_X, bands, pos_groups)
     model["neighbors"] = fit_neighbors(pos_X, neighbor_band, neighbor_k, seed)
     # The reference: every positive scored out of fold (the "overall" splits test each one once); novelty
     # and neighbors with the final model, each positive without its own counts / itself (leave-one-out),
     # so their scale is the final model's.
     rp, te_pos = pos_raw["overall"]
-    final = raw_signals(model, pos_X[te_pos], loo=True)
+    final = raw_signals(model, pos_X[te_pos], loo=True,
+                        groups=None if pos_groups is None else np.asarray(pos_groups)[te_pos])
     rp = {**rp, "novelty": final["novelty"], "neighbors": final["neighbors"]}
     model["reference"] = fit_reference({s: rp[s] for s in rp})
     model["combine"] = list(combine_signals)
@@ -522,6 +568,7 @@ class QualitySetup:
     ref: pd.DataFrame | None = None
     ref_rows: np.ndarray | None = None
     ref_counts: dict | None = None
+    pos_source: np.ndarray | None = None  # each positive's source (novelty per source), in the positives' order
 
 
 def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int,
@@ -531,10 +578,12 @@ def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int,
     saerl_ray.stages.signals.read_reference reads them) or, with none, from the pool itself."""
     rng = np.random.default_rng(seed)
     y = labelled_rows(prompts, cfg.label_column)
+    pool_source = prompts["source"].astype(str).to_numpy() if "source" in prompts.columns else None
     if y is not None:
         good = np.flatnonzero(np.isfinite(y) & (y >= 0.5))
         bad = np.flatnonzero(np.isfinite(y) & (y < 0.5))
-        return QualitySetup(good, bad, f"prompts.{cfg.label_column}")
+        return QualitySetup(good, bad, f"prompts.{cfg.label_column}",
+                            pos_source=None if pool_source is None else pool_source[good])
     synthetic = "synthetic corruptions: " + ",".join(cfg.corruptions)
     if cfg.reference:
         if reference is None:
@@ -548,12 +597,13 @@ def quality_setup(prompts: pd.DataFrame, cfg: QualityConfig, seed: int,
         row_of = row_of[~row_of.index.duplicated()]
         rows = row_of.reindex(ref["id"].to_numpy()).fillna(-1).to_numpy(np.int64)
         files = ",".join(s.path for s in cfg.reference)
-        return QualitySetup(np.sort(rows[rows >= 0]), None, f"reference {files}; {synthetic}", ref, rows, counts)
+        return QualitySetup(np.sort(rows[rows >= 0]), None, f"reference {files}; {synthetic}", ref, rows, counts,
+                            ref["source"].astype(str).to_numpy())
     # One source for all rows = a uniform sample of the pool.
     balance = cfg.balance_sources and "source" in prompts
     sources = prompts["source"].to_numpy() if balance else np.zeros(len(prompts))
     pick = balanced_sample(sources, cfg.n_train, rng)
-    return QualitySetup(pick, None, synthetic)
+    return QualitySetup(pick, None, synthetic, pos_source=None if pool_source is None else pool_source[pick])
 
 
 def reference_positives(setup: QualitySetup, pool_codes: Callable[[np.ndarray], sp.csr_matrix],
@@ -631,6 +681,7 @@ def fit_setup(setup: QualitySetup, pos_X: sp.csr_matrix, neg_X: sp.csr_matrix | 
         neighbor_band=neighbor_band, neighbor_k=cfg.neighbors_k,
         pos_surprisal=pos_surprisal if "surprisal" in cfg.combine else None,
         neg_surprisal=neg_surprisal if "surprisal" in cfg.combine else None,
+        pos_groups=setup.pos_source if cfg.novelty_by_source else None,
     )
     metrics["neg_kinds"] = {str(k): int(v) for k, v in zip(*np.unique(np.asarray(kinds, str), return_counts=True))}
     return model, metrics
