@@ -1,7 +1,7 @@
 """Benchmark: the quality filter on a polluted pool, clean references from the pool itself (the old
 default, `signals.quality.reference: []`) vs from a trusted curated set (the default, the shipped
-GSM8K-train + MATH-500), with novelty counted per reference source (the default) or once over both, in
-the same run.
+GSM8K-train + MATH-500; the default sums probe + neighbors, the baselines add novelty counted once over
+both files or per file), in the same run.
 
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pollution.py                           # ~40 min, 2 cores
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pollution.py --pool 60 --n-train 100  # smoke
@@ -22,9 +22,10 @@ outside HELD_OUT:
                              their corruptions
   reference_one_count        the default reference (1,200 positives sampled evenly from GSM8K-train and
                              MATH-500, codes taken from --src's features as the stage reuses a pool's
-                             codes, their corruptions), novelty_by_source false: one count over both files
-  reference                  the default: the same, novelty counted per file
-  reference_probe_neighbors  the default without novelty in the sum (combine [probe, neighbors])
+                             codes, their corruptions), combine [probe, novelty, neighbors], one novelty
+                             count over both files (the reference's previous default)
+  reference_by_source        the same, novelty counted per file (novelty_by_source true)
+  reference                  the default: the reference, combine [probe, neighbors]
 Per rate and filter: AUROC of quality_score (clean rows vs bad rows), share of bad rows dropped, share of
 clean rows dropped, per held-out family the share dropped, the AUROC of each signal alone (and of probe +
 neighbors) under the filter's own model; the reference's differences / ratios vs
@@ -47,7 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from saerl_ray.core import storage
-from saerl_ray.core.config import load_config, signal_codes
+from saerl_ray.core.config import COMBINE_IN_POOL, load_config, signal_codes
 from saerl_ray.core.data import rows as data_rows
 from saerl_ray.core.featureio import code_columns, load_features, stored_codes
 from saerl_ray.signal_models.corruptions import (
@@ -175,12 +176,13 @@ def main() -> None:
     d_sae = stored_codes(str(out))[1]
     bands = [(int(code_columns(str(out), [c])[0]), int(code_columns(str(out), [c])[0]) + d_sae) for c in codes]
     nb_band = bands[codes.index(qc.neighbors_code)]
-    # Baselines: the pool's own positives (in_pool) and the reference with one novelty count over its two
-    # files (reference_one_count); candidate: the reference without novelty (reference_probe_neighbors).
-    filters = {"in_pool": qc.model_copy(update={"reference": [], "corruptions": named}),
-               "reference_one_count": qc.model_copy(update={"novelty_by_source": False, "corruptions": named}),
-               "reference": qc.model_copy(update={"corruptions": named}),
-               "reference_probe_neighbors": qc.model_copy(update={"combine": ["probe", "neighbors"], "corruptions": named})}
+    # Baselines with novelty in the sum: the pool's own positives (in_pool, the in-pool default), the reference
+    # with one novelty count over its two files (the reference's previous default) or a count per file.
+    three = list(COMBINE_IN_POOL)
+    filters = {"in_pool": qc.model_copy(update={"reference": [], "combine": three, "corruptions": named}),
+               "reference_one_count": qc.model_copy(update={"combine": three, "novelty_by_source": False, "corruptions": named}),
+               "reference_by_source": qc.model_copy(update={"combine": three, "novelty_by_source": True, "corruptions": named}),
+               "reference": qc.model_copy(update={"corruptions": named})}
     res: dict = {"held_out_families": list(HELD_OUT), "named_kinds": named, "pool": args.pool,
                  "reference": [s.path for s in qc.reference], "rates": {}}
     for rate in RATES:

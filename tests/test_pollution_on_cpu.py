@@ -38,8 +38,8 @@ def write_jsonl(path, texts):
 
 
 class Planted:
-    """A pool of `n` rows, the first `bad` of them low-quality of a kind no corruption names (a marker latent
-    45 no clean prompt has), the rest clean (latents 0..39); a reference file of `n_ref` clean prompts (the
+    """A pool of `n` rows, the first `bad` of them low-quality of a kind no corruption names (latents 44..57,
+    which no clean prompt has), the rest clean (latents 0..39); a reference file of `n_ref` clean prompts (the
     first `shared` of them also in the pool); the featurizer: reference texts -> their clean codes, any other
     text (a corruption) -> a negative of family A/B/C (marker latent 40/41/42), dealt in order."""
 
@@ -48,7 +48,7 @@ class Planted:
         self.n, self.bad = n, bad
         ref_texts = [f"Reference problem {i}: compute {i} plus {i + 1}." for i in range(n_ref)]
         pool_texts = [f"Pool problem {i}: " + "x" * (40 + i % 7) for i in range(n)]
-        X = np.r_[codes(rng, bad, marker=45), codes(rng, n - bad)]
+        X = np.r_[codes(rng, bad, lo=44, hi=58), codes(rng, n - bad)]
         ref_X = codes(rng, n_ref)
         for j in range(shared):  # pool rows bad..bad+shared are reference prompts (same text, same codes)
             pool_texts[bad + j] = ref_texts[j]
@@ -139,6 +139,17 @@ def test_default_reference_is_the_shipped_curated_sets_and_null_is_in_pool():
     assert [(s.path, s.preset) for s in cfg.signals.quality.reference] == [
         ("${SAERL_DATA}/gsm8k_train.jsonl.gz", "gsm8k"), ("${SAERL_DATA}/math500.jsonl.gz", "math")]
     assert load_config(None, {"signals.quality.reference": None}).signals.quality.reference == []
+
+
+def test_combine_defaults_to_probe_and_neighbors_with_a_reference_and_adds_novelty_in_pool(tmp_path):
+    assert load_config(None, {}).signals.quality.combine == ["probe", "neighbors"]
+    for none in (None, []):
+        assert load_config(None, {"signals.quality.reference": none}).signals.quality.combine == [
+            "probe", "novelty", "neighbors"]
+    assert QualityConfig(reference=[]).combine == ["probe", "novelty", "neighbors"]
+    # a combination the user names is kept whatever the reference
+    cfg = load_config(None, {"signals.quality.reference": [], "signals.quality.combine": ["probe"]})
+    assert cfg.signals.quality.combine == ["probe"]
 
 
 def test_the_reference_content_enters_the_signals_fingerprint(tmp_path):

@@ -291,6 +291,10 @@ class DifficultyConfig(Section):
         "row; the ElasticNet grid is searched without them."))
 
 
+COMBINE_WITH_REFERENCE = ("probe", "neighbors")
+COMBINE_IN_POOL = ("probe", "novelty", "neighbors")
+
+
 class QualityConfig(Section):
     """Quality filter: a logistic probe on SAE codes that tells clean prompts from corrupted ones."""
 
@@ -327,18 +331,22 @@ class QualityConfig(Section):
         "Codes the probe reads (a subset of features.codes); null: all of features.codes."))
     eval_folds: int = Field(2, ge=2, description=(
         "Held-out AUROC: positives cut into this many folds, every fold scored out-of-fold once."))
-    combine: list[str] = Field(default_factory=lambda: ["probe", "novelty", "neighbors"], description=(
+    combine: list[str] | None = Field(None, description=(
         "Signals whose z-scores (each against clean held-out prompts) make a prompt's badness (combine_rule): "
         "probe (the supervised probe), neighbors (how far its code is from its nearest clean prompts), novelty "
         "(how rare its latents are in the clean prompts' codes), length (how unusual its length is, either way), "
-        "surprisal (its most surprising tokens under the whole model; needs features.surprisal)."))
+        "surprisal (its most surprising tokens under the whole model; needs features.surprisal). null: "
+        "[probe, neighbors] with a reference, [probe, novelty, neighbors] with `reference: []`, where pollution "
+        "that clusters among the pool's own positives is near its neighbors and only novelty sees it "
+        "(benchmarks/pollution.py)."))
     combine_rule: Literal["sum", "max"] = Field("sum", description=(
         "sum: the signals' z-scores add up (weak evidence from two signals counts); max: the largest one."))
-    novelty_by_source: bool = Field(True, description=(
+    novelty_by_source: bool = Field(False, description=(
         "Count the novelty signal's latents per source of the positives (`prompts.source`, a reference file's "
         "source) and read each prompt against the source it looks least novel in: a latent common in one "
-        "source (LaTeX in MATH) stays rare for a prompt of another (markup in a GSM8K problem). false: one "
-        "count over all positives. One source: the same either way."))
+        "source (LaTeX in MATH) stays rare for a prompt of another (markup in a GSM8K problem). It ranks "
+        "polluted rows better but drops ~2% of clean GSM8K-test rows at the 0.5% cut (benchmarks/pollution.py), "
+        "hence off. false: one count over all positives."))
     neighbors_code: Code = Field("last", description=(
         "The code the neighbors signal compares (must be among the probe's codes): last = the model's state "
         "after reading the whole prompt."))
@@ -366,6 +374,15 @@ class QualityConfig(Section):
     @classmethod
     def _no_reference(cls, v: Any) -> Any:
         return [] if v is None else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_combine(cls, data: Any) -> Any:
+        # Resolved at load from `reference` as given (absent = the shipped default, which is not empty).
+        if isinstance(data, dict) and data.get("combine") is None:
+            in_pool = "reference" in data and not data["reference"]
+            data = {**data, "combine": list(COMBINE_IN_POOL if in_pool else COMBINE_WITH_REFERENCE)}
+        return data
 
 
 class SignalsConfig(Section):
