@@ -166,3 +166,17 @@ def test_the_reference_content_enters_the_signals_fingerprint(tmp_path):
     assert input_versions(spec) != before  # an edited reference refits the filter
     assert input_versions(QualityConfig(reference=[{"path": str(tmp_path / "gone.jsonl")}]).reference) == [
         [str(tmp_path / "gone.jsonl")]]
+
+
+def test_a_key_added_at_its_neutral_value_leaves_the_signals_fingerprint_alone():
+    """novelty_by_source arrived after runs existed; false reproduces them, so at false it is left out of
+    the fingerprint (finished signals stages stay finished) and true makes the stage new."""
+    from saerl_ray.core.config import content_of, fingerprint
+
+    off = load_config(None, {"signals.quality.reference": []})
+    on = load_config(None, {"signals.quality.reference": [], "signals.quality.novelty_by_source": True})
+    assert "novelty_by_source" not in content_of(off.signals)["quality"]
+    assert content_of(on.signals)["quality"]["novelty_by_source"] is True
+    assert fingerprint(off.signals) != fingerprint(on.signals)
+    assert content_of(off.signals)["quality"] == {k: v for k, v in content_of(on.signals)["quality"].items()
+                                                  if k != "novelty_by_source"}

@@ -34,6 +34,9 @@ Variant = Literal["saerl", "shuffled", "length", "length_difficulty", "no_mix", 
 # A field that says where or how a stage runs (GPUs, memory headroom, node type), not what it computes:
 # `content_of` leaves it out of every fingerprint.
 PLACEMENT = {"placement": True}
+# A field added after runs exist, whose value here reproduces what they did: left out of the fingerprints
+# (content_of), so those runs stay finished.
+NEUTRAL_FALSE = {"neutral": False}
 
 
 class Section(BaseModel):
@@ -341,7 +344,7 @@ class QualityConfig(Section):
         "(benchmarks/pollution.py)."))
     combine_rule: Literal["sum", "max"] = Field("sum", description=(
         "sum: the signals' z-scores add up (weak evidence from two signals counts); max: the largest one."))
-    novelty_by_source: bool = Field(False, description=(
+    novelty_by_source: bool = Field(False, json_schema_extra=NEUTRAL_FALSE, description=(
         "Count the novelty signal's latents per source of the positives (`prompts.source`, a reference file's "
         "source) and read each prompt against the source it looks least novel in: a latent common in one "
         "source (LaTeX in MATH) stays rare for a prompt of another (markup in a GSM8K problem). It ranks "
@@ -689,11 +692,30 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def content_of(section: BaseModel, exclude: set[str] = frozenset()) -> dict[str, Any]:
-    """A config section as JSON without its PLACEMENT fields (and `exclude`): what a stage's output
-    depends on. Placing work elsewhere must never make a finished stage, or a resumable one, look new."""
+    """A config section as JSON without its PLACEMENT fields (and `exclude`) and, at any depth, without
+    the fields that hold their NEUTRAL value: what a stage's output depends on. Placing work elsewhere must
+    never make a finished stage, or a resumable one, look new; nor must a key added later whose default
+    reproduces what the stage did before it existed."""
     drop = {name for name, f in type(section).model_fields.items()
             if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("placement")}
-    return section.model_dump(mode="json", exclude=drop | set(exclude))
+    return _drop_neutral(section, section.model_dump(mode="json", exclude=drop | set(exclude)))
+
+
+def _drop_neutral(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    for name, f in type(model).model_fields.items():
+        if name not in dumped:
+            continue
+        value = getattr(model, name)
+        if isinstance(f.json_schema_extra, dict) and "neutral" in f.json_schema_extra \
+                and value == f.json_schema_extra["neutral"]:
+            del dumped[name]
+        elif isinstance(value, BaseModel):
+            _drop_neutral(value, dumped[name])
+        elif isinstance(value, list):
+            for item, d in zip(value, dumped[name]):
+                if isinstance(item, BaseModel):
+                    _drop_neutral(item, d)
+    return dumped
 
 
 def fingerprint(*parts: Any) -> str:
