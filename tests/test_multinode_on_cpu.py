@@ -139,6 +139,10 @@ def cluster(s3_server):
            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "CI": "1",
            # A busy 2-core box can take longer than Ray's 30 s for the dashboard's modules to start.
            "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180", "RAY_raylet_start_wait_time_s": "120",
+           # Ray Data starts a pool's actors without waiting for them: an actor whose node still unpacks the
+           # job's working dir can miss every one of these tiny blocks, so which nodes compute them would be a
+           # race. Jobs on this cluster wait for the whole pool before the first block.
+           "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
            # A job's `python ...` entrypoint is the nodes' python, as in the cluster image.
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
