@@ -384,9 +384,9 @@ def fmt(r: dict) -> str:
 def reused_proxy(path: Path, upstream: dict | None, quick: bool) -> dict | None:
     """The recorded proxy_quality of the same base stages (None: compute it); one that kept no feature
     stops the run as a fresh one would."""
-    if not path.exists() or json.loads(path.read_text()).get("upstream") != upstream:
+    proxy = json.loads(path.read_text()) if path.exists() else {}
+    if not proxy or proxy.get("upstream") != upstream:
         return None
-    proxy = json.loads(path.read_text())
     if not proxy["features_kept"] and not quick:
         sys.exit(proxy["reason"])
     return proxy

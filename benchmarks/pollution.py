@@ -86,10 +86,11 @@ class CachedFeaturizer:
         self.sae = json.loads((Path(run_dir) / "sae" / "_DONE.json").read_text())["fingerprint"]
         self.file = Path(run_dir) / "text_codes"
         meta = self.file.with_suffix(".json")
-        if meta.exists() and json.loads(meta.read_text())["sae"] == self.sae:
+        kept = json.loads(meta.read_text()) if meta.exists() else {}
+        if kept.get("sae") == self.sae:
             with np.load(self.file.with_suffix(".npz"), allow_pickle=False) as z:
                 M = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-            self.cache = {t: M[i] for i, t in enumerate(json.loads(meta.read_text())["texts"])}
+            self.cache = {t: M[i] for i, t in enumerate(kept["texts"])}
             print(f"  {len(self.cache)} texts' codes reused from {meta}", flush=True)
 
     def save(self) -> None:
@@ -183,6 +184,7 @@ def main() -> None:
                "reference_one_count": qc.model_copy(update={"combine": three, "novelty_by_source": False, "corruptions": named}),
                "reference_by_source": qc.model_copy(update={"combine": three, "novelty_by_source": True, "corruptions": named}),
                "reference": qc.model_copy(update={"corruptions": named})}
+    ref_rows = read_reference(qc.reference) if qc.reference else None  # the same files for every reference filter
     res: dict = {"held_out_families": list(HELD_OUT), "named_kinds": named, "pool": args.pool,
                  "reference": [s.path for s in qc.reference], "rates": {}}
     for rate in RATES:
@@ -200,7 +202,7 @@ def main() -> None:
             t0 = time.time()
             score, keep, _, m = run_quality(prompts, X, fq, args.seed, featurize, str(out / "quality" / f"{name}_{rate}.json"),
                                             use_ray=False, bands=bands, neighbor_band=nb_band,
-                                            reference=read_reference(fq.reference) if fq.reference else None)
+                                            reference=ref_rows if fq.reference else None)
             row[name] = {**measure(score, keep, is_bad, fams[: nb], m), "combine": fq.combine,
                          "seconds": round(time.time() - t0, 1),
                          "auroc_by_signal": signal_aurocs(storage.read_json(str(out / "quality" / f"{name}_{rate}.json")),
