@@ -271,24 +271,53 @@ def test_pipeline_job_on_three_nodes_writes_only_to_the_bucket(reference, cluste
     assert not (REPO / "runs" / "never-used").exists()
 
 
-def submit_and_wait_for_blocks(cluster, tmp_path, model_dir, shared_data, run_dir: str, job: str, blocks: int) -> Path:
-    """Submit the pipeline and return once `blocks` feature blocks are in the bucket: mid-features."""
+def feature_actors() -> list[psutil.Process]:
+    """The features stage's pool actors: every node of this cluster runs on this machine, and Ray titles
+    an actor's process after its class."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and "(FeatureExtractor)" in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def submit_and_freeze_mid_features(cluster, tmp_path, model_dir, shared_data, run_dir: str, job: str):
+    """Submit the pipeline and SIGSTOP every feature actor as soon as the first block is in the bucket.
+    The job then stays mid-features however fast this box is (12 blocks of a tiny model can all land in
+    the second a poll and a stop take). Returns the config and the frozen actors."""
     config = tiny_config(tmp_path, model_dir, shared_data, run_dir)
     submit_script(cluster, config, submission_id=job)
     deadline = time.time() + 600
-    while len(parts_in(run_dir)) < blocks:
+    actors: list[psutil.Process] = []
+    while len(actors) < 2:  # features.num_actors; the pool waits for both before its first block
         assert time.time() < deadline, f"features never started: {cluster.client.get_job_logs(job)[-3000:]}"
-        time.sleep(0.5)
-    return config
+        actors = feature_actors()
+        time.sleep(0.1)
+    while not parts_in(run_dir):
+        assert time.time() < deadline, f"no feature block: {cluster.client.get_job_logs(job)[-3000:]}"
+        time.sleep(0.02)
+    for p in actors:
+        p.suspend()
+    assert not storage.exists(storage.join(run_dir, "features", "_DONE.json"))
+    return config, actors
+
+
+def signal_all(actors: list[psutil.Process], action: str) -> None:
+    for p in actors:
+        try:
+            getattr(p, action)()
+        except psutil.NoSuchProcess:  # it died with its node
+            pass
 
 
 def test_worker_node_killed_during_features_loses_nothing(reference, cluster, tmp_path, tiny_model_dir, shared_data):
     """Fault (a): a worker node dies mid-features; Ray Data reruns its blocks elsewhere."""
     run_dir = f"s3://saerl-test/mn-kill-{secrets.token_hex(3)}"
-    submit_and_wait_for_blocks(cluster, tmp_path, tiny_model_dir, shared_data, run_dir, "mn-kill", 2)
+    _, actors = submit_and_freeze_mid_features(cluster, tmp_path, tiny_model_dir, shared_data, run_dir, "mn-kill")
     driver_node = cluster.client.get_job_info("mn-kill").driver_node_id
     victim = next(name for name, nid in cluster.node_ids().items() if name.startswith("w") and nid != driver_node)
     cluster.kill(victim)
+    signal_all(actors, "resume")
     try:
         status = wait_job(cluster.client, "mn-kill")
         assert status == "SUCCEEDED", cluster.client.get_job_logs("mn-kill")[-4000:]
@@ -301,19 +330,23 @@ def test_driver_killed_mid_features_then_resubmitted_reuses_blocks(reference, cl
                                                                    shared_data):
     """Fault (b): the job is stopped (driver killed) during features; a resubmission resumes."""
     run_dir = f"s3://saerl-test/mn-resume-{secrets.token_hex(3)}"
-    config = submit_and_wait_for_blocks(cluster, tmp_path, tiny_model_dir, shared_data, run_dir, "mn-resume-1", 3)
-    cluster.client.stop_job("mn-resume-1")
-    assert wait_job(cluster.client, "mn-resume-1", timeout=120) in ("STOPPED", "FAILED")
+    config, actors = submit_and_freeze_mid_features(cluster, tmp_path, tiny_model_dir, shared_data, run_dir,
+                                                    "mn-resume-1")
+    try:
+        cluster.client.stop_job("mn-resume-1")
+        assert wait_job(cluster.client, "mn-resume-1", timeout=120) in ("STOPPED", "FAILED")
+    finally:
+        signal_all(actors, "kill")  # frozen, they write nothing more: the blocks kept are those seen here
     kept = set(parts_in(run_dir))
     assert kept and not storage.exists(storage.join(run_dir, "features", "_DONE.json"))
     submit_script(cluster, config, submission_id="mn-resume-2")
     status = wait_job(cluster.client, "mn-resume-2")
     assert status == "SUCCEEDED", cluster.client.get_job_logs("mn-resume-2")[-4000:]
     summary = storage.read_json(storage.join(run_dir, "features", "summary.json"))
-    # blocks being written at the kill may be redone; on a miss, the second driver's log says why
-    assert summary["blocks_resumed"] >= len(kept) - 2, (summary, sorted(kept),
-                                                        cluster.client.get_job_logs("mn-resume-2")[-4000:])
+    assert summary["blocks_resumed"] == len(kept), (summary, sorted(kept),
+                                                    cluster.client.get_job_logs("mn-resume-2")[-4000:])
     assert summary["blocks_resumed"] + summary["blocks_computed"] == summary["blocks"]
+    assert 0 < len(kept) < summary["blocks"]
     assert_same_result(run_dir, reference)
 
 
