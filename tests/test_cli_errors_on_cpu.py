@@ -88,3 +88,11 @@ def test_bom_keeps_first_row_and_null_answer_is_rejected(tmp_path, capsys):
     assert main(["ingest", "--input", str(tmp_path / "bom.jsonl"), "--preset", "math", "--run-dir", str(tmp_path / "r2"),
                  "--ingest.require_answer", "false"]) == 0
     assert pq.read_table(tmp_path / "r2/ingest/prompts.parquet").num_rows == 4
+
+
+def test_extra_args_with_the_trl_backend_are_refused_not_ignored(tmp_path, capsys):
+    rc, err = run_cli(capsys, "train", "--run-dir", str(tmp_path), "--train.extra_args", '["--rollout.temperature", "0.9"]')
+    assert rc == 2 and "train.extra_args" in err and "trl backend takes none" in err and "Traceback" not in err
+    rc, err = run_cli(capsys, "train", "--run-dir", str(tmp_path), "--train.backend", "openrlhf",
+                      "--train.extra_args", '["--rollout.temperature", "0.9"]')
+    assert rc == 2 and "train.extra_args" not in err, err  # accepted; it stops later, on the missing plan

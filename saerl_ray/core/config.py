@@ -455,7 +455,7 @@ class SamplerConfig(Section):
 
 
 class TrainConfig(Section):
-    """train stage: GRPO / DAPO on the curriculum, with TRL on Ray Train or with OpenRLHF."""
+    """train stage: GRPO / DAPO on the curriculum, with TRL on Ray Train, OpenRLHF or verl."""
 
     backend: Literal["trl", "openrlhf", "verl"] = Field("trl", description=(
         "trl: TRL under Ray Train (CPU or GPU); openrlhf: OpenRLHF on Ray (GPU clusters); "
@@ -467,10 +467,13 @@ class TrainConfig(Section):
         "Completions per prompt (the group GRPO normalises rewards within); >= 2."))
     max_new_tokens: int = Field(64, description="Most tokens generated per completion.")
     learning_rate: float = Field(1e-6, description="Policy learning rate.")
-    num_workers: int = Field(1, description="Ray Train workers (trl); GPUs for actor, reference and vLLM (openrlhf).")
+    num_workers: int = Field(1, description=(
+        "Ray Train workers (trl); GPUs for actor, reference and vLLM (openrlhf); GPUs per node (verl: "
+        "trainer.n_gpus_per_node)."))
     use_gpu: bool = Field(False, description="Give each Ray Train worker a GPU (trl only).")
     extra_args: list[str] = Field(default_factory=list, description=(
-        "OpenRLHF dotted flags appended after ours, untouched, so they win (openrlhf only)."))
+        "Appended after ours, untouched, so they win: OpenRLHF dotted flags (openrlhf), Hydra overrides "
+        "such as trainer.nnodes=2 (verl); trl ignores them."))
     prompts_per_step: int | None = Field(None, description=(
         "Prompts per optimisation step over all workers; null: plan.batch_size (one plan batch per step)."))
     temperature: float = Field(1.0, description="Sampling temperature of the rollouts (GRPO needs diverse groups).")
@@ -515,6 +518,13 @@ class TrainConfig(Section):
             raise ValueError("trainable_layers must be >= 1 (or null to train every layer)")
         return v
 
+    @model_validator(mode="after")
+    def _extra_args_need_a_launcher(self) -> TrainConfig:
+        if self.extra_args and self.backend == "trl":  # silently ignored flags would look applied
+            raise ValueError(f"train.extra_args {self.extra_args} are passed to OpenRLHF or verl; the trl backend "
+                             "takes none: set train.backend, or the matching train.* field instead")
+        return self
+
 
 class LabelConfig(Section):
     """label stage: measured pass rates of a labelled subset, for the difficulty proxy."""
@@ -545,9 +555,11 @@ class EvalConfig(Section):
 
     benchmarks: list[str] = Field(
         default_factory=lambda: ["math500", "gsm8k", "aime24", "amc23", "minerva", "olympiadbench"],
-        description="Benchmarks to evaluate, each a file under data_dir.")
+        description=(
+            "Benchmarks to evaluate, each a file under data_dir: <name>.jsonl, except gsm8k (gsm8k_test.jsonl) "
+            "and minerva (minerva_math.jsonl)."))
     data_dir: str = Field("${SAERL_DATA}", description=(
-        "Folder (or URI) holding the benchmark files (<name>.jsonl or .jsonl.gz); ${SAERL_DATA}: the repo's "
+        "Folder (or URI) holding the benchmark files (.jsonl or .jsonl.gz); ${SAERL_DATA}: the repo's "
         "data/ unless the SAERL_DATA environment variable names another."))
     limit: int | None = Field(None, description="Evaluate at most this many problems per benchmark; null: all.")
     max_new_tokens: int = Field(256, description="Most tokens generated per answer.")
@@ -760,6 +772,8 @@ def _yaml_fields(model: BaseModel, indent: str) -> list[str]:
     lines: list[str] = []
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
+        if not isinstance(value, BaseModel):  # the declared default, not what a validator resolved it to
+            value = field.get_default(call_default_factory=True)
         if lines:
             lines.append("")
         if isinstance(value, BaseModel):

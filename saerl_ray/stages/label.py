@@ -6,7 +6,7 @@
 Samples k completions per prompt for a seeded random subset of `ingest/prompts.parquet` (rows of
 `label.split` with a gold answer), grades each with `math_reward`, and writes
 `<run_dir>/label/pass_rates.parquet` (id, pass_rate, k, correct). This is the expensive labelling the
-paper avoids doing for the whole set: only this subset is rolled out; the ElasticNet proxy predicts
+paper avoids doing for the whole set: only this subset is rolled out; the difficulty proxy predicts
 the rest.
 
 Generation: with `label.num_gpus` > 0 (by default when the Ray cluster has a free GPU, or this machine one)

@@ -4,6 +4,6 @@ share in common. Nothing here imports OpenRLHF or verl at package import time: t
 them (they need GPUs, vLLM and DeepSpeed/FSDP). `openrlhf_launch.run(cfg)` and `verl_launch.run(cfg)` import
 them lazily (`verl_sampler` and `verl_reward` never import verl).
 
-    saerl-ray train --backend openrlhf -c configs/gsm8k_math500.yaml     # on a GPU cluster
+    saerl-ray train --train.backend openrlhf -c configs/gsm8k_math500.yaml     # on a GPU cluster
     saerl-ray train --train.backend verl -c configs/gsm8k_math500.yaml   # on a GPU cluster
 """

@@ -1,6 +1,6 @@
 """Train with OpenRLHF 0.11.2 on Ray, fed by the SaeRL curriculum (GPU clusters only).
 
-    saerl-ray train --backend openrlhf -c configs/gsm8k_math500.yaml --train.algo dapo
+    saerl-ray train --train.backend openrlhf -c configs/gsm8k_math500.yaml --train.algo dapo
     # or as a Ray job: jobs/submit_train_openrlhf.sh configs/gsm8k_math500.yaml
 
 What it does, in order:
@@ -341,7 +341,7 @@ def install_trainer(env: dict[str, str]) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
-    """`saerl-ray train --backend openrlhf`: start the sampler, write prompts, run OpenRLHF."""
+    """`saerl-ray train --train.backend openrlhf`: start the sampler, write prompts, run OpenRLHF."""
     import time
 
     import ray

@@ -4,9 +4,9 @@
     saerl-ray train --run-dir runs/m --train.backend openrlhf          # OpenRLHF on a GPU Ray cluster
     saerl-ray train --run-dir runs/m --train.backend verl              # verl 0.9.1 on a GPU Ray cluster
 
-Both backends pull prompts from the same named sampler actor and report rewards back to it; see
-`saerl_ray.trainers.trl_backend` and `saerl_ray.trainers.openrlhf_launch`. The OpenRLHF side is imported
-only when chosen: importing it pulls vllm and flash-attn.
+All three backends pull prompts from the same named sampler actor and report rewards back to it; see
+`saerl_ray.trainers.trl_backend`, `openrlhf_launch` and `verl_launch`. OpenRLHF and verl are imported
+only when chosen: importing either pulls vLLM and flash-attn.
 """
 
 from __future__ import annotations
