@@ -271,12 +271,13 @@ def test_pipeline_job_on_three_nodes_writes_only_to_the_bucket(reference, cluste
     assert not (REPO / "runs" / "never-used").exists()
 
 
-def feature_actors() -> list[psutil.Process]:
-    """The features stage's pool actors: every node of this cluster runs on this machine, and Ray titles
-    an actor's process after its class."""
+def feature_actors(since: float) -> list[psutil.Process]:
+    """The features stage's pool actors started after `since` (not a previous job's, still exiting): every
+    node of this cluster runs on this machine, and Ray titles an actor's process after its class."""
     found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != psutil.STATUS_ZOMBIE and "(FeatureExtractor)" in " ".join(p.info["cmdline"] or []):
+    for p in psutil.process_iter(["cmdline", "status", "create_time"]):
+        if (p.info["status"] != psutil.STATUS_ZOMBIE and p.info["create_time"] >= since
+                and "(FeatureExtractor)" in " ".join(p.info["cmdline"] or [])):
             found.append(p)
     return found
 
@@ -286,12 +287,13 @@ def submit_and_freeze_mid_features(cluster, tmp_path, model_dir, shared_data, ru
     The job then stays mid-features however fast this box is (12 blocks of a tiny model can all land in
     the second a poll and a stop take). Returns the config and the frozen actors."""
     config = tiny_config(tmp_path, model_dir, shared_data, run_dir)
+    since = time.time() - 1  # psutil's create_time has a coarser clock
     submit_script(cluster, config, submission_id=job)
     deadline = time.time() + 600
     actors: list[psutil.Process] = []
     while len(actors) < 2:  # features.num_actors; the pool waits for both before its first block
         assert time.time() < deadline, f"features never started: {cluster.client.get_job_logs(job)[-3000:]}"
-        actors = feature_actors()
+        actors = feature_actors(since)
         time.sleep(0.1)
     while not parts_in(run_dir):
         assert time.time() < deadline, f"no feature block: {cluster.client.get_job_logs(job)[-3000:]}"
