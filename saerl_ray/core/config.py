@@ -473,7 +473,7 @@ class TrainConfig(Section):
     use_gpu: bool = Field(False, description="Give each Ray Train worker a GPU (trl only).")
     extra_args: list[str] = Field(default_factory=list, description=(
         "Appended after ours, untouched, so they win: OpenRLHF dotted flags (openrlhf), Hydra overrides "
-        "such as trainer.nnodes=2 (verl); trl ignores them."))
+        "such as trainer.nnodes=2 (verl); trl takes none and refuses them."))
     prompts_per_step: int | None = Field(None, description=(
         "Prompts per optimisation step over all workers; null: plan.batch_size (one plan batch per step)."))
     temperature: float = Field(1.0, description="Sampling temperature of the rollouts (GRPO needs diverse groups).")
@@ -771,9 +771,7 @@ def _comment(text: str, indent: str, hang: str = "") -> list[str]:
 def _yaml_fields(model: BaseModel, indent: str) -> list[str]:
     lines: list[str] = []
     for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
-        if not isinstance(value, BaseModel):  # the declared default, not what a validator resolved it to
-            value = field.get_default(call_default_factory=True)
+        value = field.get_default(call_default_factory=True)  # declared, not what a validator resolved it to
         if lines:
             lines.append("")
         if isinstance(value, BaseModel):
