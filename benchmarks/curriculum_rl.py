@@ -188,6 +188,8 @@ def base_overrides(args, out: Path, train_file: Path, heldout_file: Path) -> dic
         # The pool is GSM8K's own calculations, curated: it is its own clean reference (the default, whole
         # GSM8K/MATH problems, would read one-line sums as off-distribution).
         "signals.quality.reference": [],
+        # The lens alone, as every committed run was trained on: the one-line sums need no surprisal filter.
+        "features.surprisal": False,
         "plan.batch_size": args.prompts_per_step,
         "train.steps": args.steps,
         "train.prompts_per_step": args.prompts_per_step,

@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
     from saerl_ray.stages.label import HFSampler
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, {"run_dir": args.run})
+    # The difficulty route reads the codes alone: the lens, not the whole model that surprisal needs.
+    cfg = load_config(args.config, {"run_dir": args.run, "features.surprisal": False})
     cols = code_columns(args.run, signal_codes(cfg, "difficulty"))
     prompts = storage.read_parquet(storage.join(args.run, "ingest", "prompts.parquet")).to_pandas()
     t = time.perf_counter()

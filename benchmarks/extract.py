@@ -114,7 +114,8 @@ def main() -> None:
     texts = real_prompts(args.n)
     write_ingest(run_dir, texts)
     cfg = load_config(None, {"run_dir": str(run_dir), "model.name": args.model, "ray.num_cpus": args.threads,
-                             "features.block_rows": 128, "sae.training_tokens": 40_000})
+                             "features.block_rows": 128, "sae.training_tokens": 40_000,
+                             "features.surprisal": False})  # the codes alone, what the naive loop computes
     if args.sae_dir:
         shutil.copytree(args.sae_dir, run_dir / "sae", dirs_exist_ok=True)
     else:

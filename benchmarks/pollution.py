@@ -1,14 +1,14 @@
-"""Benchmark: the quality filter on a polluted pool, clean references from the pool itself (the old
-default, `signals.quality.reference: []`) vs from a trusted curated set (the default, the shipped
-GSM8K-train + MATH-500; the default sums probe + neighbors, the baselines add novelty counted once over
-both files or per file), in the same run.
+"""Benchmark: the quality filter on a polluted pool, clean references from the pool itself
+(`signals.quality.reference: []`) vs from a trusted curated set (the default, the shipped GSM8K-train +
+MATH-500), and the default's combination (probe, neighbors and surprisal, the largest z-score) vs the codes
+alone (probe + neighbors summed, the default with features.surprisal false), in the same run.
 
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pollution.py                           # ~40 min, 2 cores
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pollution.py --pool 60 --n-train 100  # smoke
 
 Needs a finished `make run` in --src (runs/gsm8k_math500: its SAE and features are read, never written);
 the SAE is copied into --out, where the new texts are featurised with the run's lens, pooling and codes
-(kept in --out/text_codes.*: a rerun on the same SAE featurises nothing).
+(codes and surprisal kept in --out/text_codes.*: a rerun on the same SAE featurises nothing).
 
 Pools: `--pool` prompts (300: 15, 60 and 100 bad rows; a bigger pool costs 3 more featurised negatives per
 prompt and rate for the in-pool filter), clean rows
@@ -18,14 +18,12 @@ the bad kinds are unnamed to the filter (a scraped pool's would be). A lower rat
 the larger one's clean and bad rows. Every filter runs the signals stage's quality body (quality.run_quality:
 same signals, bands, `last`-code neighbors, threshold rule and defaults), `corruptions` = every kind
 outside HELD_OUT:
-  in_pool                    reference []: positives = the pool itself (n_train 1200 > pool: all of it),
-                             their corruptions
-  reference_one_count        the default reference (1,200 positives sampled evenly from GSM8K-train and
-                             MATH-500, codes taken from --src's features as the stage reuses a pool's
-                             codes, their corruptions), combine [probe, novelty, neighbors], one novelty
-                             count over both files (the reference's previous default)
-  reference_by_source        the same, novelty counted per file (novelty_by_source true)
-  reference                  the default: the reference, combine [probe, neighbors]
+  in_pool      reference []: positives = the pool itself (n_train 1200 > pool: all of it), their
+               corruptions, the in-pool default combination (probe, novelty, neighbors, surprisal; max)
+  codes_only   the default reference (1,200 positives sampled evenly from GSM8K-train and MATH-500, codes
+               and surprisal taken from --src's features as the stage reuses a pool's, their corruptions),
+               combine [probe, neighbors] summed: the default with features.surprisal false
+  reference    the default: the reference, combine [probe, neighbors, surprisal], the largest z-score
 Per rate and filter: AUROC of quality_score (clean rows vs bad rows), share of bad rows dropped, share of
 clean rows dropped, per held-out family the share dropped, the AUROC of each signal alone (and of probe +
 neighbors) under the filter's own model; the reference's differences / ratios vs
@@ -48,9 +46,14 @@ import pandas as pd
 import scipy.sparse as sp
 
 from saerl_ray.core import storage
-from saerl_ray.core.config import COMBINE_IN_POOL, load_config, signal_codes
+from saerl_ray.core.config import COMBINE_WITH_REFERENCE, load_config, signal_codes
 from saerl_ray.core.data import rows as data_rows
-from saerl_ray.core.featureio import code_columns, load_features, stored_codes
+from saerl_ray.core.featureio import (
+    code_columns,
+    load_features,
+    load_surprisal,
+    stored_codes,
+)
 from saerl_ray.signal_models.corruptions import (
     CORRUPTIONS,
     FAMILIES,
@@ -73,16 +76,22 @@ RATES = (0.05, 0.20, 0.33)
 
 
 class CachedFeaturizer:
-    """featurize_texts with a cache by text, pre-filled with --src's stored codes (a reference prompt that
-    the run already featurised is not featurised again, as in the stage). New texts' codes are kept in
-    <run_dir>/text_codes.{json,npz} under the SAE's fingerprint, so a rerun featurises nothing."""
+    """featurize_texts with a cache by text, pre-filled with --src's stored codes and surprisal (a reference
+    prompt that the run already featurised is not featurised again, as in the stage). New texts' codes and
+    surprisal are kept in <run_dir>/text_codes.{json,npz} under the SAE's fingerprint, so a rerun featurises
+    nothing. With features.surprisal it returns (codes, surprisal), as the stage's featurizer does; a cached
+    text without surprisal (featurised through the lens alone) is featurised again."""
 
     def __init__(self, run_dir: str, cfg, src: str):
         self.run_dir, self.cfg, self.cache, self.calls, self.new = run_dir, cfg, {}, 0, 0
+        self.surprisal = cfg.features.surprisal
         prompts = storage.read_parquet(storage.join(src, "ingest", "prompts.parquet"), columns=["id", "prompt"]).to_pandas()
         ids, X, _ = load_features(src, order=list(prompts["id"]))
         self.seed = dict(zip(prompts["prompt"], range(len(prompts))))
         self.X_src = X.tocsr()
+        self.s_src = load_surprisal(src, list(prompts["id"]))
+        if self.surprisal and not np.isfinite(self.s_src).all():
+            raise SystemExit(f"{src}'s features have no surprisal: rerun it with features.surprisal true (the default)")
         self.sae = json.loads((Path(run_dir) / "sae" / "_DONE.json").read_text())["fingerprint"]
         self.file = Path(run_dir) / "text_codes"
         meta = self.file.with_suffix(".json")
@@ -90,28 +99,38 @@ class CachedFeaturizer:
         if kept.get("sae") == self.sae:
             with np.load(self.file.with_suffix(".npz"), allow_pickle=False) as z:
                 M = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-            self.cache = {t: M[i] for i, t in enumerate(kept["texts"])}
-            print(f"  {len(self.cache)} texts' codes reused from {meta}", flush=True)
+                s = z["surprisal"] if "surprisal" in z else np.full(M.shape[0], np.nan)
+            self.cache = {t: (M[i], float(s[i])) for i, t in enumerate(kept["texts"])}
+            print(f"  {len(self.cache)} texts' codes reused from {meta} ({int(np.isfinite(s).sum())} with surprisal)",
+                  flush=True)
 
     def save(self) -> None:
         texts = list(self.cache)
-        M = sp.vstack([self.cache[t] for t in texts]).tocsr()
-        np.savez(self.file.with_suffix(".npz"), data=M.data, indices=M.indices, indptr=M.indptr, shape=np.array(M.shape))
+        M = sp.vstack([self.cache[t][0] for t in texts]).tocsr()
+        np.savez(self.file.with_suffix(".npz"), data=M.data, indices=M.indices, indptr=M.indptr, shape=np.array(M.shape),
+                 surprisal=np.array([self.cache[t][1] for t in texts], float))
         self.file.with_suffix(".json").write_text(json.dumps({"sae": self.sae, "texts": texts}))
 
-    def __call__(self, texts: list[str]) -> sp.csr_matrix:
+    def _missing(self, t: str) -> bool:
+        if t in self.seed:
+            return False
+        return t not in self.cache or (self.surprisal and not np.isfinite(self.cache[t][1]))
+
+    def __call__(self, texts: list[str]):
         texts = list(texts)
-        todo = list(dict.fromkeys(t for t in texts if t not in self.cache and t not in self.seed))
+        todo = list(dict.fromkeys(t for t in texts if self._missing(t)))
         if todo:
             t0 = time.time()
-            X = featurize_texts(todo, self.run_dir, self.cfg)
-            self.cache.update({t: X[i] for i, t in enumerate(todo)})
+            out = featurize_texts(todo, self.run_dir, self.cfg, with_surprisal=self.surprisal)
+            X, s = out if self.surprisal else (out, np.full(len(todo), np.nan))
+            self.cache.update({t: (X[i], float(s[i])) for i, t in enumerate(todo)})
             self.new += len(todo)
             print(f"  featurised {len(todo)} texts in {time.time() - t0:.0f} s ({self.new} new so far)", flush=True)
             self.save()
         self.calls += 1
-        rows = [self.cache[t] if t in self.cache else self.X_src[self.seed[t]] for t in texts]
-        return sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, self.X_src.shape[1]), dtype=np.float32)
+        rows = [(self.X_src[self.seed[t]], self.s_src[self.seed[t]]) if t in self.seed else self.cache[t] for t in texts]
+        X = sp.vstack([r[0] for r in rows]).tocsr() if rows else sp.csr_matrix((0, self.X_src.shape[1]), dtype=np.float32)
+        return (X, np.array([r[1] for r in rows], float)) if self.surprisal else X
 
 
 def pools(seed: int, n_pool: int):
@@ -129,9 +148,10 @@ def pools(seed: int, n_pool: int):
     return texts[:n_clean], answers[:n_clean], bad, answers[src], [FAMILY_OF[k] for k in bad_kinds], n_bad
 
 
-def signal_aurocs(model: dict, X: sp.csr_matrix, is_bad: np.ndarray) -> dict:
+def signal_aurocs(model: dict, X: sp.csr_matrix, is_bad: np.ndarray, surprisal: np.ndarray | None) -> dict:
     """AUROC of each signal's z-score alone and of the probe + neighbors sum, under the filter's own model."""
-    z = zscores(raw_signals(model, X), model["reference"])
+    z = zscores(raw_signals(model, X, surprisal=surprisal if "surprisal" in model["reference"] else None),
+                model["reference"])
     z["probe+neighbors"] = combine(z, ["probe", "neighbors"], "sum")[0]
     return {s: auroc(-v[~is_bad], -v[is_bad]) for s, v in z.items()}
 
@@ -162,27 +182,30 @@ def main() -> None:
     (out / "features").mkdir(exist_ok=True)
     shutil.copy(Path(args.src) / "features" / "summary.json", out / "features" / "summary.json")
     cfg = load_config(args.config, {"run_dir": str(out), "seed": args.seed})
+    # Each filter's section as load_config resolves it (its default combination and rule)
+    in_pool_q = load_config(args.config, {"run_dir": str(out), "signals.quality.reference": []}).signals.quality
     qc = cfg.signals.quality
     if args.n_train:
-        qc = qc.model_copy(update={"n_train": args.n_train})
+        qc, in_pool_q = (q.model_copy(update={"n_train": args.n_train}) for q in (qc, in_pool_q))
     named = [k for k in CORRUPTIONS if FAMILY_OF[k] not in HELD_OUT]
     featurize = CachedFeaturizer(str(out), cfg, args.src)
 
     clean, clean_answers, bad, bad_answers, bad_fams, n_bad = pools(args.seed, args.pool)
     print(f"pool {args.pool}: clean bank {len(clean)} GSM8K-test prompts, bad bank {len(bad)} "
           f"({', '.join(HELD_OUT)}); named families {len(FAMILIES) - len(HELD_OUT)}", flush=True)
-    X_clean, X_bad = featurize(clean), featurize(bad)
+    (X_clean, s_clean), (X_bad, s_bad) = ((out if cfg.features.surprisal else (out, None))
+                                          for out in (featurize(clean), featurize(bad)))
     # The stage's bands: each quality code its own d_sae-wide band; neighbors on the `last` band.
     codes = signal_codes(cfg, "quality")
     d_sae = stored_codes(str(out))[1]
     bands = [(int(code_columns(str(out), [c])[0]), int(code_columns(str(out), [c])[0]) + d_sae) for c in codes]
     nb_band = bands[codes.index(qc.neighbors_code)]
-    # Baselines with novelty in the sum: the pool's own positives (in_pool, the in-pool default), the reference
-    # with one novelty count over its two files (the reference's previous default) or a count per file.
-    three = list(COMBINE_IN_POOL)
-    filters = {"in_pool": qc.model_copy(update={"reference": [], "combine": three, "corruptions": named}),
-               "reference_one_count": qc.model_copy(update={"combine": three, "novelty_by_source": False, "corruptions": named}),
-               "reference_by_source": qc.model_copy(update={"combine": three, "novelty_by_source": True, "corruptions": named}),
+    # Baselines: the pool's own positives (in_pool, with the in-pool default combination) and the reference
+    # read through the codes alone (codes_only: probe + neighbors summed, the default with features.surprisal
+    # false).
+    filters = {"in_pool": in_pool_q.model_copy(update={"corruptions": named}),
+               "codes_only": qc.model_copy(update={"combine": list(COMBINE_WITH_REFERENCE), "combine_rule": "sum",
+                                                   "corruptions": named}),
                "reference": qc.model_copy(update={"corruptions": named})}
     ref_rows = read_reference(qc.reference) if qc.reference else None  # the same files for every reference filter
     res: dict = {"held_out_families": list(HELD_OUT), "named_kinds": named, "pool": args.pool,
@@ -194,6 +217,7 @@ def main() -> None:
         is_bad = np.r_[np.zeros(nc, bool), np.ones(nb, bool)]
         fams = np.asarray(bad_fams[:nb])
         X = sp.vstack([X_clean[:nc], X_bad[:nb]]).tocsr()
+        S = None if s_clean is None else np.r_[s_clean[:nc], s_bad[:nb]]
         prompts = pd.DataFrame({"id": [prompt_id(t) for t in texts], "prompt": texts,
                                 "answer": clean_answers[:nc] + bad_answers[:nb],
                                 "source": "pool", "n_chars": [len(t) for t in texts]})
@@ -201,12 +225,12 @@ def main() -> None:
         for name, fq in filters.items():
             t0 = time.time()
             score, keep, _, m = run_quality(prompts, X, fq, args.seed, featurize, str(out / "quality" / f"{name}_{rate}.json"),
-                                            use_ray=False, bands=bands, neighbor_band=nb_band,
+                                            use_ray=False, bands=bands, neighbor_band=nb_band, surprisal=S,
                                             reference=ref_rows if fq.reference else None)
-            row[name] = {**measure(score, keep, is_bad, fams[: nb], m), "combine": fq.combine,
+            row[name] = {**measure(score, keep, is_bad, fams[: nb], m), "combine": fq.combine, "rule": fq.combine_rule,
                          "seconds": round(time.time() - t0, 1),
                          "auroc_by_signal": signal_aurocs(storage.read_json(str(out / "quality" / f"{name}_{rate}.json")),
-                                                          X, is_bad)}
+                                                          X, is_bad, S)}
             r = row[name]
             print(f"rate {rate:.2f} {name:25s}: AUROC {r['auroc']:.3f}, bad dropped {r['n_bad_dropped']}/{r['n_bad']} "
                   f"({r['bad_dropped']:.3f}), clean dropped {r['n_clean_dropped']}/{r['n_clean']} "

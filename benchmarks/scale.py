@@ -159,7 +159,7 @@ def generate(run_dir: str, n: int, seed: int) -> dict:
     from saerl_ray.stages.ingest import PROMPT_SCHEMA, prompt_id
 
     t0 = time.perf_counter()
-    cfg = load_config(None, {"run_dir": run_dir})
+    cfg = load_config(None, {"run_dir": run_dir, "features.surprisal": False})  # synthetic codes: no LM
     rng = np.random.default_rng(seed)
     topic = rng.integers(0, TOPICS, n)
     hidden = rng.beta(2, 2, n).astype(np.float32)
@@ -291,8 +291,10 @@ def run_ours(run_dir: str, seed: int) -> dict:
     from saerl_ray.sampler.state import CurriculumState
     from saerl_ray.stages import plan, signals
 
-    # synthetic prompts: the quality positives come from the pool (`reference: []`), as the baseline reimplements
-    cfg = load_config(None, {"run_dir": run_dir, "seed": seed, "signals.quality.reference": []})
+    # synthetic prompts: the quality positives come from the pool (`reference: []`), as the baseline reimplements;
+    # synthetic codes have no surprisal
+    cfg = load_config(None, {"run_dir": run_dir, "seed": seed, "signals.quality.reference": [],
+                             "features.surprisal": False})
     for stage in ("signals", "plan"):
         storage.delete(storage.join(run_dir, stage))
     featurize = SyntheticFeaturizer(seed)
@@ -352,8 +354,10 @@ def run_baseline(run_dir: str, seed: int, out_dir: str) -> dict:
     from saerl_ray.signal_models import difficulty as dif
     from saerl_ray.signal_models import quality as qual
 
-    # synthetic prompts: the quality positives come from the pool (`reference: []`), as the baseline reimplements
-    cfg = load_config(None, {"run_dir": run_dir, "seed": seed, "signals.quality.reference": []})
+    # synthetic prompts: the quality positives come from the pool (`reference: []`), as the baseline reimplements;
+    # synthetic codes have no surprisal
+    cfg = load_config(None, {"run_dir": run_dir, "seed": seed, "signals.quality.reference": [],
+                             "features.surprisal": False})
     sc = cfg.signals
     secs = {}
     with Monitor() as mon:

@@ -120,6 +120,7 @@ def tiny_run_config(run_dir, model_dir, shared_data, **extra):
         # validate: no extra SAE seeds, small benchmark subsets (tests/test_validate_on_cpu.py covers both)
         "validation.data_dir": str(shared_data),
         "validation.sae_seeds": 1,
+        "validation.quality_seeds": 2,
         "validation.ood_max_prompts": 20,
         **extra,
     }

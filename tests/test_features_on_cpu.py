@@ -176,7 +176,7 @@ def _config(run_dir, model_dir, **extra):
         "sae.layer": 1, "sae.expansion": 4, "sae.k": 8, "sae.training_tokens": 4096,
         "sae.batch_size_tokens": 512, "sae.buffer_tokens": 2048, "sae.holdout_prompts": 4,
         "features.block_rows": 8, "features.top_k": 16, "features.batch_size": 4,
-        "features.num_actors": 2, **extra,
+        "features.num_actors": 2, "features.surprisal": False, **extra,
     })
 
 
@@ -293,7 +293,8 @@ def test_features_resume_computes_only_missing_blocks(featured_run, tmp_path, ti
     cfg = _config(run_dir, tiny_model_dir, **{"features.num_actors": 1})
     # What a run killed after two blocks leaves behind: whole part files, plus a torn `.partial`.
     ids, prompts = features.read_prompts(run_dir / "ingest/prompts.parquet")
-    st = Stage(run_dir, "features", fingerprint(cfg.features, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae")))
+    fp = features.features_fingerprint(cfg.features, marker_of(run_dir, "ingest"), marker_of(run_dir, "sae"))
+    st = Stage(run_dir, "features", fp)
     tmp = Path(st.begin())
     fz = features.Featurizer(str(run_dir / "sae"), cfg.features.pooling, cfg.features.top_k, cfg.features.max_tokens, 4,
                              tuple(cfg.features.codes))
@@ -334,7 +335,23 @@ def test_top_surprisal_averages_the_largest_masked_tokens():
     s = torch.tensor([[0.0, 5.0, 1.0, 9.0, 2.0, 100.0], [0.0, 3.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 6])
     mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0], [0] * 6], dtype=torch.bool)
     # row 0: top 3 of the masked (5, 1, 9, 2) -> (9 + 5 + 2) / 3; the unmasked 100 never counts
-    np.testing.assert_allclose(features.top_surprisal(s, mask).numpy(), [16 / 3, 3.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(features.top_surprisal(s, mask, skip=0).numpy(), [16 / 3, 3.0, 0.0], rtol=1e-6)
+    # the first `skip` masked tokens never count either (the unmasked position 0 is not one of them):
+    # row 0 skips 5 and 1 -> (9 + 2) / 2; row 1 has nothing left
+    np.testing.assert_allclose(features.top_surprisal(s, mask, skip=2).numpy(), [5.5, 0.0, 0.0], rtol=1e-6)
+    assert features.SURPRISAL_SKIP == 3  # the default the stage stores
+
+
+def test_the_surprisal_summary_enters_the_fingerprint_of_surprisal_runs_only(monkeypatch):
+    from saerl_ray.core.config import FeaturesConfig
+
+    off, on = FeaturesConfig(surprisal=False), FeaturesConfig(surprisal=True)
+    # a lens-only run keeps the fingerprint it had before the summary's constants existed
+    assert features.features_fingerprint(off, "i", "s") == fingerprint(off, "i", "s")
+    before = features.features_fingerprint(on, "i", "s")
+    monkeypatch.setattr(features, "SURPRISAL_SKIP", 0)
+    assert features.features_fingerprint(on, "i", "s") != before  # a changed summary recomputes the column
+    assert features.features_fingerprint(off, "i", "s") == fingerprint(off, "i", "s")
 
 
 def test_surprisal_is_the_whole_models_next_token_loss_and_the_hook_is_unchanged(tiny_model_dir):

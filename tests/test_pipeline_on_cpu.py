@@ -62,6 +62,14 @@ def test_validate_json_is_the_only_stdout(tmp_path, tiny_config, ray_cluster, ca
     # benchmark-order check (tests/test_validate_on_cpu.py covers both in depth).
     assert res["difficulty_spearman_seeds"]["per_seed"] == {"0": res["difficulty_spearman"]["sae"]}
     assert set(res["difficulty_ood_auroc"]) == {"sae", "length"} and len(res["difficulty_ood_detail"]["pairs"]["sae"]) == 9
+    # The quality row over corruption seeds (two here: validation.quality_seeds=2 in the tiny config):
+    # seed 0 is the table's; seed 1 has its own negatives, so its own numbers.
+    qs = res["quality_auroc_lofo_seeds"]
+    assert list(qs["per_seed"]) == ["0", "1"] and qs["per_seed"]["0"] == {
+        k: res["quality_auroc_lofo"]["sae"][k] for k in ("mean", "min")}
+    assert qs["per_seed"]["1"] != qs["per_seed"]["0"]
+    assert qs["mean"] == pytest.approx((qs["per_seed"]["0"]["mean"] + qs["per_seed"]["1"]["mean"]) / 2)
+    assert qs["lowest_min"] <= qs["min"] <= qs["mean"] and qs["lowest_mean"] <= qs["mean"]
     assert json.loads((tmp_path / "run/validate/results.json").read_text()) == res
 
 

@@ -141,15 +141,23 @@ def test_default_reference_is_the_shipped_curated_sets_and_null_is_in_pool():
     assert load_config(None, {"signals.quality.reference": None}).signals.quality.reference == []
 
 
-def test_combine_defaults_to_probe_and_neighbors_with_a_reference_and_adds_novelty_in_pool(tmp_path):
-    assert load_config(None, {}).signals.quality.combine == ["probe", "neighbors"]
+def test_combine_default_follows_the_reference_and_the_features_surprisal(tmp_path):
+    q = load_config(None, {}).signals.quality
+    assert (q.combine, q.combine_rule) == (["probe", "neighbors", "surprisal"], "max")
+    q = load_config(None, {"features.surprisal": False}).signals.quality
+    assert (q.combine, q.combine_rule) == (["probe", "neighbors"], "sum")
     for none in (None, []):
-        assert load_config(None, {"signals.quality.reference": none}).signals.quality.combine == [
-            "probe", "novelty", "neighbors"]
+        q = load_config(None, {"signals.quality.reference": none}).signals.quality
+        assert (q.combine, q.combine_rule) == (["probe", "novelty", "neighbors", "surprisal"], "max")
+        q = load_config(None, {"signals.quality.reference": none, "features.surprisal": False}).signals.quality
+        assert (q.combine, q.combine_rule) == (["probe", "novelty", "neighbors"], "sum")
+    # the section alone cannot see the features: no surprisal
     assert QualityConfig(reference=[]).combine == ["probe", "novelty", "neighbors"]
-    # a combination the user names is kept whatever the reference
+    # a combination or rule the user names is kept whatever the reference and the features
     cfg = load_config(None, {"signals.quality.reference": [], "signals.quality.combine": ["probe"]})
-    assert cfg.signals.quality.combine == ["probe"]
+    assert (cfg.signals.quality.combine, cfg.signals.quality.combine_rule) == (["probe"], "sum")
+    cfg = load_config(None, {"signals.quality.combine_rule": "sum"})
+    assert (cfg.signals.quality.combine, cfg.signals.quality.combine_rule) == (["probe", "neighbors", "surprisal"], "sum")
 
 
 def test_the_reference_content_enters_the_signals_fingerprint(tmp_path):

@@ -32,6 +32,7 @@ from saerl_ray.signal_models.corruptions import (
 )
 from saerl_ray.signal_models.difficulty import design
 from saerl_ray.signal_models.quality import (
+    auroc,
     balanced_sample,
     evaluation_splits,
     fit_novelty,
@@ -438,10 +439,15 @@ def test_surprisal_signal_sees_a_family_the_codes_cannot(tmp_path):
     signals = ("probe", "novelty", "neighbors", "surprisal")
     with pytest.raises(ValueError, match="surprisal"):
         fit_quality_probe(pos, neg, types, C=0.1, seed=0, combine_signals=signals, combine_rule="sum")
-    _, m = fit_quality_probe(pos, neg, types, C=0.1, seed=0, combine_signals=signals, combine_rule="sum",
-                             pos_surprisal=pos_s, neg_surprisal=neg_s)
+    scores: dict = {}
+    _, m = fit_quality_probe(pos, neg, types, C=0.1, seed=0, combine_signals=signals, combine_rule="max",
+                             pos_surprisal=pos_s, neg_surprisal=neg_s, scores_out=scores)
     table = m["auroc_lofo_table"]["S"]
     assert table["probe+novelty+neighbors"] < 0.7 < 0.95 < table["combined"]
+    # `codes`: the combination's code signals summed, without surprisal; it is what scores_out keeps
+    # (validate's SAE-vs-dense rows compare representations, and surprisal is neither's)
+    assert table["codes"] < 0.7 and m["auroc_lofo_table"]["A"]["codes"] > 0.9
+    assert auroc(scores["S"]["pos"], scores["S"]["neg"]) == pytest.approx(table["codes"])
     assert table["surprisal"] > 0.95 and m["auroc_lofo_table"]["A"]["surprisal"] < 0.7
     bad_s = neg_s.copy()
     bad_s[0] = np.nan  # a row featurised without features.surprisal
@@ -471,7 +477,7 @@ def test_config_refuses_a_surprisal_signal_without_surprisal_features():
     from saerl_ray.core.config import load_config
 
     with pytest.raises(Exception, match="features.surprisal"):
-        load_config(None, {"signals.quality.combine": ["probe", "surprisal"]})
+        load_config(None, {"signals.quality.combine": ["probe", "surprisal"], "features.surprisal": False})
     cfg = load_config(None, {"signals.quality.combine": ["probe", "surprisal"], "features.surprisal": True})
     assert cfg.features.surprisal and "surprisal" in cfg.signals.quality.combine
 

@@ -205,10 +205,12 @@ class FeaturesConfig(Section):
     top_k: int = Field(128, description="Largest latents kept per prompt in the pooled and mean codes.")
     max_tokens: int = Field(512, description="Truncate prompts longer than this many tokens.")
     block_rows: int = Field(512, description="Rows per output block; a block is the unit of resume.")
-    surprisal: bool = Field(False, description=(
+    surprisal: bool = Field(True, description=(
         "Run the whole model, not the lens cut at the hook layer, and store each prompt's surprisal (mean of "
-        "its 3 most surprising tokens under the model) for the `surprisal` quality signal. ~2.4x the "
-        "features stage's cost on CPU, little on a GPU (docs/decisions.md)."))
+        "its 3 most surprising tokens under the model, after its first 3) for the `surprisal` quality "
+        "signal, which sees spliced, blanked and markup-ridden problems that the codes miss. ~2.4x the "
+        "features stage's cost on CPU, little on a GPU; false: the lens alone, and the quality filter "
+        "without it (docs/decisions.md)."))
 
     @model_validator(mode="before")
     @classmethod
@@ -341,9 +343,11 @@ class QualityConfig(Section):
         "surprisal (its most surprising tokens under the whole model; needs features.surprisal). null: "
         "[probe, neighbors] with a reference, [probe, novelty, neighbors] with `reference: []`, where pollution "
         "that clusters among the pool's own positives is near its neighbors and only novelty sees it "
-        "(benchmarks/pollution.py)."))
-    combine_rule: Literal["sum", "max"] = Field("sum", description=(
-        "sum: the signals' z-scores add up (weak evidence from two signals counts); max: the largest one."))
+        "(benchmarks/pollution.py); + surprisal when features.surprisal is true."))
+    combine_rule: Literal["sum", "max"] | None = Field(None, description=(
+        "sum: the signals' z-scores add up (weak evidence from two signals counts); max: the largest one "
+        "(each signal flags the failures it sees). null: max when surprisal is combined (it sees what the "
+        "codes miss, and summing dilutes it), else sum (docs/decisions.md)."))
     novelty_by_source: bool = Field(False, json_schema_extra=NEUTRAL_FALSE, description=(
         "Count the novelty signal's latents per source of the positives (`prompts.source`, a reference file's "
         "source) and read each prompt against the source it looks least novel in: a latent common in one "
@@ -385,6 +389,8 @@ class QualityConfig(Section):
         if isinstance(data, dict) and data.get("combine") is None:
             in_pool = "reference" in data and not data["reference"]
             data = {**data, "combine": list(COMBINE_IN_POOL if in_pool else COMBINE_WITH_REFERENCE)}
+        if isinstance(data, dict) and data.get("combine_rule") is None:
+            data = {**data, "combine_rule": "max" if "surprisal" in (data.get("combine") or ()) else "sum"}
         return data
 
 
@@ -576,6 +582,10 @@ class ValidationConfig(Section):
         "sae_seeds - 1 trained like it with seeds seed+1, seed+2, ... into <run_dir>/validate/seeds/<k>/ "
         "(the run's ingest, its MATH-500 prompts featurised with each; ~3 min per extra SAE on 2 CPU cores, "
         "kept for reruns); 1: the run's SAE only."))
+    quality_seeds: int = Field(3, ge=1, description=(
+        "Corruption seeds the SAE row's quality_auroc_lofo is measured over (quality_auroc_lofo_seeds): the "
+        "table's (seed) plus seed+1, ...: each its own negatives of the MATH-500 prompts, folds and fits (~4 "
+        "min per extra seed on 2 CPU cores with features.surprisal); 1: the table's only."))
     ood: bool = Field(True, description=(
         "Benchmark-ordering check (difficulty_ood_auroc): the difficulty regression fit on every MATH-500 "
         "level scores the ood_tiers benchmarks, featurised with the run's lens and SAE in "
@@ -613,6 +623,24 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _surprisal_in_default_combine(cls, data: Any) -> Any:
+        # The quality section alone cannot see features.surprisal: the default combination gains the
+        # signal here, when the features store it and `combine` is left to its default.
+        if not isinstance(data, dict):
+            return data
+        features, signals = data.get("features") or {}, data.get("signals") or {}
+        quality = signals.get("quality") if isinstance(signals, dict) else None
+        quality = {} if quality is None else quality
+        if not isinstance(features, dict) or not isinstance(quality, dict) or quality.get("combine") is not None:
+            return data
+        if not features.get("surprisal", FeaturesConfig.model_fields["surprisal"].default):
+            return data
+        in_pool = "reference" in quality and not quality["reference"]
+        combine = [*(COMBINE_IN_POOL if in_pool else COMBINE_WITH_REFERENCE), "surprisal"]
+        return {**data, "signals": {**signals, "quality": {**quality, "combine": combine}}}
 
     @model_validator(mode="after")
     def _signal_codes(self) -> RunConfig:

@@ -59,6 +59,7 @@ from saerl_ray.signal_models.difficulty import (
 )
 
 SIGNALS = ("probe", "novelty", "length", "neighbors", "surprisal")
+CODE_SIGNALS = ("probe", "novelty", "neighbors")  # read from the SAE codes (length and surprisal are not)
 RULES = ("sum", "max")
 # Most positives kept as the neighbors signal's references (a labelled pool can have many): scoring costs
 # rows x references.
@@ -389,13 +390,15 @@ def pooled_signal_aurocs(
     splits: list[tuple[str, tuple]], raws: list[tuple[dict, dict]], combos: dict[str, tuple[str, ...]],
     pos_len: np.ndarray | None = None, neg_len: np.ndarray | None = None, rule: str = "max",
     pos_surprisal: np.ndarray | None = None, neg_surprisal: np.ndarray | None = None,
-    scores_out: dict | None = None,
+    scores_out: dict | None = None, combo_rules: dict[str, str] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[dict, np.ndarray]]]:
     """Per split name, the AUROC of each signal alone and of each named combination, over the out-of-fold
     rows of all its folds; each signal is standardised against that split's out-of-fold positives (as the
     stage calibrates on them). Also per name: (pooled raw signals of the positives, their rows).
-    `scores_out` (a dict, filled in place): per name, the `combined` score (higher = cleaner) of each
-    out-of-fold row, {"pos_rows", "pos", "neg_rows", "neg"}, so a caller can resample rows (validate)."""
+    `scores_out` (a dict, filled in place): per name, the `codes` score if there is one, else the
+    `combined` score (higher = cleaner) of each
+    out-of-fold row, {"pos_rows", "pos", "neg_rows", "neg"}, so a caller can resample rows (validate).
+    `combo_rules`: a rule other than `rule` for some combinations."""
     out, pos_raw = {}, {}
     for name in dict.fromkeys(n for n, _ in splits):
         idx = [k for k, (n, _) in enumerate(splits) if n == name]
@@ -414,10 +417,13 @@ def pooled_signal_aurocs(
         res = {s: auroc(-zp[s], -zn[s]) for s in SIGNALS if s in zp}
         for label, sig in combos.items():
             if all(s in zp for s in sig):
-                res[label] = auroc(-combine(zp, sig, rule)[0], -combine(zn, sig, rule)[0])
-        if scores_out is not None and all(s in zp for s in combos["combined"]):
-            scores_out[name] = {"pos_rows": te_pos, "pos": -combine(zp, combos["combined"], rule)[0],
-                                "neg_rows": te_neg, "neg": -combine(zn, combos["combined"], rule)[0]}
+                r = (combo_rules or {}).get(label, rule)
+                res[label] = auroc(-combine(zp, sig, r)[0], -combine(zn, sig, r)[0])
+        kept = "codes" if "codes" in combos else "combined"
+        if scores_out is not None and all(s in zp for s in combos[kept]):
+            r = (combo_rules or {}).get(kept, rule)
+            scores_out[name] = {"pos_rows": te_pos, "pos": -combine(zp, combos[kept], r)[0],
+                                "neg_rows": te_neg, "neg": -combine(zn, combos[kept], r)[0]}
         out[name] = res
         pos_raw[name] = (rp, te_pos)
     return out, pos_raw
@@ -471,11 +477,15 @@ def fit_quality_probe(
               "probe+neighbors": ("probe", "neighbors"), "probe+novelty+neighbors": ("probe", "novelty", "neighbors")}
     if pos_len is not None and neg_len is not None:
         combos["probe+novelty+length"] = ("probe", "novelty", "length")
+    combo_rules = {}
     if pos_surprisal is not None and neg_surprisal is not None:
         combos["probe+neighbors+surprisal"] = ("probe", "neighbors", "surprisal")
         combos["probe+novelty+neighbors+surprisal"] = ("probe", "novelty", "neighbors", "surprisal")
+    codes = tuple(s for s in combine_signals if s in CODE_SIGNALS)
+    if codes and codes != combine_signals:  # `codes`: what the SAE codes alone give, summed as by default
+        combos["codes"], combo_rules["codes"] = codes, "sum"
     auroc, pos_raw = pooled_signal_aurocs(splits, raws, combos, pos_len, neg_len, combine_rule,
-                                          pos_surprisal, neg_surprisal, scores_out)
+                                          pos_surprisal, neg_surprisal, scores_out, combo_rules)
     per_group = {k: v for k, v in auroc.items() if k != "overall"}
     metrics: dict[str, Any] = {
         "combine": list(combine_signals), "combine_rule": combine_rule, "auroc_overall": auroc["overall"]["combined"],

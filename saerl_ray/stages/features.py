@@ -20,7 +20,8 @@ both halves of the prompt: coherence). Each signal reads the codes it names (doc
 
 Surprisal (`features.surprisal: true`): each actor runs the whole model instead of the lens cut at the
 hook layer (~2.4x the lens's cost on CPU) and the part's `surprisal` column holds, per prompt, the mean of
-its 3 largest per-token surprisals -log p(token | the tokens before it), over the pooled tokens: the
+its 3 largest per-token surprisals -log p(token | the tokens before it), over the pooled tokens after its
+first 3 (a prompt's opening tokens have almost no context and are surprising whatever its quality): the
 `surprisal` quality signal (a spliced, blanked or markup-ridden problem has a few tokens the model did
 not expect; docs/decisions.md). NaN when off; parts written before the column existed read as null.
 
@@ -72,11 +73,16 @@ PEAK_FIELDS = [("peak_start", pa.list_(pa.int32())), ("peak_end", pa.list_(pa.in
 PART_SCHEMA = pa.schema([*SCHEMA, *PEAK_FIELDS, ("surprisal", pa.float32())])
 # Per-token surprisals averaged into a prompt's `surprisal`: its SURPRISAL_TOP most surprising tokens.
 SURPRISAL_TOP = 3
+# ... after each prompt's first SURPRISAL_SKIP pooled tokens, which have almost no context: counting them
+# lowered validate's leave-one-family-out AUROC (docs/decisions.md, surprisal).
+SURPRISAL_SKIP = 3
 
 
-def top_surprisal(surprisal: torch.Tensor, mask: torch.Tensor, top: int = SURPRISAL_TOP) -> torch.Tensor:
+def top_surprisal(surprisal: torch.Tensor, mask: torch.Tensor, top: int = SURPRISAL_TOP,
+                  skip: int = SURPRISAL_SKIP) -> torch.Tensor:
     """(B, T) per-token surprisal + (B, T) mask -> (B,): the mean of each row's `top` largest masked
-    surprisals (all of them when it has fewer; 0 with none)."""
+    surprisals after its first `skip` masked tokens (all of them when it has fewer; 0 with none)."""
+    mask = mask & (mask.cumsum(1) > skip)
     x = torch.where(mask, surprisal.float(), torch.tensor(-torch.inf, device=surprisal.device))
     k = min(top, x.shape[1])
     vals = x.topk(k, dim=1).values if k else x.new_zeros((x.shape[0], 0))
@@ -352,6 +358,12 @@ def read_prompts(path: str) -> tuple[list[str], list[str]]:
     return t.column("id").to_pylist(), t.column("prompt").to_pylist()
 
 
+def features_fingerprint(f: FeaturesConfig, ingest_marker: str, sae_marker: str) -> str:
+    """What decides whether the stage reruns. The surprisal summary's constants are part of what a run with
+    surprisal stored, and not of a lens-only run, whose fingerprint they leave as it was."""
+    return fingerprint(f, ingest_marker, sae_marker, *([SURPRISAL_TOP, SURPRISAL_SKIP] if f.surprisal else []))
+
+
 def run(cfg: RunConfig) -> dict:
     from saerl_ray.core.ray_init import init_ray
 
@@ -359,7 +371,7 @@ def run(cfg: RunConfig) -> dict:
     run_dir = storage.resolve(cfg.run_dir)
     ingest_marker = marker_of(run_dir, "ingest")
     sae_marker = marker_of(run_dir, "sae")
-    st = Stage(run_dir, "features", fingerprint(f, ingest_marker, sae_marker))
+    st = Stage(run_dir, "features", features_fingerprint(f, ingest_marker, sae_marker))
     if st.done():
         return st.summary()
     ids, prompts = read_prompts(storage.join(run_dir, "ingest", "prompts.parquet"))

@@ -19,6 +19,9 @@ representations with one protocol each, so the numbers are comparable:
                        training in turn, AUROC on that family + held-out prompts. `sae` = the stage's
                        combined score (signals.quality.combine / combine_rule); the baselines
                        their own probe. quality_auroc_lofo_parts: the sae row per signal and combination
+  quality_auroc_lofo_seeds  the sae row's quality_auroc_lofo over `validation.quality_seeds` corruption seeds
+                       (the table's, then seed+1, ...: new negatives, folds and fits each): {"per_seed":
+                       {seed: {"mean", "min"}}, "mean", "min" (over seeds), "lowest_mean", "lowest_min"}
   filter_rate_clean    the share of GSM8K-test (all 1,319, featurised here) and MATH-500 prompts the run's
                        own quality filter (signals/quality.json, the signals stage run if needed) drops;
                        filter_rate_clean_detail: per source, the rule, threshold and flags
@@ -29,7 +32,9 @@ pool: the input the SAE encodes; standardised, split into positive and negative 
 `tfidf` (word 1-2 grams; SVD-128 for the regression and k-means, the sparse TF-IDF
 itself for the probe), `random` (Gaussian features: the control that must score ~0 / ~0.5).
   sae_minus_dense      {row: {"sae", "dense", "diff", "lo", "hi"}}: the SAE minus dense per row (difficulty,
-                       codes-only difficulty, topic, quality overall and leave-one-family-out mean / min)
+                       codes-only difficulty, topic, quality overall and leave-one-family-out mean / min;
+                       the SAE's quality score is that of the codes: the combination's code signals summed,
+                       without surprisal or length, which no representation gives)
                        with a paired-bootstrap 95% interval over prompts (validate_dense.py). No dense
                        filter_rate_clean: that row is the run's own filter, trained on the codes of its
                        whole pool by the signals stage; a dense filter would need the pool's residuals.
@@ -162,6 +167,39 @@ def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
     return {"rate": dropped / max(total, 1), "detail": detail}
 
 
+def negatives(cfg: RunConfig, texts: list[str], answers: list[str], seed: int, q_cols: np.ndarray):
+    """The quality rows' corruptions of `texts` with `seed`: (texts, kinds, source row, codes in the probe's
+    columns, surprisal or None), featurised with the run's lens and SAE (the whole model with surprisal)."""
+    from saerl_ray.signal_models.corruptions import make_negatives
+    from saerl_ray.stages.features import featurize_texts
+
+    qc = cfg.signals.quality
+    neg_texts, kinds, source = make_negatives(texts, answers, seed=seed, types=qc.corruptions,
+                                              per_prompt=qc.negatives_per_prompt)
+    out = featurize_texts(neg_texts, cfg.run_dir, cfg, with_surprisal=cfg.features.surprisal)
+    X, surprisal = out if cfg.features.surprisal else (out, None)
+    return neg_texts, np.asarray(kinds), source, X[:, q_cols], surprisal
+
+
+def quality_lofo_seeds(cfg: RunConfig, math, q_cols: np.ndarray, X_pos, sae_q: dict, first: dict) -> dict:
+    """The sae row's quality_auroc_lofo over validation.quality_seeds corruption seeds: the table's (`first`,
+    seed) and seed+1, ...: each its own corruptions, folds and fits. One seed's mean moves by ~0.01."""
+    per = {cfg.seed: first}
+    texts, answers = math["prompt"].tolist(), math["answer"].tolist()
+    for k in range(1, cfg.validation.quality_seeds):
+        seed = cfg.seed + k
+        neg_texts, kinds, source, X_neg, neg_sur = negatives(cfg, texts, answers, seed, q_cols)
+        q = quality_auroc(X_pos, X_neg, kinds, source, cfg.signals.quality.C, seed,
+                          **{**sae_q, "neg_len": np.array([len(t) for t in neg_texts], float), "neg_surprisal": neg_sur})
+        per[seed] = q["lofo"]
+        print(f"[validate] quality, corruption seed {seed}: leave-one-family-out {per[seed]['mean']:.3f} / "
+              f"{per[seed]['min']:.3f}", flush=True)
+    means, mins = [v["mean"] for v in per.values()], [v["min"] for v in per.values()]
+    return {"per_seed": {str(k): {"mean": v["mean"], "min": v["min"]} for k, v in per.items()},
+            "mean": float(np.mean(means)), "lowest_mean": float(min(means)), "min": float(np.mean(mins)),
+            "lowest_min": float(min(mins))}
+
+
 def _load(cfg: RunConfig):
     from saerl_ray.core.featureio import check_stored, load_features
     from saerl_ray.core.ray_init import init_ray
@@ -181,8 +219,7 @@ def _load(cfg: RunConfig):
 def validate(cfg: RunConfig) -> dict:
     from saerl_ray.core.config import signal_codes
     from saerl_ray.core.featureio import code_columns, load_surprisal
-    from saerl_ray.signal_models.corruptions import make_negatives
-    from saerl_ray.stages.features import dense_texts, featurize_texts
+    from saerl_ray.stages.features import dense_texts
     from saerl_ray.validation.validate_dense import dense_inputs, sae_minus_dense
 
     math, X_all, n_tokens = _load(cfg)
@@ -193,15 +230,10 @@ def validate(cfg: RunConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
 
     qc = cfg.signals.quality
-    neg_texts, neg_types, neg_source = make_negatives(texts, math["answer"].tolist(), seed=cfg.seed,
-                                                      types=qc.corruptions, per_prompt=qc.negatives_per_prompt)
-    neg_types = np.asarray(neg_types)
+    neg_texts, neg_types, neg_source, X_neg_sae, neg_sur = negatives(cfg, texts, math["answer"].tolist(), cfg.seed,
+                                                                     q_cols)
     # With features.surprisal, the run's MATH-500 surprisal and the negatives' (the whole model runs here).
-    sur = cfg.features.surprisal
-    X_neg_sae, neg_sur = featurize_texts(neg_texts, cfg.run_dir, cfg, with_surprisal=True) if sur else (
-        featurize_texts(neg_texts, cfg.run_dir, cfg), None)
-    X_neg_sae = X_neg_sae[:, q_cols]
-    pos_sur = load_surprisal(cfg.run_dir, list(math["id"])) if sur else None
+    pos_sur = load_surprisal(cfg.run_dir, list(math["id"])) if cfg.features.surprisal else None
     # The stage's quality model reads each of its codes as a band (novelty) and prompt lengths in chars.
     n_q = len(signal_codes(cfg, "quality"))
     q_bands = [(k * len(q_cols) // n_q, (k + 1) * len(q_cols) // n_q) for k in range(n_q)]
@@ -255,6 +287,8 @@ def validate(cfg: RunConfig) -> dict:
             res["quality_auroc_lofo_parts"] = q["parts"]
         per_type[name] = q["by_type"]
     res["quality_auroc_by_type"] = per_type  # per held-out corruption family
+    res["quality_auroc_lofo_seeds"] = quality_lofo_seeds(cfg, math, q_cols, reps["sae"][2], sae_q,
+                                                         res["quality_auroc_lofo"]["sae"])
     codes_only = cfg.signals.difficulty.model_copy(update={"length_covariate": False})
     held["sae"]["difficulty_oof_codes_only"] = difficulty_oof(reps["sae"][0], y, codes_only, cfg.seed)
     res["difficulty_spearman_codes_only"] = spearman(held["sae"]["difficulty_oof_codes_only"], y)
@@ -290,6 +324,10 @@ def _print_table(res: dict) -> None:
     if ood:
         Console().print("difficulty_ood_auroc (benchmark order, mean pairwise AUROC): "
                         + ", ".join(f"{r} {v:.3f}" for r, v in ood.items()))
+    qs = res.get("quality_auroc_lofo_seeds")
+    if qs and len(qs["per_seed"]) > 1:
+        Console().print(f"quality_auroc_lofo over corruption seeds {list(qs['per_seed'])}: mean {qs['mean']:.3f} "
+                        f"(lowest {qs['lowest_mean']:.3f}), min {qs['min']:.3f} (lowest {qs['lowest_min']:.3f})")
     if "filter_rate_clean" in res:
         Console().print(f"filter_rate_clean (GSM8K-test + MATH-500 dropped by the run's filter): "
                         f"{res['filter_rate_clean']:.4f}")
