@@ -37,6 +37,7 @@ from saerl_ray.core import storage
 from saerl_ray.core.config import RunConfig, fingerprint
 from saerl_ray.core.featureio import iter_band, stored_codes
 from saerl_ray.core.stage import Stage, marker_of
+from saerl_ray.signal_models.quality import SIGNALS
 
 
 def _png(fig) -> str:
@@ -409,12 +410,19 @@ def _quality_section(run: _Run) -> str:
               "z-score against clean held-out prompts was highest.</p>")
     return ("<h2>Quality</h2>" + _kv_table(_flat(q))
             + ("<h3>AUROC with each corruption family held out of training</h3>"
-               + _table([{"family": f, **v} for f, v in lofo.items()]) if lofo else "")
+               + _table([{"family": f, **v} for f, v in lofo.items()], _lofo_columns(lofo)) if lofo else "")
             + _hist(df["quality_score"].to_numpy(float), "Quality score (all prompts)", "score", cut)
             + _per_cluster_box(df["quality_score"].to_numpy(float), run.clusters, "Quality score per cluster", "score")
             + "<h3>Filtered prompts</h3>" + note
             + _table([{"score": r.quality_score, "flag": r.flag, "source": r.source, "prompt": r.prompt[:300]}
                       for r in shown.itertuples()]))
+
+
+def _lofo_columns(lofo: dict) -> list[str]:
+    """Each signal alone, the stage's combination and the codes' part of it; the other combinations
+    (signals/summary.json has them) would widen the table past a laptop's window."""
+    have = next(iter(lofo.values()))
+    return ["family", *[c for c in (*SIGNALS, "combined", "codes") if c in have]]
 
 
 def _plan_section(run: _Run) -> str:
