@@ -1,8 +1,9 @@
 """Quality: which prompts are bad? A linear probe on SAE codes (supervised, learned from synthetic
 corruptions of real prompts), two unsupervised scores that need no negatives (neighbors: how far a
 prompt's code is from its nearest clean prompts; novelty: how rare its latents are among clean prompts'
-codes) and, optionally, prompt length and the whole model's surprisal at its tokens, each compared with clean held-out prompts; a prompt is dropped only
-when the evidence says it is bad (a threshold at a stated false-positive rate), not by quota.
+codes), the whole model's surprisal at its tokens and, optionally, prompt length, each compared with clean
+held-out prompts; a prompt is dropped only when the evidence says it is bad (a threshold at a stated
+false-positive rate), not by quota.
 The clean prompts (the positives) come from a trusted reference (signals.quality.reference: curated files,
 by default the math sets in data/), so the pool is only scored and its pollution teaches the filter
 nothing; with `reference: []` they are a sample of the pool itself (benchmarks/pollution.py compares both).
@@ -26,10 +27,11 @@ Signals (each a "badness", standardised against clean held-out prompts by median
            latents, p from the positives' document frequencies (add-one smoothed; leave-one-out for the
            positives themselves); the standardised per-code rarities averaged
   length   |log n_chars - median| (two-sided: too short and too long are both unusual)
-  surprisal  the mean of the prompt's 3 most surprising tokens under the whole model (features.surprisal):
-           the one signal here that sees a problem spliced from two, blanked values or markup residue
-The combined badness is the sum (`combine_rule: sum`) or the max of the configured signals' z-scores
-(`combine`); quality_score = -it, and `flag` names the signal with the largest z-score. Metrics,
+  surprisal  the mean of the prompt's 3 most surprising tokens after its first 3 under the whole model
+           (features.surprisal, on by default): the one signal here that sees a problem spliced from two,
+           blanked values or markup residue
+The combined badness is the sum (`combine_rule: sum`, the default without surprisal) or the max (with it)
+of the configured signals' z-scores (`combine`); quality_score = -it, and `flag` names the signal with the largest z-score. Metrics,
 out-of-fold over `eval_folds` folds of the positives (a prompt's corruptions in its fold): AUROC on
 held-out prompts, and leaving one corruption FAMILY out (train on the others, test on that family +
 held-out positives), per signal and combined.
@@ -395,10 +397,9 @@ def pooled_signal_aurocs(
     """Per split name, the AUROC of each signal alone and of each named combination, over the out-of-fold
     rows of all its folds; each signal is standardised against that split's out-of-fold positives (as the
     stage calibrates on them). Also per name: (pooled raw signals of the positives, their rows).
-    `scores_out` (a dict, filled in place): per name, the `codes` score if there is one, else the
-    `combined` score (higher = cleaner) of each
-    out-of-fold row, {"pos_rows", "pos", "neg_rows", "neg"}, so a caller can resample rows (validate).
-    `combo_rules`: a rule other than `rule` for some combinations."""
+    `scores_out` (a dict, filled in place): per name, the `codes` score if there is one, else the `combined`
+    score (higher = cleaner) of each out-of-fold row, {"pos_rows", "pos", "neg_rows", "neg"}, so a caller
+    can resample rows (validate). `combo_rules`: a rule other than `rule` for some combinations."""
     out, pos_raw = {}, {}
     for name in dict.fromkeys(n for n, _ in splits):
         idx = [k for k, (n, _) in enumerate(splits) if n == name]
