@@ -188,3 +188,11 @@ def test_a_key_added_at_its_neutral_value_leaves_the_signals_fingerprint_alone()
     assert fingerprint(off.signals) != fingerprint(on.signals)
     assert content_of(off.signals)["quality"] == {k: v for k, v in content_of(on.signals)["quality"].items()
                                                   if k != "novelty_by_source"}
+
+
+def test_the_default_combination_reads_features_given_as_a_section():
+    from saerl_ray.core.config import FeaturesConfig, RunConfig
+
+    assert RunConfig(features=FeaturesConfig()).signals.quality.combine == ["probe", "neighbors", "surprisal"]
+    q = RunConfig(features=FeaturesConfig(surprisal=False)).signals.quality
+    assert (q.combine, q.combine_rule) == (["probe", "neighbors"], "sum")

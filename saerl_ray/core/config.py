@@ -634,9 +634,12 @@ class RunConfig(Section):
         features, signals = data.get("features") or {}, data.get("signals") or {}
         quality = signals.get("quality") if isinstance(signals, dict) else None
         quality = {} if quality is None else quality
-        if not isinstance(features, dict) or not isinstance(quality, dict) or quality.get("combine") is not None:
+        if not isinstance(quality, dict) or quality.get("combine") is not None:
             return data
-        if not features.get("surprisal", FeaturesConfig.model_fields["surprisal"].default):
+        default = FeaturesConfig.model_fields["surprisal"].default
+        on = features.get("surprisal", default) if isinstance(features, dict) else getattr(
+            features, "surprisal", default)
+        if not on:
             return data
         in_pool = "reference" in quality and not quality["reference"]
         combine = [*(COMBINE_IN_POOL if in_pool else COMBINE_WITH_REFERENCE), "surprisal"]

@@ -81,7 +81,8 @@ SURPRISAL_SKIP = 3
 def top_surprisal(surprisal: torch.Tensor, mask: torch.Tensor, top: int = SURPRISAL_TOP,
                   skip: int = SURPRISAL_SKIP) -> torch.Tensor:
     """(B, T) per-token surprisal + (B, T) mask -> (B,): the mean of each row's `top` largest masked
-    surprisals after its first `skip` masked tokens (all of them when it has fewer; 0 with none)."""
+    surprisals after its first `skip` masked tokens (all of them when it has fewer; 0 with none left: a
+    prompt of `skip` tokens or fewer is left to the other signals)."""
     mask = mask & (mask.cumsum(1) > skip)
     x = torch.where(mask, surprisal.float(), torch.tensor(-torch.inf, device=surprisal.device))
     k = min(top, x.shape[1])
