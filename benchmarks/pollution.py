@@ -67,7 +67,7 @@ from saerl_ray.signal_models.quality import (
     run_quality,
     zscores,
 )
-from saerl_ray.stages.features import featurize_texts
+from saerl_ray.stages.features import featurize_pair
 from saerl_ray.stages.ingest import prompt_id
 from saerl_ray.stages.signals import read_reference
 
@@ -117,12 +117,17 @@ class CachedFeaturizer:
         return t not in self.cache or (self.surprisal and not np.isfinite(self.cache[t][1]))
 
     def __call__(self, texts: list[str]):
+        """The stage's featurizer protocol: codes, or (codes, surprisal) with features.surprisal."""
+        X, s = self.pair(texts)
+        return (X, s) if self.surprisal else X
+
+    def pair(self, texts: list[str]) -> tuple[sp.csr_matrix, np.ndarray | None]:
         texts = list(texts)
         todo = list(dict.fromkeys(t for t in texts if self._missing(t)))
         if todo:
             t0 = time.time()
-            out = featurize_texts(todo, self.run_dir, self.cfg, with_surprisal=self.surprisal)
-            X, s = out if self.surprisal else (out, np.full(len(todo), np.nan))
+            X, s = featurize_pair(todo, self.run_dir, self.cfg)
+            s = np.full(len(todo), np.nan) if s is None else s
             self.cache.update({t: (X[i], float(s[i])) for i, t in enumerate(todo)})
             self.new += len(todo)
             print(f"  featurised {len(todo)} texts in {time.time() - t0:.0f} s ({self.new} new so far)", flush=True)
@@ -130,7 +135,7 @@ class CachedFeaturizer:
         self.calls += 1
         rows = [(self.X_src[self.seed[t]], self.s_src[self.seed[t]]) if t in self.seed else self.cache[t] for t in texts]
         X = sp.vstack([r[0] for r in rows]).tocsr() if rows else sp.csr_matrix((0, self.X_src.shape[1]), dtype=np.float32)
-        return (X, np.array([r[1] for r in rows], float)) if self.surprisal else X
+        return X, (np.array([r[1] for r in rows], float) if self.surprisal else None)
 
 
 def pools(seed: int, n_pool: int):
@@ -193,8 +198,7 @@ def main() -> None:
     clean, clean_answers, bad, bad_answers, bad_fams, n_bad = pools(args.seed, args.pool)
     print(f"pool {args.pool}: clean bank {len(clean)} GSM8K-test prompts, bad bank {len(bad)} "
           f"({', '.join(HELD_OUT)}); named families {len(FAMILIES) - len(HELD_OUT)}", flush=True)
-    (X_clean, s_clean), (X_bad, s_bad) = ((out if cfg.features.surprisal else (out, None))
-                                          for out in (featurize(clean), featurize(bad)))
+    (X_clean, s_clean), (X_bad, s_bad) = featurize.pair(clean), featurize.pair(bad)
     # The stage's bands: each quality code its own d_sae-wide band; neighbors on the `last` band.
     codes = signal_codes(cfg, "quality")
     d_sae = stored_codes(str(out))[1]

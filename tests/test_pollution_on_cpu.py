@@ -153,6 +153,12 @@ def test_combine_default_follows_the_reference_and_the_features_surprisal(tmp_pa
         assert (q.combine, q.combine_rule) == (["probe", "novelty", "neighbors"], "sum")
     # the section alone cannot see the features: no surprisal
     assert QualityConfig(reference=[]).combine == ["probe", "novelty", "neighbors"]
+    # features given as a section object, not as YAML, are read too
+    from saerl_ray.core.config import FeaturesConfig, RunConfig
+
+    assert RunConfig(features=FeaturesConfig()).signals.quality.combine == ["probe", "neighbors", "surprisal"]
+    q = RunConfig(features=FeaturesConfig(surprisal=False)).signals.quality
+    assert (q.combine, q.combine_rule) == (["probe", "neighbors"], "sum")
     # a combination or rule the user names is kept whatever the reference and the features
     cfg = load_config(None, {"signals.quality.reference": [], "signals.quality.combine": ["probe"]})
     assert (cfg.signals.quality.combine, cfg.signals.quality.combine_rule) == (["probe"], "sum")
@@ -188,11 +194,3 @@ def test_a_key_added_at_its_neutral_value_leaves_the_signals_fingerprint_alone()
     assert fingerprint(off.signals) != fingerprint(on.signals)
     assert content_of(off.signals)["quality"] == {k: v for k, v in content_of(on.signals)["quality"].items()
                                                   if k != "novelty_by_source"}
-
-
-def test_the_default_combination_reads_features_given_as_a_section():
-    from saerl_ray.core.config import FeaturesConfig, RunConfig
-
-    assert RunConfig(features=FeaturesConfig()).signals.quality.combine == ["probe", "neighbors", "surprisal"]
-    q = RunConfig(features=FeaturesConfig(surprisal=False)).signals.quality
-    assert (q.combine, q.combine_rule) == (["probe", "neighbors"], "sum")

@@ -300,6 +300,13 @@ COMBINE_WITH_REFERENCE = ("probe", "neighbors")
 COMBINE_IN_POOL = ("probe", "novelty", "neighbors")
 
 
+def default_combine(quality: dict, surprisal: bool) -> list[str]:
+    """signals.quality.combine left null, from the section as given (`reference` absent = the shipped
+    default, which is not empty) and features.surprisal."""
+    in_pool = "reference" in quality and not quality["reference"]
+    return [*(COMBINE_IN_POOL if in_pool else COMBINE_WITH_REFERENCE), *(["surprisal"] if surprisal else [])]
+
+
 class QualityConfig(Section):
     """Quality filter: a logistic probe on SAE codes that tells clean prompts from corrupted ones."""
 
@@ -385,10 +392,9 @@ class QualityConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_combine(cls, data: Any) -> Any:
-        # Resolved at load from `reference` as given (absent = the shipped default, which is not empty).
+        # The section alone cannot see features.surprisal: RunConfig resolves `combine` first when it is on.
         if isinstance(data, dict) and data.get("combine") is None:
-            in_pool = "reference" in data and not data["reference"]
-            data = {**data, "combine": list(COMBINE_IN_POOL if in_pool else COMBINE_WITH_REFERENCE)}
+            data = {**data, "combine": default_combine(data, surprisal=False)}
         if isinstance(data, dict) and data.get("combine_rule") is None:
             data = {**data, "combine_rule": "max" if "surprisal" in (data.get("combine") or ()) else "sum"}
         return data
@@ -641,9 +647,7 @@ class RunConfig(Section):
             features, "surprisal", default)
         if not on:
             return data
-        in_pool = "reference" in quality and not quality["reference"]
-        combine = [*(COMBINE_IN_POOL if in_pool else COMBINE_WITH_REFERENCE), "surprisal"]
-        return {**data, "signals": {**signals, "quality": {**quality, "combine": combine}}}
+        return {**data, "signals": {**signals, "quality": {**quality, "combine": default_combine(quality, True)}}}
 
     @model_validator(mode="after")
     def _signal_codes(self) -> RunConfig:

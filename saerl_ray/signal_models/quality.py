@@ -416,15 +416,15 @@ def pooled_signal_aurocs(
         ref = fit_reference(rp)
         zp, zn = zscores(rp, ref), zscores(rn, ref)
         res = {s: auroc(-zp[s], -zn[s]) for s in SIGNALS if s in zp}
+        good = {}  # per combination: (positives', negatives') score, higher = cleaner
         for label, sig in combos.items():
             if all(s in zp for s in sig):
                 r = (combo_rules or {}).get(label, rule)
-                res[label] = auroc(-combine(zp, sig, r)[0], -combine(zn, sig, r)[0])
+                good[label] = (-combine(zp, sig, r)[0], -combine(zn, sig, r)[0])
+                res[label] = auroc(*good[label])
         kept = "codes" if "codes" in combos else "combined"
-        if scores_out is not None and all(s in zp for s in combos[kept]):
-            r = (combo_rules or {}).get(kept, rule)
-            scores_out[name] = {"pos_rows": te_pos, "pos": -combine(zp, combos[kept], r)[0],
-                                "neg_rows": te_neg, "neg": -combine(zn, combos[kept], r)[0]}
+        if scores_out is not None and kept in good:
+            scores_out[name] = {"pos_rows": te_pos, "pos": good[kept][0], "neg_rows": te_neg, "neg": good[kept][1]}
         out[name] = res
         pos_raw[name] = (rp, te_pos)
     return out, pos_raw

@@ -463,3 +463,10 @@ def featurize_texts(texts: list[str], run_dir: str, cfg: RunConfig, with_surpris
     vals = np.concatenate(c.val) if texts else np.zeros(0, np.float32)
     X = sp.csr_matrix((vals.astype(np.float32), cols, indptr), shape=(len(texts), fz.n_columns))
     return (X, c.surprisal.astype(float)) if with_surprisal else X
+
+
+def featurize_pair(texts: list[str], run_dir: str, cfg: RunConfig) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    """featurize_texts as (codes, surprisal), surprisal None without features.surprisal."""
+    if cfg.features.surprisal:
+        return featurize_texts(texts, run_dir, cfg, with_surprisal=True)
+    return featurize_texts(texts, run_dir, cfg), None

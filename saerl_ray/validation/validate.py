@@ -139,19 +139,17 @@ def filter_rate_clean(cfg: RunConfig, math, X_math: sp.csr_matrix) -> dict:
     from saerl_ray.core.featureio import load_surprisal
     from saerl_ray.pipeline import run_pipeline
     from saerl_ray.signal_models.quality import flags_for, keep_mask, quality_scores
-    from saerl_ray.stages.features import featurize_texts
+    from saerl_ray.stages.features import featurize_pair
 
     run_pipeline(cfg, ["signals"])
     model = storage.read_json(storage.join(cfg.run_dir, "signals", "quality.json"))
     cut = float(model["threshold"])
-    sur = cfg.features.surprisal
     sets = {"math500": (X_math, math["prompt"].str.len().to_numpy(float),
-                        load_surprisal(cfg.run_dir, list(math["id"])) if sur else None)}
+                        load_surprisal(cfg.run_dir, list(math["id"])) if cfg.features.surprisal else None)}
     found = [f for f in (find_data(str(Path(expand_data(i.path)).parent), "gsm8k_test") for i in cfg.ingest.inputs) if f]
     if found:
         gsm = [str(row["question"]).strip() for _, row in storage.iter_jsonl(found[0])]
-        X_gsm, s_gsm = featurize_texts(gsm, cfg.run_dir, cfg, with_surprisal=True) if sur else (
-            featurize_texts(gsm, cfg.run_dir, cfg), None)
+        X_gsm, s_gsm = featurize_pair(gsm, cfg.run_dir, cfg)
         sets["gsm8k_test"] = (X_gsm, np.array([len(t) for t in gsm], float), s_gsm)
     detail: dict = {"rule": model.get("metrics", {}).get("rule"), "threshold": cut, "combine": model.get("combine")}
     dropped = total = 0
@@ -171,13 +169,12 @@ def negatives(cfg: RunConfig, texts: list[str], answers: list[str], seed: int, q
     """The quality rows' corruptions of `texts` with `seed`: (texts, kinds, source row, codes in the probe's
     columns, surprisal or None), featurised with the run's lens and SAE (the whole model with surprisal)."""
     from saerl_ray.signal_models.corruptions import make_negatives
-    from saerl_ray.stages.features import featurize_texts
+    from saerl_ray.stages.features import featurize_pair
 
     qc = cfg.signals.quality
     neg_texts, kinds, source = make_negatives(texts, answers, seed=seed, types=qc.corruptions,
                                               per_prompt=qc.negatives_per_prompt)
-    out = featurize_texts(neg_texts, cfg.run_dir, cfg, with_surprisal=cfg.features.surprisal)
-    X, surprisal = out if cfg.features.surprisal else (out, None)
+    X, surprisal = featurize_pair(neg_texts, cfg.run_dir, cfg)
     return neg_texts, np.asarray(kinds), source, X[:, q_cols], surprisal
 
 
